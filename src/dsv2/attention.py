@@ -1,0 +1,169 @@
+"""Multi-head Latent Attention (DeepSeek-V2 Sec. 2.1), and the MHA/GQA/MQA baselines of Table 1.
+
+Shape legend: B batch, S new tokens, T attended tokens (cache + new), H heads, D hidden size,
+C kv_lora_rank (d_c), N qk_nope_head_dim (d_h), R qk_rope_head_dim (d_h^R), V v_head_dim, G kv heads.
+
+MLA has ONE module with two paths over the same weights:
+- naive (training, prefill): decompress the latent into per-head keys and values with kv_b_proj, then run
+  ordinary attention (SDPA). This is what the reference code does at every step.
+- absorbed (decode): W_UK is folded into the query (q_nope @ W_UK maps each head's query into the latent
+  space) and W_UV is applied after the attention-weighted sum of latents, so per-head keys and values are never
+  materialised and each decode step reads only the (C + R)-wide cache.
+Both paths give the same outputs (tests/test_attention.py holds them equal).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm in fp32, scaled by a learned weight (as the official checkpoints)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _attend(q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale) -> torch.Tensor:
+    """Softmax attention; mask None means causal over S == T. Returns [B, S, H, V]."""
+    causal = mask_B1ST is None and q_BHSK.shape[2] > 1
+    o = F.scaled_dot_product_attention(q_BHSK, k_BHTK, v_BHTV, attn_mask=mask_B1ST, is_causal=causal,
+                                       scale=scale)
+    return o.transpose(1, 2)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with the official checkpoints' module names."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.nope, self.rope, self.v_dim = (c.num_attention_heads, c.qk_nope_head_dim,
+                                                          c.qk_rope_head_dim, c.v_head_dim)
+        self.kv_rank = c.kv_lora_rank
+        self.scale = c.softmax_scale
+        H, qk = self.n_heads, c.qk_head_dim
+        if c.q_lora_rank is None:  # V2-Lite: no query compression
+            self.q_proj = nn.Linear(c.hidden_size, H * qk, bias=False)
+        else:  # c_Q = W_DQ h -> RMSNorm -> [W_UQ; W_QR] c_Q
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * qk, bias=False)
+        # [W_DKV; W_KR] h: the joint KV latent and the one shared RoPE key, in one matmul
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)  # on c_KV only: k_R is never normalised
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W_UK; W_UV]
+        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=False)
+
+    def cache_widths(self) -> dict[str, int]:
+        return {"c_kv": self.kv_rank, "k_pe": self.rope}
+
+    def forward(self, x_BSD, rope, mask_B1ST=None, cache=None, absorb: bool = False) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        cos_BSr, sin_BSr = rope
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_nope_BSHN, q_pe_BSHR = q.view(B, S, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
+        q_pe_BSHR = apply_rope(q_pe_BSHR, cos_BSr[:, :, None], sin_BSr[:, :, None])
+
+        c_kv_BSC, k_pe_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_rank, self.rope], dim=-1)
+        c_kv_BSC = self.kv_a_layernorm(c_kv_BSC)
+        k_pe_BSR = apply_rope(k_pe_BSR, cos_BSr, sin_BSr)
+        if cache is not None:
+            c_kv_BTC, k_pe_BTR = cache.update(self.layer_idx, c_kv=c_kv_BSC, k_pe=k_pe_BSR)
+        else:
+            c_kv_BTC, k_pe_BTR = c_kv_BSC, k_pe_BSR
+
+        if absorb:
+            o_BSHV = self._absorbed(q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST)
+        else:
+            o_BSHV = self._naive(q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST)
+        return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST) -> torch.Tensor:
+        B, T, _ = c_kv_BTC.shape
+        H = self.n_heads
+        k_nope_BTHN, v_BTHV = self.kv_b_proj(c_kv_BTC).view(B, T, H, -1).split([self.nope, self.v_dim], dim=-1)
+        q_BHSK = torch.cat((q_nope_BSHN, q_pe_BSHR), dim=-1).transpose(1, 2)
+        k_BHTK = torch.cat((k_nope_BTHN, k_pe_BTR[:, :, None].expand(B, T, H, self.rope)), dim=-1).transpose(1, 2)
+        return _attend(q_BHSK, k_BHTK, v_BTHV.transpose(1, 2), mask_B1ST, self.scale)
+
+    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST) -> torch.Tensor:
+        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
+        # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: score queries directly against the latent
+        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC)
+        scores_BHST = (torch.einsum("bshc,btc->bhst", q_lat_BSHC, c_kv_BTC)
+                       + torch.einsum("bshr,btr->bhst", q_pe_BSHR, k_pe_BTR)).float() * self.scale
+        if mask_B1ST is not None:
+            scores_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf"))
+        elif scores_BHST.shape[2] > 1:  # causal over the new tokens (no cache)
+            S = scores_BHST.shape[2]
+            causal = torch.ones(S, S, dtype=torch.bool, device=scores_BHST.device).tril()
+            scores_BHST = scores_BHST.masked_fill(~causal, float("-inf"))
+        p_BHST = scores_BHST.softmax(dim=-1).to(c_kv_BTC.dtype)
+        # sum_t p_t W_UV c_t = W_UV (sum_t p_t c_t): attend over latents, decompress once per head
+        o_lat_BSHC = torch.einsum("bhst,btc->bshc", p_BHST, c_kv_BTC)
+        return torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC)
+
+
+class BaselineAttention(nn.Module):
+    """MHA / GQA / MQA with the same head dims, for the paper's Table 1 ablations.
+
+    Heads are qk_nope_head_dim wide; RoPE rotates their last qk_rope_head_dim dims. The cache holds full keys
+    and values per KV head: 2 * G * d_h elements per token and layer (Table 1) when v_head_dim == d_h.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim, self.rope, self.v_dim = (
+            c.num_attention_heads, c.kv_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
+        self.scale = c.softmax_scale
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.v_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
+
+    def cache_widths(self) -> dict[str, int]:
+        return {"k": self.n_kv * self.head_dim, "v": self.n_kv * self.v_dim}
+
+    def _rope(self, x_BSHK, cos_BSr, sin_BSr) -> torch.Tensor:
+        split = self.head_dim - self.rope
+        return torch.cat((x_BSHK[..., :split], apply_rope(x_BSHK[..., split:], cos_BSr[:, :, None],
+                                                             sin_BSr[:, :, None])), dim=-1)
+
+    def forward(self, x_BSD, rope, mask_B1ST=None, cache=None, absorb: bool = False) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BSHK = self._rope(self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim), *rope)
+        k_BSGK = self._rope(self.k_proj(x_BSD).view(B, S, self.n_kv, self.head_dim), *rope)
+        v_BSGV = self.v_proj(x_BSD)
+        k_flat, v_flat = k_BSGK.flatten(2), v_BSGV
+        if cache is not None:
+            k_flat, v_flat = cache.update(self.layer_idx, k=k_flat, v=v_flat)
+        T = k_flat.shape[1]
+        rep = self.n_heads // self.n_kv
+        k_BHTK = k_flat.view(B, T, self.n_kv, self.head_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
+        v_BHTV = v_flat.view(B, T, self.n_kv, self.v_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
+        o_BSHV = _attend(q_BSHK.transpose(1, 2), k_BHTK, v_BHTV, mask_B1ST, self.scale)
+        return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
+
+
+def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
+    return MLA(config, layer_idx) if config.attention_type == "mla" else BaselineAttention(config, layer_idx)

@@ -1,0 +1,409 @@
+"""Model configuration: one dataclass carrying every field of the official DeepSeek-V2 config.json.
+
+Field names are the official ones, so a checkpoint's config.json maps onto `ModelConfig` one to one. Both the
+original form (``rope_theta`` + ``rope_scaling`` with ``"type": "yarn"``) and the newer transformers form
+(``rope_parameters``) are read; the original form is written. Keys this class does not know are kept in
+``extra`` and written back unchanged.
+
+Paper symbols (DeepSeek-V2 report, Sec. 2) next to the field names:
+    d      hidden_size              n_h    num_attention_heads       l   num_hidden_layers
+    d_c    kv_lora_rank             d_c'   q_lora_rank               d_h qk_nope_head_dim (= v_head_dim in V2)
+    d_h^R  qk_rope_head_dim         N_r    n_routed_experts          N_s n_shared_experts
+    K_r    num_experts_per_tok      D      n_group (device groups)   M   topk_group
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+SCORING_FUNCS = ("softmax",)
+HIDDEN_ACTS = ("silu", "gelu")
+ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
+YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # --- sizes -------------------------------------------------------------------------------------------
+    vocab_size: int = 102400
+    """Number of token ids (rows of the embedding table and of the LM head)."""
+    hidden_size: int = 5120
+    """d: width of the residual stream."""
+    intermediate_size: int = 12288
+    """Hidden width of the dense SwiGLU FFN used in the non-MoE layers."""
+    moe_intermediate_size: int = 1536
+    """Hidden width of ONE fine-grained expert (routed or shared)."""
+    num_hidden_layers: int = 60
+    """l: number of decoder blocks."""
+    num_attention_heads: int = 128
+    """n_h: attention heads."""
+    num_key_value_heads: int = 128
+    """KV heads of the GQA baseline (ignored by MLA, which has a single shared latent)."""
+    max_position_embeddings: int = 163840
+    """Longest context the model is configured for (with YaRN: original context x factor)."""
+
+    # --- MLA (Sec. 2.1) --------------------------------------------------------------------------------------
+    q_lora_rank: int | None = 1536
+    """d_c': query compression rank. None means no query compression (a single q_proj, as in V2-Lite)."""
+    kv_lora_rank: int = 512
+    """d_c: width of the joint KV latent c_KV, the only thing cached besides the RoPE key."""
+    qk_nope_head_dim: int = 128
+    """d_h: per-head width of the content (non-RoPE) part of queries and keys."""
+    qk_rope_head_dim: int = 64
+    """d_h^R: per-head width of the decoupled RoPE query; also the width of the one shared RoPE key."""
+    v_head_dim: int = 128
+    """Per-head value width."""
+    attention_type: str = "mla"
+    """dsv2 extension for the paper's Table 1 ablations: mla | mha | gqa | mqa (same head dims)."""
+    attention_bias: bool = False
+    """Official field; DeepSeek-V2 has no attention biases and dsv2 supports only False."""
+    attention_dropout: float = 0.0
+    """Official field; kept for round-tripping. Dropout is not applied."""
+
+    # --- DeepSeekMoE (Sec. 2.2) -------------------------------------------------------------------------------
+    n_routed_experts: int | None = 160
+    """N_r: routed experts per MoE layer. None or 0 makes every layer dense."""
+    n_shared_experts: int | None = 2
+    """N_s: always-on shared experts, run as one SwiGLU MLP of width N_s * moe_intermediate_size."""
+    num_experts_per_tok: int = 6
+    """K_r: routed experts chosen per token."""
+    first_k_dense_replace: int = 1
+    """The first k layers use the dense FFN instead of MoE."""
+    moe_layer_freq: int = 1
+    """Layer i >= first_k_dense_replace is MoE when i % moe_layer_freq == 0."""
+    topk_method: str = "group_limited_greedy"
+    """greedy: plain top-K. group_limited_greedy: V2's device-limited routing (Sec. 2.2.2)."""
+    n_group: int = 8
+    """D: number of device groups the routed experts are split into (contiguous blocks)."""
+    topk_group: int = 3
+    """M: at most this many device groups per token."""
+    routed_scaling_factor: float = 16.0
+    """Multiplies the routed experts' gate weights (when norm_topk_prob is False)."""
+    norm_topk_prob: bool = False
+    """Renormalise the K_r chosen gate weights to sum to one (instead of scaling them)."""
+    scoring_func: str = "softmax"
+    """Gate affinity function. V2 uses softmax (V3's sigmoid is a different model)."""
+    aux_loss_alpha: float = 0.001
+    """Official field (the released config's single balance coefficient); kept for round-tripping."""
+    seq_aux: bool = True
+    """Official field: balance statistics are per sequence. dsv2's balance losses are always per sequence."""
+
+    # --- training-time balance (Sec. 2.2.3, 2.2.4); dsv2 fields ---------------------------------------------
+    expert_balance_alpha: float = 0.003
+    """a1: weight of the expert-level balance loss."""
+    device_balance_alpha: float = 0.05
+    """a2: weight of the device-level balance loss."""
+    comm_balance_alpha: float = 0.02
+    """a3: weight of the communication balance loss."""
+
+    # --- norms, activations, embeddings ---------------------------------------------------------------------
+    hidden_act: str = "silu"
+    """Activation inside SwiGLU."""
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    """Std of the normal init of every weight matrix."""
+    tie_word_embeddings: bool = False
+    """Share the embedding table with the LM head (V2 does not)."""
+    bos_token_id: int | None = 100000
+    eos_token_id: int | list[int] | None = 100001
+
+    # --- positions (RoPE / YaRN, Sec. 2.1.3 and Sec. 3.1.2) --------------------------------------------------
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        }
+    )
+    """None, or YaRN: {"type": "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow,
+    mscale, mscale_all_dim}."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """config.json keys dsv2 does not interpret; written back unchanged."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # derived quantities
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_routed(self) -> int:
+        return self.n_routed_experts or 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads of the attention actually used (MLA has one shared latent, reported as 1)."""
+        return {"mla": 1, "mha": self.num_attention_heads, "gqa": self.num_key_value_heads, "mqa": 1}[
+            self.attention_type
+        ]
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Paper/official rule: MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0."""
+        return self.num_routed > 0 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_h + d_h^R), times mscale^2 under YaRN (the official code's rule)."""
+        head_dim = self.qk_head_dim if self.attention_type == "mla" else self.qk_nope_head_dim
+        scale = head_dim**-0.5
+        if self.rope_scaling is not None:
+            m_all = self.rope_scaling.get("mscale_all_dim", 0) or 0
+            if m_all:
+                m = yarn_get_mscale(self.rope_scaling["factor"], m_all)
+                scale *= m * m
+        return scale
+
+    # ----------------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(msg)
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                     "intermediate_size", "num_key_value_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f"{name} must be a positive integer, got {v!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            bad(f"q_lora_rank must be null (no query compression) or a positive integer, got {self.q_lora_rank!r}")
+        if self.qk_rope_head_dim % 2:
+            bad(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.attention_type not in ATTENTION_TYPES:
+            bad(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
+        if self.attention_type != "mla" and self.qk_rope_head_dim > self.qk_nope_head_dim:
+            bad("the MHA/GQA/MQA baselines apply RoPE to the last qk_rope_head_dim dims of a qk_nope_head_dim "
+                f"head, so qk_rope_head_dim ({self.qk_rope_head_dim}) must be <= qk_nope_head_dim "
+                f"({self.qk_nope_head_dim})")
+        if self.attention_type == "gqa" and self.num_attention_heads % self.num_key_value_heads:
+            bad(f"gqa needs num_attention_heads ({self.num_attention_heads}) divisible by num_key_value_heads "
+                f"({self.num_key_value_heads})")
+        if self.attention_bias:
+            bad("attention_bias=true is not supported (DeepSeek-V2 has no attention biases)")
+        if self.hidden_act not in HIDDEN_ACTS:
+            bad(f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
+        if not self.rms_norm_eps > 0:
+            bad(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not self.rope_theta > 0:
+            bad(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        for tok in ("bos_token_id",):
+            v = getattr(self, tok)
+            if v is not None and not 0 <= v < self.vocab_size:
+                bad(f"{tok}={v} is outside the vocabulary [0, {self.vocab_size})")
+        for v in self.eos_token_ids:
+            if not 0 <= v < self.vocab_size:
+                bad(f"eos_token_id={v} is outside the vocabulary [0, {self.vocab_size})")
+        self._validate_rope_scaling()
+        self._validate_moe()
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind != "yarn":
+            raise ConfigError(f"rope_scaling type must be 'yarn' (the only scaling DeepSeek-V2 uses), got {kind!r}")
+        missing = [k for k in ("factor", "original_max_position_embeddings") if k not in rs]
+        if missing:
+            raise ConfigError(f"rope_scaling (yarn) is missing {missing}")
+        if not rs["factor"] >= 1:
+            raise ConfigError(f"rope_scaling.factor must be >= 1, got {rs['factor']}")
+        if not rs["original_max_position_embeddings"] > 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings must be > 0")
+
+    def _validate_moe(self) -> None:
+        E = self.num_routed
+        if self.n_routed_experts is not None and (not isinstance(E, int) or E < 0):
+            raise ConfigError(f"n_routed_experts must be null or a non-negative integer, got {E!r}")
+        if self.first_k_dense_replace < 0:
+            raise ConfigError(f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
+        if self.moe_layer_freq < 1:
+            raise ConfigError(f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
+        if self.topk_method not in TOPK_METHODS:
+            hint = " (noaux_tc is DeepSeek-V3's router, not V2's)" if self.topk_method == "noaux_tc" else ""
+            raise ConfigError(f"topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}{hint}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(f"scoring_func must be 'softmax' for DeepSeek-V2, got {self.scoring_func!r}")
+        if E == 0:
+            return
+        if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+            raise ConfigError(f"moe_intermediate_size must be a positive integer, got {self.moe_intermediate_size!r}")
+        if self.n_shared_experts is not None and self.n_shared_experts < 0:
+            raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if not 1 <= self.num_experts_per_tok <= E:
+            raise ConfigError(f"num_experts_per_tok must be in [1, n_routed_experts={E}], "
+                              f"got {self.num_experts_per_tok}")
+        if self.n_group < 1 or E % self.n_group:
+            raise ConfigError(f"n_routed_experts ({E}) must be divisible by n_group ({self.n_group}): experts are "
+                              "split into n_group equal contiguous device groups")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ConfigError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+        if self.topk_method == "group_limited_greedy":
+            available = self.topk_group * (E // self.n_group)
+            if self.num_experts_per_tok > available:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts available in "
+                    f"topk_group={self.topk_group} groups of {E // self.n_group} experts ({available})")
+        for name in ("expert_balance_alpha", "device_balance_alpha", "comm_balance_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # config.json round trip
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dict (original or transformers-5 form). Unknown keys go to ``extra``."""
+        d = copy.deepcopy(d)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        rp = d.pop("rope_parameters", None)
+        if rp is not None:  # transformers >= 5: {"rope_type": ..., "rope_theta": ..., yarn keys}
+            rp = dict(rp)
+            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            kind = rp.pop("rope_type", rp.pop("type", "default"))
+            if kind == "default":
+                d.setdefault("rope_scaling", None)
+            else:
+                d.setdefault("rope_scaling", {"type": kind, **{k: v for k, v in rp.items() if k in YARN_KEYS}})
+        rs = d.get("rope_scaling")
+        if rs is not None:
+            rs = dict(rs)
+            kind = rs.pop("rope_type", None) or rs.pop("type", None)
+            if kind in (None, "default"):
+                d["rope_scaling"] = None
+            else:
+                d["rope_scaling"] = {"type": kind, **rs}
+        if "rope_scaling" not in d:
+            d["rope_scaling"] = None  # an explicit config.json without rope_scaling means plain RoPE
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        extra.pop("extra", None)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The original config.json form (rope_theta + rope_scaling), plus kept extra keys."""
+        out: dict[str, Any] = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2"}
+        out.update(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = copy.deepcopy(getattr(self, f.name))
+        if out["rope_scaling"] is not None:
+            out["rope_scaling"] = {k: v for k, v in out["rope_scaling"].items() if v is not None}
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:  # a wrong type that dataclass construction rejected
+            raise ConfigError(f"{path}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presets
+_REFERENCE = {
+    # Exactly the released config.json of deepseek-ai/DeepSeek-V2 and DeepSeek-V2-Lite.
+    "deepseek-v2": dict(
+        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
+        topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
+        norm_topk_prob=False,
+    ),
+    "deepseek-v2-lite": dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
+        topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+    ),
+}
+_SMALL_COMMON = dict(
+    # Shaped like V2: query compression, device groups with M < D, fine-grained + shared experts, first layer
+    # dense, decoupled RoPE; no YaRN (short contexts), bos/eos at the bottom of a BPE vocabulary.
+    topk_method="group_limited_greedy", first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
+    rope_scaling=None, bos_token_id=0, eos_token_id=1, extra={},
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    **_REFERENCE,
+    # ~3M parameters: tests and CPU demos.
+    "tiny": dict(
+        _SMALL_COMMON, vocab_size=4096, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=2,
+        num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.0,
+        max_position_embeddings=2048,
+    ),
+    # ~110M parameters (~25M activated): a real CPU/GPU training run.
+    "small": dict(
+        _SMALL_COMMON, vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=192,
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=128,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=2,
+        num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=4.0,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def get_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
+    """A preset by name (see PRESETS), or a config.json / checkpoint directory, with field overrides."""
+    key = str(name_or_path)
+    if key in PRESETS:
+        return ModelConfig(**{**PRESETS[key], **overrides})
+    p = Path(key)
+    if p.exists():
+        cfg = ModelConfig.from_json(p)
+        return cfg.replace(**overrides) if overrides else cfg
+    raise ConfigError(f"unknown preset or config path {key!r}; presets: {', '.join(PRESETS)}")
