@@ -67,11 +67,10 @@ def test_padding_is_ignored():
     # sequence that must not enter the batch mean: the result is sequence A's alone.
     scores = torch.full((2, 7, 4), float("nan"))
     scores[0, :4] = SCORES_A
-    experts = torch.zeros(2, 7, 2, dtype=torch.long)
-    experts[0, :4] = EXPERTS_A
-    experts[..., 1] = torch.where(experts[..., 1] == 0, 3, experts[..., 1])  # keep the K ids distinct
     valid = torch.zeros(2, 7, dtype=torch.bool)
     valid[0, :4] = True
+    experts = torch.tensor([0, 3]).repeat(2, 7, 1)
+    experts[0, :4] = EXPERTS_A
     got = losses(scores, experts, 4, 2, 2, 2, valid)
     assert [v.item() for v in got] == pytest.approx([EXP_A, DEV_A, COMM_A], abs=1e-6)
     # Nothing valid at all: a zero loss, still attached to the graph.
@@ -233,7 +232,7 @@ def test_balanced_routing_gives_one(E, K, D):
 
 
 def test_imbalance_costs_more_than_balance():
-    # All tokens on expert 0 with affinity 0.7 there: f = [E, 0, ...]/... -> L_Exp = E/K * 0.7 * ... > 1.
+    # Every token on expert 0, which has affinity 0.7: the worst case for this P, well above the balanced 1.
     E, K, T = 4, 1, 5
     scores = torch.tensor([0.7, 0.1, 0.1, 0.1]).expand(1, T, E)
     experts = torch.zeros(1, T, K, dtype=torch.long)

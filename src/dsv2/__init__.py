@@ -1,0 +1,10 @@
+"""dsv2: DeepSeek-V2 (MLA + DeepSeekMoE + device-limited routing) in PyTorch: train, fine-tune, scale out, serve."""
+
+from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .config import PRESETS, ConfigError, ModelConfig, get_config
+from .generate import GenerationError, generate, stream_generate
+from .model import DeepseekV2
+
+__all__ = ["PRESETS", "CheckpointError", "ConfigError", "DeepseekV2", "GenerationError", "ModelConfig",
+           "from_pretrained", "generate", "get_config", "save_pretrained", "stream_generate"]
+__version__ = "0.1.0"
