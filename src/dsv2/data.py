@@ -37,8 +37,8 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import sysconfig
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +107,7 @@ def default_corpus_sources() -> list[Path]:
     if not root.is_dir():
         raise DataError(f"the standard library folder {root} does not exist; pass data sources explicitly")
     files = [
-        p
-        for p in _walk(root, lambda name: name in STDLIB_EXCLUDED_DIRS or _is_tooling(name))
-        if p.suffix == ".py"
+        p for p in _walk(root, lambda name: name in STDLIB_EXCLUDED_DIRS or _is_tooling(name)) if p.suffix == ".py"
     ]
     if not files:
         raise DataError(f"no *.py files under the standard library folder {root}")
@@ -165,9 +163,7 @@ def resolve_sources(sources: PathLike | Iterable[PathLike]) -> list[Path]:
             if not files:
                 raise DataError(f"glob pattern {text!r} matches no files")
         else:
-            raise DataError(
-                f"data source {text!r} does not exist (expected a file, folder, glob or 'stdlib')"
-            )
+            raise DataError(f"data source {text!r} does not exist (expected a file, folder, glob or 'stdlib')")
         for f in files:
             key = f.resolve()
             if key not in seen:
@@ -277,9 +273,7 @@ def train_tokenizer(
     """
     floor = len(special_tokens) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < floor:
-        raise DataError(
-            f"vocab_size={vocab_size} is below {floor} (256 byte tokens + {len(special_tokens)} special)"
-        )
+        raise DataError(f"vocab_size={vocab_size} is below {floor} (256 byte tokens + {len(special_tokens)} special)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -372,9 +366,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def _temp_path(directory: Path, name: str) -> Path:
     # A unique hidden name in the target's folder: os.replace is atomic only within one file system, and two
     # processes building the same folder must not write into each other's temporaries.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
+    # Created here with open("xb") rather than mkstemp, which would make it owner-only (0600) instead of
+    # following the umask like any other output file.
+    tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.open("xb").close()
+    return tmp
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
@@ -390,15 +386,13 @@ def _atomic_write(target: Path, data: bytes) -> None:
 def _memmap(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:
     size = path.stat().st_size if path.is_file() else -1
     if size != n_tokens * dtype.itemsize:
-        raise DataError(
-            f"{path}: {size} bytes, expected {n_tokens} tokens of {dtype} ({META_FILE} is stale?)"
-        )
+        raise DataError(f"{path}: {size} bytes, expected {n_tokens} tokens of {dtype} ({META_FILE} is stale?)")
     if n_tokens == 0:
         return np.empty(0, dtype=dtype)  # mmap of an empty file is an error
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no truth value to compare by
 class TokenDataset:
     """Read-only view of a built token folder: ``train`` / ``val`` are memory-mapped 1-D token arrays."""
 
@@ -409,6 +403,7 @@ class TokenDataset:
 
     @classmethod
     def open(cls, directory: PathLike) -> TokenDataset:
+        """Open a folder written by build_token_dataset (e.g. on ranks other than the one that built it)."""
         d = Path(directory)
         meta_path = d / META_FILE
         if not meta_path.is_file():
@@ -444,9 +439,7 @@ class TokenDataset:
     def _n_starts(self, split: str, seq_len: int) -> int:
         n = len(self.split(split))
         if seq_len < 1 or n < seq_len + 1:
-            raise DataError(
-                f"the {split} split has {n} tokens; a window of seq_len={seq_len} needs {seq_len + 1}"
-            )
+            raise DataError(f"the {split} split has {n} tokens; a window of seq_len={seq_len} needs {seq_len + 1}")
         return n - seq_len
 
     def get_batch(
@@ -473,9 +466,7 @@ class TokenDataset:
         step k, or changing ``world``, yields exactly the same global batch (windows drawn with replacement).
         """
         if world < 1 or not 0 <= rank < world or global_batch_size % world:
-            raise DataError(
-                f"global_batch_size={global_batch_size} cannot be split over rank {rank} of {world}"
-            )
+            raise DataError(f"global_batch_size={global_batch_size} cannot be split over rank {rank} of {world}")
         if step < 0:
             raise DataError(f"step must be >= 0, got {step}")
         n_starts = self._n_starts(split, seq_len)
@@ -554,9 +545,7 @@ def build_token_dataset(
     out.mkdir(parents=True, exist_ok=True)
     # Remove the marker first: from here until the new meta.json lands, the folder is not a valid cache.
     meta_path.unlink(missing_ok=True)
-    counts = _write_token_files(
-        sources, tokenizer, out, dtype, eos_id, val_fraction, seed, max_bytes, show_progress
-    )
+    counts = _write_token_files(sources, tokenizer, out, dtype, eos_id, val_fraction, seed, max_bytes, show_progress)
     _atomic_write(out / TOKENIZER_FILE, tokenizer.to_str(pretty=True).encode("utf-8"))
     bos_id, _ = special_token_ids(tokenizer)
     meta = {
