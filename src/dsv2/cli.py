@@ -1,0 +1,197 @@
+"""The `dsv2` command: info, generate, train, plot, upcycle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import get_config
+    from .info import describe, format_info
+
+    d = describe(get_config(args.config), context_len=args.context)
+    print(json.dumps(d, indent=2) if args.json else format_info(d))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import from_pretrained
+    from .generate import generate
+
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = from_pretrained(args.model, dtype=dtype)
+    tok_path = Path(args.model) / "tokenizer.json"
+    tokenizer = None
+    if tok_path.exists():
+        from .data import load_tokenizer, special_token_ids
+
+        tokenizer = load_tokenizer(tok_path)
+    if args.prompt is not None:
+        if tokenizer is None:
+            print(f"error: {args.model} has no tokenizer.json; pass token ids with --ids", file=sys.stderr)
+            return 2
+        bos, _ = special_token_ids(tokenizer, bos_id=model.config.bos_token_id)
+        prompt = ([bos] if bos is not None and not args.no_bos else []) + tokenizer.encode(args.prompt).ids
+    else:
+        prompt = args.ids
+
+    if tokenizer is not None:
+        produced: list[int] = []
+        printed = 0
+        print(args.prompt if args.prompt is not None else tokenizer.decode(prompt), end="", flush=True)
+
+        def emit(_: int, token: int) -> None:  # decode the whole suffix: byte-level BPE tokens split characters
+            nonlocal printed
+            produced.append(token)
+            text = tokenizer.decode(produced)
+            if not text.endswith("\ufffd"):
+                print(text[printed:], end="", flush=True)
+                printed = len(text)
+    else:
+        def emit(_: int, token: int) -> None:
+            print(token, end=" ", flush=True)
+
+    generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, callback=emit)
+    print()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_train_config, train
+
+    model_overrides = dict(kv.split("=", 1) for kv in args.set or [])
+    tc = load_train_config(
+        args.config, preset=args.preset, data=args.data, out=args.out, max_steps=args.max_steps,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr,
+        warmup_steps=args.warmup_steps, save_every=args.save_every, eval_every=args.eval_every,
+        init_from=args.init_from, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
+        max_bytes=args.max_bytes, schedule=args.schedule, capacity_factor=args.capacity_factor,
+        expert_parallel=args.expert_parallel, device=args.device,
+        model={k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in model_overrides.items()} or None,
+    )
+    summary = train(tc, resume=args.resume)
+    val, ent = summary["val_loss"], summary["unigram_entropy"]
+    print(f"\nvalidation loss {val:.3f} nats/token; unigram entropy of the validation split {ent:.3f} "
+          f"nats/token ({'below' if val < ent else 'NOT below'} it by {ent - val:.3f})")
+    print(f"checkpoint: {summary['checkpoint']}")
+    if args.sample_tokens and summary["checkpoint"]:
+        print("\nsample from the checkpoint:")
+        sample = argparse.Namespace(model=summary["checkpoint"], prompt=args.sample_prompt, ids=None, no_bos=False,
+                                    max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
+                                    seed=0, dtype="fp32")
+        cmd_generate(sample)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from .config import get_config
+    from .upcycle import upcycle_checkpoint
+
+    upcycle_checkpoint(args.dense_dir, get_config(args.config), args.out_dir)
+    print(f"upcycled MoE checkpoint written to {args.out_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in PyTorch: train, fine-tune, serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="parameters, activated parameters, KV cache and FLOPs of a config")
+    s.add_argument("config", help="preset name (deepseek-v2, deepseek-v2-lite, tiny, small) or config.json path")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and cache size")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="stream tokens from a checkpoint directory")
+    s.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the checkpoint)")
+    src.add_argument("--ids", type=_parse_ids, help="comma-separated token ids")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--no-bos", action="store_true", help="do not prepend BOS to a text prompt")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("train", help="train or fine-tune (no flags: the tiny preset on the built-in corpus)")
+    s.add_argument("--config", help="YAML or TOML file of training settings (flags override it)")
+    s.add_argument("--preset", help="model preset or config.json (default tiny)")
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a model config field")
+    s.add_argument("--data", nargs="+", help="corpus: files, folders, globs, .jsonl, .parquet, or 'stdlib'")
+    s.add_argument("--max-bytes", type=int, help="use at most this many bytes of corpus text")
+    s.add_argument("--tokenizer", help="existing tokenizer.json (default: train a byte-level BPE)")
+    s.add_argument("--out", help="run directory (default runs/tiny)")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--batch-size", type=int, help="global batch in sequences")
+    s.add_argument("--micro-batch-size", type=int, help="sequences per forward (gradient accumulation)")
+    s.add_argument("--seq-len", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--warmup-steps", type=int)
+    s.add_argument("--schedule", choices=["step", "cosine"])
+    s.add_argument("--capacity-factor", type=float, help="device-level token dropping capacity")
+    s.add_argument("--save-every", type=int)
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.add_argument("--init-from", help="fine-tune from a checkpoint directory (Hugging Face layout)")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
+    s.add_argument("--device")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--expert-parallel", type=int, help="shard routed experts over this many ranks (torchrun)")
+    s.add_argument("--sample-tokens", type=int, default=80, help="tokens to sample from the final checkpoint")
+    s.add_argument("--sample-prompt", default="def ", help="prompt for the final sample")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("plot", help="PNG plots of a run's metrics")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("upcycle", help="initialise an MoE checkpoint from a dense one")
+    s.add_argument("dense_dir")
+    s.add_argument("--config", required=True, help="MoE preset or config.json")
+    s.add_argument("out_dir")
+    s.set_defaults(func=cmd_upcycle)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .generate import GenerationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, GenerationError, ValueError, FileNotFoundError) as e:
+        print(f"dsv2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
