@@ -212,7 +212,8 @@ class MoEStats:
 
     def add(self, losses: list[dict[str, torch.Tensor]], routings: list[Routing]) -> None:
         for key in ("expert_balance", "device_balance", "comm_balance"):
-            self.sums[key] = self.sums.get(key, 0.0) + sum(float(d[key]) for d in losses) / max(1, len(losses))
+            mean = sum(float(d[key].detach()) for d in losses) / max(1, len(losses))
+            self.sums[key] = self.sums.get(key, 0.0) + mean
         self.n += 1
         counts = [torch.bincount(r.experts_TK.flatten(), minlength=r.scores_TE.shape[-1]).cpu() for r in routings]
         self.counts = counts if not self.counts else [a + b for a, b in zip(self.counts, counts, strict=True)]
