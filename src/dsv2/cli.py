@@ -1,4 +1,4 @@
-"""The `dsv2` command: info, generate, train, plot, upcycle."""
+"""The `dsv2` command: info, generate, train, plot, upcycle, routing-sim."""
 
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         model={k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in model_overrides.items()} or None,
     )
     summary = train(tc, resume=args.resume)
+    if summary.get("rank", 0) != 0:  # under torchrun, rank 0 reports
+        return 0
     val, ent = summary["val_loss"], summary["unigram_entropy"]
     print(f"\nvalidation loss {val:.3f} nats/token; unigram entropy of the validation split {ent:.3f} "
           f"nats/token ({'below' if val < ent else 'NOT below'} it by {ent - val:.3f})")
@@ -104,12 +106,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routing_sim(args: argparse.Namespace) -> int:
+    from .routing_sim import run
+
+    _, table, paths = run(args.out, checkpoint=args.checkpoint, n_experts=args.experts, n_devices=args.devices,
+                          top_k=args.top_k, n_tokens=args.tokens, logit_std=args.logit_std, seed=args.seed,
+                          data=args.data)
+    print(table)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
 def cmd_upcycle(args: argparse.Namespace) -> int:
     from .config import get_config
     from .upcycle import upcycle_checkpoint
 
-    upcycle_checkpoint(args.dense_dir, get_config(args.config), args.out_dir)
-    print(f"upcycled MoE checkpoint written to {args.out_dir}")
+    model = upcycle_checkpoint(args.dense_dir, get_config(args.config), args.out_dir, seed=args.seed,
+                               routed_scale=args.routed_scale)
+    print(f"upcycled MoE checkpoint ({model.num_parameters() / 1e6:.1f}M parameters) written to {args.out_dir}")
     return 0
 
 
@@ -173,7 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dense_dir")
     s.add_argument("--config", required=True, help="MoE preset or config.json")
     s.add_argument("out_dir")
+    s.add_argument("--routed-scale", type=float, default=0.0,
+                   help="scale of the routed experts' down projections (0: the MoE computes the dense function)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the balanced gate initialisation")
     s.set_defaults(func=cmd_upcycle)
+
+    s = sub.add_parser("routing-sim", help="devices per token and all-to-all traffic of device-limited routing, "
+                                           "M = 1..devices")
+    s.add_argument("--checkpoint", help="use this checkpoint's trained router on text (default: a random router)")
+    s.add_argument("--data", nargs="+", help="text for --checkpoint (default: the built-in corpus)")
+    s.add_argument("--experts", type=int, default=160, help="routed experts of the random router (V2: 160)")
+    s.add_argument("--devices", type=int, default=8, help="devices = device groups D (V2: 8)")
+    s.add_argument("--top-k", type=int, help="experts per token (default: 6, V2; or the checkpoint's)")
+    s.add_argument("--tokens", type=int, default=8192, help="tokens to route")
+    s.add_argument("--logit-std", type=float, default=1.0, help="std of the random router's gate logits")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="routing_sim", help="folder for routing_sim.md, .json and .png")
+    s.set_defaults(func=cmd_routing_sim)
     return p
 
 
