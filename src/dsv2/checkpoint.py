@@ -161,6 +161,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = DeepseekV2(config)
     model = model.to(dtype).to_empty(device=device or "cpu")
+    if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties the two
+        model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, files)
     model.eval()
     return model
