@@ -47,10 +47,15 @@ def _slot(param: torch.Tensor, part: str | None, j: int | None) -> torch.Tensor:
     return param[j, :F] if part == "gate_proj" else param[j, F:]
 
 
-def official_names(model: DeepseekV2) -> dict[str, tuple[str, str | None, int | None]]:
-    """official tensor name -> (internal parameter name, expert part or None, expert index or None)."""
+def official_names(model: DeepseekV2, params: dict[str, torch.Tensor] | None = None,
+                   ) -> dict[str, tuple[str, str | None, int | None]]:
+    """official tensor name -> (internal parameter name, expert part or None, expert index or None).
+
+    params: the tensors to name instead of model.named_parameters() (e.g. experts gathered from expert-parallel
+    ranks, see parallel.py)."""
     out: dict[str, tuple[str, str | None, int | None]] = {}
-    for name, p in model.named_parameters():  # tied lm_head is listed once, as the embedding
+    items = params.items() if params is not None else model.named_parameters()
+    for name, p in items:  # tied lm_head is listed once, as the embedding
         if name.endswith(".experts.gate_up_proj"):
             base = name[: -len(".gate_up_proj")]
             for j in range(p.shape[0]):
@@ -65,22 +70,26 @@ def official_names(model: DeepseekV2) -> dict[str, tuple[str, str | None, int | 
     return out
 
 
-def iter_official_tensors(model: DeepseekV2) -> Iterator[tuple[str, torch.Tensor]]:
-    params = dict(model.named_parameters())
-    for official, (name, part, j) in official_names(model).items():
+def iter_official_tensors(model: DeepseekV2, params: dict[str, torch.Tensor] | None = None,
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    params = dict(model.named_parameters()) if params is None else params
+    for official, (name, part, j) in official_names(model, params).items():
         yield official, _slot(params[name].detach(), part, j)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # save
-def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
-    """config.json + model.safetensors (or shards + index above max_shard_bytes), written atomically per file."""
+def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes: int | None = None,
+                    params: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + model.safetensors (or shards + index above max_shard_bytes), written atomically per file.
+
+    params: the tensors to write instead of the model's own (see official_names)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = total = 0
-    for name, t in iter_official_tensors(model):
+    for name, t in iter_official_tensors(model, params):
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])

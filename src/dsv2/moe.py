@@ -42,6 +42,7 @@ class Dispatched:
     token_N: torch.Tensor  # source token of each sorted copy
     slot_N: torch.Tensor  # index into the flattened [T*K] assignments
     n_tokens: int
+    overlapped: torch.Tensor | None = None  # what dispatch(overlap=...) returned
 
 
 class LocalDispatcher:
@@ -50,7 +51,10 @@ class LocalDispatcher:
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, overlap: Callable[[], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+        """`overlap`: work to run while the token copies are in flight (nothing is here: it runs first)."""
+        overlapped = overlap() if overlap is not None else None
         K = routing.experts_TK.shape[1]
         expert_A = routing.experts_TK.flatten()  # A = T*K assignments
         if routing.keep_TK is not None:  # dropped assignments sort past the last expert and are cut off
@@ -59,7 +63,7 @@ class LocalDispatcher:
         counts_E = torch.bincount(expert_A, minlength=self.n_experts + 1)[: self.n_experts]
         slot_N = slot_A if routing.keep_TK is None else slot_A[: int(counts_E.sum())]
         token_N = slot_N // K
-        return x_TD[token_N], counts_E, Dispatched(token_N, slot_N, x_TD.shape[0])
+        return x_TD[token_N], counts_E, Dispatched(token_N, slot_N, x_TD.shape[0], overlapped)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
         w_N = weights_TK.flatten()[d.slot_N]
@@ -88,10 +92,13 @@ class MoE(nn.Module):
         routing = self.gate(x_TD)
         if self.training and self.token_drop is not None:
             routing.keep_TK = self.token_drop(routing, B)
-        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, routing)
+        # the shared experts run while the routed copies are in flight (with expert parallelism, an all-to-all)
+        shared = self.shared_experts
+        overlap = (lambda: shared(x_TD)) if shared is not None else None
+        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, routing, overlap)
         y_TD = self.dispatcher.combine(self.experts(x_ND, counts_E), routing.weights_TK, ctx)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        if ctx.overlapped is not None:
+            y_TD = y_TD + ctx.overlapped
         return y_TD.view(B, S, D), routing
 
 

@@ -37,11 +37,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import data as data_mod
-from .checkpoint import checkpoint_files, from_pretrained, load_weights
+from .checkpoint import checkpoint_files, from_pretrained, load_weights, save_pretrained
 from .config import ModelConfig, get_config
 from .losses import balance_losses, choose_protected, device_token_drop
 from .model import DeepseekV2
 from .moe import MoE
+from .parallel import Parallel, init_parallel
 from .router import Routing
 
 
@@ -218,6 +219,12 @@ class MoEStats:
         counts = [torch.bincount(r.experts_TK.flatten(), minlength=r.scores_TE.shape[-1]).cpu() for r in routings]
         self.counts = counts if not self.counts else [a + b for a, b in zip(self.counts, counts, strict=True)]
 
+    def all_reduce(self, par: Parallel) -> None:
+        """Over all ranks: balance losses averaged (ranks hold equal shares of the batch), loads summed."""
+        keys = sorted(self.sums)
+        self.sums = dict(zip(keys, par.mean([self.sums[k] for k in keys]), strict=True))
+        self.counts = [par.sum(c) for c in self.counts]
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v / max(1, self.n) for k, v in self.sums.items()}
         if self.counts:
@@ -253,16 +260,30 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 
 def save_checkpoint(run_dir: Path, step: int, model: DeepseekV2, opt: torch.optim.Optimizer, tc: TrainConfig,
-                    tokenizer_path: Path | None, keep_last: int) -> Path:
+                    tokenizer_path: Path | None, keep_last: int, par: Parallel | None = None) -> Path:
+    """Under expert parallelism every rank calls this (the experts and their moments are gathered from the
+    ranks holding them) and rank 0 writes the same files as one process would."""
+    par = par or Parallel()
+    params = par.full_parameters(model)
+    tensors, opt_meta = _optimizer_tensors(opt)
+    tensors = par.full_optimizer_tensors(opt, tensors)
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
+    if par.is_main:
+        _write_checkpoint(root, final, step, model, params, tensors, opt_meta, tc, tokenizer_path, keep_last)
+    par.barrier()
+    return final
+
+
+def _write_checkpoint(root: Path, final: Path, step: int, model: DeepseekV2, params: dict[str, torch.Tensor],
+                      tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any], tc: TrainConfig,
+                      tokenizer_path: Path | None, keep_last: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_pretrained(model, tmp, params=params)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    tensors, opt_meta = _optimizer_tensors(opt)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -273,7 +294,6 @@ def save_checkpoint(run_dir: Path, step: int, model: DeepseekV2, opt: torch.opti
     os.replace(tmp, final)
     for old in sorted(root.glob("step_*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -339,9 +359,10 @@ def evaluate(model: DeepseekV2, ds: data_mod.TokenDataset, tc: TrainConfig, devi
 
 def train(tc: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the final validation loss and checkpoint path."""
+    device = _device(tc)
+    par = init_parallel(tc.expert_parallel, device)  # torchrun: process groups and the (dp, ep) mesh
     run_dir = Path(tc.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = _device(tc)
     amp = autocast_dtype(tc, device)
 
     start_step, ckpt = 0, None
@@ -353,42 +374,53 @@ def train(tc: TrainConfig, resume: bool = False) -> dict[str, Any]:
         start_step = state["step"]
 
     model = build_model(tc, device)
-    ds, tok_path = prepare_data(tc, run_dir, model.config.vocab_size)
+    ds, tok_path = par.in_turn(lambda: prepare_data(tc, run_dir, model.config.vocab_size))
+    if ckpt is not None:
+        load_weights(model, checkpoint_files(ckpt))  # the whole model, before par.wrap shards the experts
+    dropper = DeviceTokenDrop(model.config, tc.capacity_factor) if tc.capacity_factor else None
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.token_drop = dropper
+    net = par.wrap(model)  # what the training forward calls: DDP over experts sharded by parallel.py, or model
     opt = build_optimizer(model, tc)
     if ckpt is not None:
-        load_weights(model, checkpoint_files(ckpt))
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         torch.set_rng_state(tensors.pop("rng.cpu"))
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors.pop("rng.cuda"))
         tensors.pop("rng.cuda", None)
-        _load_optimizer(opt, tensors, state["optimizer"])
-        print(f"resumed from {ckpt} at step {start_step}", flush=True)
-    (run_dir / "train_config.json").write_text(json.dumps(tc.to_dict(), indent=1))
+        _load_optimizer(opt, par.local_optimizer_tensors(opt, tensors), state["optimizer"])
+        if par.is_main:
+            print(f"resumed from {ckpt} at step {start_step}", flush=True)
+    if par.is_main:
+        (run_dir / "train_config.json").write_text(json.dumps(tc.to_dict(), indent=1))
 
-    micro = tc.micro_batch_size or tc.batch_size
-    if tc.batch_size % micro:
-        raise TrainingError(f"batch_size {tc.batch_size} is not a multiple of micro_batch_size {micro}")
-    accum = tc.batch_size // micro
-    dropper = DeviceTokenDrop(model.config, tc.capacity_factor) if tc.capacity_factor else None
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.token_drop = dropper
+    local = tc.batch_size // par.world  # this rank's rows of the global batch
+    micro = tc.micro_batch_size or local
+    if tc.batch_size % (micro * par.world):
+        raise TrainingError(f"batch_size {tc.batch_size} is not a multiple of micro_batch_size {micro}"
+                            + (f" x {par.world} processes" if par.world > 1 else ""))
+    accum = local // micro
+    rows = slice(par.rank * local, (par.rank + 1) * local)
 
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
-    metrics = metrics_path.open("a")
+    if par.is_main:
+        _truncate_metrics(metrics_path, start_step)
+    metrics = (metrics_path if par.is_main else Path(os.devnull)).open("a")  # rank 0 logs global values
     model.train()
     bad_in_a_row, last_val, last_ckpt = 0, None, ckpt
-    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not tc.progress, desc="train", unit="step")
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (tc.progress and par.is_main), desc="train",
+               unit="step")
     for step in range(start_step, tc.max_steps):
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
-        x_all, y_all = ds.batch_for_step(step, tc.batch_size, tc.seq_len, seed=tc.seed)
+        x_all, y_all = ds.batch_for_step(step, tc.batch_size, tc.seq_len, seed=tc.seed, rank=par.rank,
+                                         world=par.world)
         protect_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        protect_all = choose_protected(tc.batch_size, tc.protect_fraction, generator=protect_gen)
+        protect_all = choose_protected(tc.batch_size, tc.protect_fraction, generator=protect_gen)[rows]
+        par.comm.reset()
         stats, lm_sum, aux_sum = MoEStats(), 0.0, 0.0
         if dropper:
             dropper.dropped = dropper.assignments = 0
@@ -398,7 +430,7 @@ def train(tc: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if dropper:
                 dropper.protect = protect_all[i * micro:(i + 1) * micro].to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits, routings = model(x, return_routing=True)
+                logits, routings = net(x, return_routing=True)
             lm = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             layer_losses = [balance_losses(r.scores_TE.view(micro, tc.seq_len, -1),
                                            r.experts_TK.view(micro, tc.seq_len, -1), model.config)
@@ -409,7 +441,11 @@ def train(tc: TrainConfig, resume: bool = False) -> dict[str, Any]:
             aux_sum += float(aux.detach()) / accum
             stats.add(layer_losses, routings)
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        lm_sum, aux_sum = par.mean([lm_sum, aux_sum])
+        stats.all_reduce(par)
+        n_dropped, n_assigned = par.sum(torch.tensor([dropper.dropped, dropper.assignments] if dropper else [0, 0],
+                                                     dtype=torch.float64)).tolist()
+        grad_norm = par.clip_grad_norm_(model, tc.grad_clip)
         record: dict[str, Any] = {"step": step + 1}
         if not (math.isfinite(lm_sum) and math.isfinite(aux_sum) and torch.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
@@ -428,7 +464,7 @@ def train(tc: TrainConfig, resume: bool = False) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         record.update(loss=lm_sum, aux_loss=aux_sum, lr=lr, grad_norm=float(grad_norm),
                       tokens_per_s=tc.batch_size * tc.seq_len / dt,
-                      dropped_fraction=(dropper.dropped / max(1, dropper.assignments)) if dropper else 0.0,
+                      dropped_fraction=n_dropped / max(1, n_assigned), **par.comm_metrics(),
                       moe_layers=[i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)],
                       **stats.summary())
         done = step + 1
@@ -438,14 +474,15 @@ def train(tc: TrainConfig, resume: bool = False) -> dict[str, Any]:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         if done % tc.save_every == 0 or done == tc.max_steps:
-            last_ckpt = save_checkpoint(run_dir, done, model, opt, tc, tok_path, tc.keep_last)
+            last_ckpt = save_checkpoint(run_dir, done, model, opt, tc, tok_path, tc.keep_last, par)
         bar.update(1)
         bar.set_postfix(loss=f"{lm_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                         **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
     bar.close()
     metrics.close()
+    par.close()
     return {"val_loss": last_val, "checkpoint": str(last_ckpt) if last_ckpt else None, "steps": tc.max_steps,
-            "unigram_entropy": data_mod.unigram_entropy(ds.val), "tokenizer": str(tok_path)}
+            "unigram_entropy": data_mod.unigram_entropy(ds.val), "tokenizer": str(tok_path), "rank": par.rank}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
