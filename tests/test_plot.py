@@ -130,3 +130,17 @@ def test_empty_metrics_file_is_a_value_error_naming_the_path(tmp_path, content):
     with pytest.raises(ValueError, match=re.escape(f"metrics file {tmp_path / 'metrics.jsonl'} holds no records")):
         plot_run(tmp_path)
     assert not (tmp_path / "plots").exists()
+
+
+def test_expert_parallel_traffic_gets_a_panel(tmp_path):
+    plain, ep = tmp_path / "plain", tmp_path / "ep"
+    for d, extra in ((plain, {}), (ep, {"comm_bytes": 123456.0})):
+        d.mkdir()
+        write(d / "metrics.jsonl", [{**record(s), **extra} for s in range(1, 21)])
+        plot_run(d)
+    # the traffic panel adds a fourth row: a taller figure than the plain run's
+    from PIL import Image
+
+    plain_h = Image.open(plain / "plots" / "lr_throughput.png").size[1]
+    ep_h = Image.open(ep / "plots" / "lr_throughput.png").size[1]
+    assert ep_h > plain_h

@@ -8,7 +8,8 @@ Figures, each written only when its data is present:
 - expert_load.png   one heatmap per MoE layer over training: x = step, y = expert, colour = the expert's share of
                     the layer's assignments (log scale diverging around the uniform share 1/E: collapse and
                     starved experts stand out);
-- lr_throughput.png learning rate, gradient norm (before clipping) and tokens per second.
+- lr_throughput.png learning rate, gradient norm (before clipping) and tokens per second, and
+                    for expert-parallel runs the all-to-all bytes sent off-rank per step.
 
 The reader is forgiving because the file is written by a process that may crash or be resumed: blank lines are
 ignored, an undecodable LAST line (a crash mid-write) is dropped silently and other undecodable lines with a
@@ -314,13 +315,17 @@ def _expert_load_figure(m: RunMetrics) -> Figure | None:
 
 
 def _lr_figure(m: RunMetrics) -> Figure | None:
-    panels = [(key, *m.series(key)) for key in ("lr", "grad_norm", "tokens_per_s")]
+    keys = ["lr", "grad_norm", "tokens_per_s"]
+    if len(m.series("comm_bytes")[0]):  # expert-parallel runs: all-to-all traffic per step
+        keys.append("comm_bytes")
+    panels = [(key, *m.series(key)) for key in keys]
     if not any(len(x) for _, x, _ in panels):
         return None
-    fig = Figure(figsize=(9, 8), layout="constrained")
-    axes = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(9, 2.7 * len(keys)), layout="constrained")
+    axes = fig.subplots(len(keys), 1, sharex=True)
     labels = {"lr": ("Learning rate", "lr"), "grad_norm": ("Gradient norm (before clipping)", "L2 norm"),
-              "tokens_per_s": ("Throughput", "tokens / s")}
+              "tokens_per_s": ("Throughput", "tokens / s"),
+              "comm_bytes": ("Expert-parallel traffic (sent off-rank, forward + backward)", "bytes / step")}
     for ax, (key, x, y) in zip(axes, panels, strict=True):
         if len(x):
             _line(ax, x, y, lw=1.2)
