@@ -386,7 +386,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.0,
         max_position_embeddings=2048,
     ),
-    # ~110M parameters (~25M activated): a real CPU/GPU training run.
+    # ~97M parameters (~35M activated): a real CPU/GPU training run.
     "small": dict(
         _SMALL_COMMON, vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=192,
         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=128,
