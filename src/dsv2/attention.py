@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpath
 from .config import ModelConfig
+from .fastpath import Linear
 from .rope import apply_rope
 
 
@@ -37,11 +39,22 @@ class RMSNorm(nn.Module):
 
 
 def _attend(q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale) -> torch.Tensor:
-    """Softmax attention; mask None means causal over S == T. Returns [B, S, H, V]."""
+    """Softmax attention; mask None means causal over S == T. Returns [B, S, H, V].
+
+    The CPU flash-attention kernel (blocked, causal blocks skipped, no [S, T] score matrix in memory) needs equal
+    q/k and v head dims; MLA's differ (qk_nope + qk_rope vs v_head_dim), so on CPU the narrower side is zero-padded
+    (zero value dims give zero outputs, zero q/k dims add nothing to the scores) and the padding cut off again.
+    """
     causal = mask_B1ST is None and q_BHSK.shape[2] > 1
+    K, V = q_BHSK.shape[-1], v_BHTV.shape[-1]
+    if K != V and q_BHSK.device.type == "cpu":
+        if V < K:
+            v_BHTV = F.pad(v_BHTV, (0, K - V))
+        else:
+            q_BHSK, k_BHTK = F.pad(q_BHSK, (0, V - K)), F.pad(k_BHTK, (0, V - K))
     o = F.scaled_dot_product_attention(q_BHSK, k_BHTK, v_BHTV, attn_mask=mask_B1ST, is_causal=causal,
                                        scale=scale)
-    return o.transpose(1, 2)
+    return o[..., :V].transpose(1, 2)
 
 
 class MLA(nn.Module):
@@ -57,18 +70,19 @@ class MLA(nn.Module):
         self.scale = c.softmax_scale
         H, qk = self.n_heads, c.qk_head_dim
         if c.q_lora_rank is None:  # V2-Lite: no query compression
-            self.q_proj = nn.Linear(c.hidden_size, H * qk, bias=False)
+            self.q_proj = Linear(c.hidden_size, H * qk, bias=False)
         else:  # c_Q = W_DQ h -> RMSNorm -> [W_UQ; W_QR] c_Q
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, H * qk, bias=False)
+            self.q_b_proj = Linear(c.q_lora_rank, H * qk, bias=False)
         # [W_DKV; W_KR] h: the joint KV latent and the one shared RoPE key, in one matmul
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)  # on c_KV only: k_R is never normalised
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W_UK; W_UV]
-        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=False)
+        self.kv_b_proj = Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W_UK; W_UV]
+        self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, bias=False)
 
     def cache_widths(self) -> dict[str, int]:
+        """Cached streams in this order: KVCache.joint() rows are [c_KV | k_R], what the absorbed path scores."""
         return {"c_kv": self.kv_rank, "k_pe": self.rope}
 
     def forward(self, x_BSD, rope, mask_B1ST=None, cache=None, absorb: bool = False) -> torch.Tensor:
@@ -90,7 +104,9 @@ class MLA(nn.Module):
             c_kv_BTC, k_pe_BTR = c_kv_BSC, k_pe_BSR
 
         if absorb:
-            o_BSHV = self._absorbed(q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST)
+            kv_BTX = (cache.joint(self.layer_idx, c_kv_BTC.shape[1]) if cache is not None
+                      else torch.cat((c_kv_BTC, k_pe_BTR), dim=-1))
+            o_BSHV = self._absorbed(q_nope_BSHN, q_pe_BSHR, kv_BTX, mask_B1ST)
         else:
             o_BSHV = self._naive(q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST)
         return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
@@ -103,23 +119,27 @@ class MLA(nn.Module):
         k_BHTK = torch.cat((k_nope_BTHN, k_pe_BTR[:, :, None].expand(B, T, H, self.rope)), dim=-1).transpose(1, 2)
         return _attend(q_BHSK, k_BHTK, v_BTHV.transpose(1, 2), mask_B1ST, self.scale)
 
-    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST) -> torch.Tensor:
-        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
-        # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: score queries directly against the latent
-        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC)
-        scores_BHST = (torch.einsum("bshc,btc->bhst", q_lat_BSHC, c_kv_BTC)
-                       + torch.einsum("bshr,btr->bhst", q_pe_BSHR, k_pe_BTR)).float() * self.scale
+    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, kv_BTX, mask_B1ST) -> torch.Tensor:
+        """kv_BTX: [c_KV | k_R] rows of the attended tokens (X = C + R). M = B*S query rows per head."""
+        B, S, H, N = q_nope_BSHN.shape
+        C, T = self.kv_rank, kv_BTX.shape[1]
+        w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + self.v_dim, C).split([N, self.v_dim], dim=1)
+        # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: map each head's query into the latent space, then score
+        # [q_lat ; q_R] against [c_KV ; k_R] in one matmul (the softmax scale folded into the query)
+        q_lat_HMC = torch.bmm(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
+        q_HMX = torch.cat((q_lat_HMC, q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1)), dim=-1) * self.scale
+        q_BKX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # K = S*H rows (s, h)
+        scores_BSHT = fastpath.scores(q_BKX, kv_BTX).unflatten(1, (S, H)).float()
         if mask_B1ST is not None:
-            scores_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf"))
-        elif scores_BHST.shape[2] > 1:  # causal over the new tokens (no cache)
-            S = scores_BHST.shape[2]
-            causal = torch.ones(S, S, dtype=torch.bool, device=scores_BHST.device).tril()
-            scores_BHST = scores_BHST.masked_fill(~causal, float("-inf"))
-        p_BHST = scores_BHST.softmax(dim=-1).to(c_kv_BTC.dtype)
+            scores_BSHT = scores_BSHT.masked_fill(~mask_B1ST.transpose(1, 2), float("-inf"))
+        elif S > 1:  # causal over the new tokens (no cache)
+            causal = torch.ones(S, T, dtype=torch.bool, device=scores_BSHT.device).tril(T - S)
+            scores_BSHT = scores_BSHT.masked_fill(~causal[:, None], float("-inf"))
+        p_BKT = scores_BSHT.softmax(dim=-1).to(kv_BTX.dtype).view(B, S * H, T)
         # sum_t p_t W_UV c_t = W_UV (sum_t p_t c_t): attend over latents, decompress once per head
-        o_lat_BSHC = torch.einsum("bhst,btc->bshc", p_BHST, c_kv_BTC)
-        return torch.einsum("bshc,hvc->bshv", o_lat_BSHC, w_uv_HVC)
+        o_lat_BKC = torch.bmm(p_BKT, kv_BTX[..., :C])
+        o_HMV = torch.bmm(o_lat_BKC.view(B * S, H, C).transpose(0, 1), w_uv_HVC.transpose(1, 2))
+        return o_HMV.transpose(0, 1).view(B, S, H, -1)
 
 
 class BaselineAttention(nn.Module):
@@ -136,10 +156,10 @@ class BaselineAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim, self.rope, self.v_dim = (
             c.num_attention_heads, c.kv_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
         self.scale = c.softmax_scale
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.v_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
+        self.q_proj = Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(c.hidden_size, self.n_kv * self.v_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
 
     def cache_widths(self) -> dict[str, int]:
         return {"k": self.n_kv * self.head_dim, "v": self.n_kv * self.v_dim}

@@ -25,10 +25,18 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.widths = dict(widths)
         self.max_len = max_len
-        self.buffers = {name: torch.zeros(num_layers, batch_size, max_len, w, dtype=dtype, device=device)
-                        for name, w in widths.items()}
+        # One row per token and layer holds every stream side by side ([c_KV | k_R] for MLA): MLA's absorbed
+        # decode scores its queries against both in one matmul over `joint(layer)`. `buffers` are views per stream.
+        self.storage = torch.zeros(num_layers, batch_size, max_len, sum(self.widths.values()), dtype=dtype,
+                                   device=device)
+        self.buffers: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, w in self.widths.items():  # plain slices (not split()'s multi-output views): writable in any mode
+            self.buffers[name] = self.storage[..., start:start + w]
+            start += w
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
+        self.padded = False  # some slot holds padding: attention needs an explicit mask (see DeepseekV2.forward)
 
     @property
     def batch_size(self) -> int:
@@ -36,16 +44,18 @@ class KVCache:
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers (what Table 1 counts, times the dtype size)."""
-        return sum(b[:, 0, 0].numel() * b.element_size() for b in self.buffers.values())
+        return self.storage[:, 0, 0].numel() * self.storage.element_size()
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return self.storage.numel() * self.storage.element_size()
 
     def begin(self, n_new: int, valid: torch.Tensor | None = None) -> None:
         """Reserve `n_new` slots for the next forward; `valid` [B, n_new] marks padding (default: all real)."""
         if self.length + n_new > self.max_len:
             raise CacheFullError(f"KV cache holds {self.max_len} tokens; {self.length} used, {n_new} more asked")
         self.valid[:, self.length:self.length + n_new] = True if valid is None else valid
+        if valid is not None and not self.padded:
+            self.padded = not bool(valid.all())
 
     def update(self, layer: int, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write this forward's entries ([B, S, width] each) for one layer; return the filled prefixes."""
@@ -55,6 +65,10 @@ class KVCache:
             buf[:, self.length:self.length + x.shape[1]] = x
             out.append(buf[:, :self.length + x.shape[1]])
         return tuple(out)
+
+    def joint(self, layer: int, end: int) -> torch.Tensor:
+        """All streams of one layer's first `end` slots side by side, in `widths` order: [B, end, sum(widths)]."""
+        return self.storage[layer, :, :end]
 
     def advance(self, n_new: int) -> None:
         """Called once after all layers have written `n_new` tokens."""

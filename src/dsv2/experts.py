@@ -3,7 +3,8 @@
 The checkpoints hold one SwiGLU MLP per expert (experts.{j}.{gate,up,down}_proj); dsv2 stacks them as
 gate_up_proj [E, 2F, D] (gate rows first, then up rows) and down_proj [E, D, F] so that all experts run as two
 grouped matrix multiplies over tokens sorted by expert (`torch._grouped_mm`), with no Python loop over experts.
-checkpoint.py splits and stacks at the boundary. Legend: N token copies sorted by expert, E experts, D hidden,
+checkpoint.py splits and stacks at the boundary. Decode (a few token copies, mostly on distinct experts) takes
+fastpath.gathered_swiglu instead when it applies. Legend: N token copies sorted by expert, E experts, D hidden,
 F moe_intermediate_size.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fastpath
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
@@ -22,11 +25,24 @@ class RoutedExperts(nn.Module):
         self.n_experts, self.hidden, self.inter = n_experts, hidden, inter
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
-        self.act = ACTIVATIONS[act]
+        self.act, self.act_name = ACTIVATIONS[act], act
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: token copies sorted by expert, counts_E[e] of them for expert e. Returns [N, D]."""
+        if fastpath.use_gathered(x_ND, counts_E, self.gate_up_proj):  # decode: a few copies, mostly distinct experts
+            expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=counts_E.device), counts_E,
+                                               output_size=x_ND.shape[0])
+            y_ND = fastpath.gathered_swiglu(x_ND, expert_N, self.gate_up_proj, self.down_proj, self.act_name)
+            if y_ND is not None:
+                return y_ND
+        return self.grouped(x_ND, counts_E)
+
+    def grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Two grouped GEMMs over the expert-sorted copies (any N; the path with autograd)."""
         offs_E = counts_E.cumsum(0).to(torch.int32)
         h_N2F = torch._grouped_mm(x_ND, self.gate_up_proj.transpose(-2, -1), offs=offs_E)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        return torch._grouped_mm(self.act(gate_NF) * up_NF, self.down_proj.transpose(-2, -1), offs=offs_E)
+        a_NF = self.act(gate_NF)
+        # in place without autograd: a prefill's [N, F] intermediates are tens of MB (fresh pages each time)
+        a_NF = a_NF.mul_(up_NF) if fastpath._no_grad_needed(x_ND, self.gate_up_proj) else a_NF * up_NF
+        return torch._grouped_mm(a_NF, self.down_proj.transpose(-2, -1), offs=offs_E)

@@ -17,6 +17,7 @@ from torch import nn
 from .attention import RMSNorm, build_attention
 from .cache import KVCache
 from .config import ModelConfig
+from .fastpath import Linear
 from .moe import MoE, dense_or_moe
 from .rope import RotaryEmbedding
 from .router import Routing
@@ -54,7 +55,7 @@ class DeepseekV2(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
@@ -85,11 +86,12 @@ class DeepseekV2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
-                absorb: bool | None = None, return_routing: bool = False):
+                absorb: bool | None = None, return_routing: bool = False, logits_to_keep: int = 0):
         """input_ids [B, S] -> logits [B, S, V] (and the MoE layers' routings when return_routing).
 
         positions [B, S]: RoPE positions (default: the cache length onwards). pad_mask [B, S] bool: False marks
-        padding (left padding in generation); padded keys are masked out.
+        padding (left padding in generation); padded keys are masked out. logits_to_keep > 0: only the last that
+        many positions go through the final norm and LM head (generation needs the last one).
         """
         B, S = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -98,7 +100,10 @@ class DeepseekV2(nn.Module):
         mask = None
         if cache is not None:
             cache.begin(S, pad_mask)
-            mask = self._mask(cache.valid[:, : start + S], start)
+            # no padding in the cache: a fresh prefill is plain causal and a single new token sees every slot, so
+            # attention takes no mask (SDPA's causal kernel; no [B, 1, S, T] tensor built per step)
+            if cache.padded or (start > 0 and S > 1):
+                mask = self._mask(cache.valid[:, : start + S], start)
         elif pad_mask is not None:
             mask = self._mask(pad_mask, 0)
         if absorb is None:
@@ -112,6 +117,8 @@ class DeepseekV2(nn.Module):
                 routings.append(routing)
         if cache is not None:
             cache.advance(S)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.model.norm(x))
         return (logits, routings) if return_routing else logits
 

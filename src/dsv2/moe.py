@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .experts import ACTIVATIONS, RoutedExperts
+from .fastpath import Linear
 from .router import Router, Routing
 
 
@@ -26,9 +27,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

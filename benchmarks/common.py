@@ -1,0 +1,216 @@
+"""Shared pieces: the benchmark model shape, the stamp, timing, the shared checkpoint, loaders, machine limits."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dsv2
+from dsv2.config import ModelConfig, get_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# V2-Lite's attention shape (no query compression, kv_lora_rank 512, RoPE 64, nope 128, v 128, YaRN) and MoE
+# shape (greedy top-6 of fine-grained experts + 2 shared, first layer dense), scaled down in width, depth, heads,
+# experts and vocabulary so that a 2-core CPU decodes it at 8K context in reasonable time: 220M parameters
+# (880 MB fp32), ~80M activated per token.
+BENCH_OVERRIDES = dict(vocab_size=16384, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=32,
+                       bos_token_id=0, eos_token_id=1)
+
+
+def bench_config() -> ModelConfig:
+    return get_config("deepseek-v2-lite", **BENCH_OVERRIDES)
+
+
+def describe_config(cfg: ModelConfig) -> str:
+    q = "none" if cfg.q_lora_rank is None else cfg.q_lora_rank
+    return (f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers ({cfg.first_k_dense_replace} dense), "
+            f"{cfg.num_attention_heads} heads, q_lora {q}, kv_lora {cfg.kv_lora_rank}, rope {cfg.qk_rope_head_dim}, "
+            f"nope {cfg.qk_nope_head_dim}, v {cfg.v_head_dim}, {cfg.n_routed_experts} routed experts "
+            f"(top-{cfg.num_experts_per_tok}, {cfg.topk_method}) + {cfg.n_shared_experts} shared of width "
+            f"{cfg.moe_intermediate_size}, dense FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stamp
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def stamp(threads: int) -> dict:
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = "not installed"
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "dsv2": dsv2.__version__,
+        "python": platform.python_version(),
+        "load_start": round(loadavg(), 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    n: int
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def ms(self) -> float:
+        return self.median_s * 1e3
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 1, min_iters: int = 3, max_iters: int = 10,
+            min_time: float = 1.0, max_time: float = 20.0, slow: float = 8.0) -> Timing:
+    """Median wall time of fn(). A first call slower than `slow` seconds is itself the only sample (its one-off
+    costs are negligible at that size), so very slow peers are still measured without minutes of repeats."""
+    samples: list[float] = []
+    for i in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if i == 0 and dt > slow:
+            return Timing(dt, dt, 1, [dt])
+    start = time.perf_counter()
+    while len(samples) < max_iters:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - start
+        if (len(samples) >= min_iters and spent >= min_time) or spent >= max_time:
+            break
+    return Timing(statistics.median(samples), min(samples), len(samples), samples)
+
+
+def free_memory() -> None:
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shared checkpoint and the two loaders
+def checkpoint(workdir: Path, name: str, cfg: ModelConfig, seed: int = 0) -> Path:
+    """Write a randomly initialised dsv2 model once with save_pretrained; reuse it when the config matches."""
+    path = Path(workdir) / name
+    want = cfg.to_dict()
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        if json.loads((path / "config.json").read_text()) == json.loads(json.dumps(want)):
+            return path
+    torch.manual_seed(seed)
+    model = dsv2.DeepseekV2(cfg)
+    model.save_pretrained(path)
+    del model
+    free_memory()
+    return path
+
+
+def load_dsv2(path: Path, dtype: torch.dtype) -> dsv2.DeepseekV2:
+    return dsv2.from_pretrained(path, dtype=dtype).eval()
+
+
+def hf_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_hf(path: Path, dtype: torch.dtype, experts: str = "grouped_mm"):
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype,
+                                                                     experts_implementation=experts)
+    return model.eval()
+
+
+def set_hf_experts(model, experts: str) -> None:
+    model.set_experts_implementation(experts)
+    assert model.config._experts_implementation == experts, model.config._experts_implementation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# machine limits
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
+    """Best-of-N read bandwidth (sum of a 1 GiB fp32 tensor) and copy bandwidth (read + write), GB/s."""
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    read = copy = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        read = max(read, nbytes / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        copy = max(copy, 2 * nbytes / (time.perf_counter() - t0) / 1e9)
+    del x, y
+    free_memory()
+    return {"read_GBps": read, "copy_GBps": copy, "bound_GBps": max(read, copy)}
+
+
+def matmul_peak(dtype: torch.dtype, shapes=((2048, 1024, 4096), (4096, 1024, 1024), (2048, 2048, 2048))) -> dict:
+    """Best dense F.linear throughput (GFLOP/s) over a few large shapes: M x K inputs, N x K weight."""
+    best, best_shape = 0.0, None
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype)
+        w = torch.randn(n, k, dtype=dtype)
+        t = measure(lambda a=a, w=w: F.linear(a, w), warmup=1, min_iters=3, max_iters=5, min_time=0.5,
+                    max_time=10.0)
+        gf = 2 * m * k * n / t.min_s / 1e9
+        if gf > best:
+            best, best_shape = gf, (m, k, n)
+    return {"GFLOPs": best, "shape_MKN": best_shape}
+
+
+def to_jsonable(obj):
+    if isinstance(obj, Timing):
+        return asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

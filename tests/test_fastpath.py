@@ -1,0 +1,146 @@
+"""The inference fast paths (src/dsv2/fastpath.py) equal the paths they replace; the joint cache layout; masks
+skipped only where they are no-ops; logits_to_keep."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv2 import fastpath
+from dsv2.cache import KVCache
+from dsv2.config import get_config
+from dsv2.experts import RoutedExperts
+from dsv2.model import DeepseekV2
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear(rows, bias):
+    torch.manual_seed(rows)
+    lin = fastpath.Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), **TOL)
+        torch.testing.assert_close(lin(x.view(1, rows, 48)), F.linear(x, lin.weight, lin.bias)[None], **TOL)
+        xt = torch.randn(48, rows).t()  # non-contiguous rows
+        torch.testing.assert_close(lin(xt), F.linear(xt, lin.weight, lin.bias), **TOL)
+        lin16 = lin.to(torch.bfloat16)  # other dtypes keep F.linear
+        torch.testing.assert_close(lin16(x.bfloat16()), F.linear(x.bfloat16(), lin16.weight, lin16.bias))
+
+
+def test_linear_keeps_autograd():
+    lin = fastpath.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    lin(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+def make_experts(E, D, F_, seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    ex = RoutedExperts(E, D, F_)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.3)
+        ex.down_proj.normal_(0, 0.3)
+    return ex.to(dtype)
+
+
+def sorted_copies(E, D, N, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    expert_N = torch.randint(0, E, (N,), generator=g).sort().values
+    counts_E = torch.bincount(expert_N, minlength=E)
+    return torch.randn(N, D, generator=g).to(dtype), counts_E
+
+
+@pytest.mark.parametrize("N", [1, 6, 13])
+def test_gathered_experts_equal_grouped(N, monkeypatch):
+    """The small-batch expert path (compiled gather-GEMV; falls back to grouped if compiling fails) == grouped."""
+    ex = make_experts(8, 32, 24, N)
+    x, counts = sorted_copies(8, 32, N, N)
+    monkeypatch.setattr(fastpath, "GATHER_MIN_EXPERT_BYTES", 0)  # the test experts are tiny
+    with torch.no_grad():
+        assert fastpath.use_gathered(x, counts, ex.gate_up_proj, force=True)
+        expert_N = torch.repeat_interleave(torch.arange(8), counts)
+        got = fastpath.gathered_swiglu(x, expert_N, ex.gate_up_proj, ex.down_proj, "silu")
+        want = ex.grouped(x, counts)
+        if got is None:
+            pytest.skip("torch.compile unavailable here: the grouped path is used")
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(ex(x, counts), want, **TOL)  # forward picks it
+
+
+def test_gathered_path_only_where_it_pays(monkeypatch):
+    ex = make_experts(8, 32, 24, 0)
+    x, counts = sorted_copies(8, 32, 4, 0)
+    with torch.no_grad():
+        assert not fastpath.use_gathered(x, counts, ex.gate_up_proj)  # tiny experts: call overhead dominates
+        monkeypatch.setattr(fastpath, "GATHER_MIN_EXPERT_BYTES", 0)
+        many = torch.randn(40, 32)
+        assert not fastpath.use_gathered(many, torch.tensor([5] * 8), ex.gate_up_proj)  # copies share experts
+    assert not fastpath.use_gathered(x, counts, ex.gate_up_proj)  # autograd: grouped
+
+
+def test_grouped_in_place_without_grad_equals_with_grad():
+    ex = make_experts(4, 16, 8, 1)
+    x, counts = sorted_copies(4, 16, 20, 1)
+    with_grad = ex.grouped(x, counts)
+    with torch.no_grad():
+        torch.testing.assert_close(ex.grouped(x, counts), with_grad.detach())
+
+
+def test_joint_cache_rows_are_the_streams_side_by_side():
+    cache = KVCache({"c_kv": 3, "k_pe": 2}, num_layers=2, batch_size=2, max_len=5, dtype=torch.float32)
+    cache.begin(2)
+    c, k = torch.randn(2, 2, 3), torch.randn(2, 2, 2)
+    cache.update(1, c_kv=c, k_pe=k)
+    cache.advance(2)
+    torch.testing.assert_close(cache.joint(1, 2), torch.cat((c, k), dim=-1))
+    assert cache.nbytes() == 2 * 2 * 5 * 5 * 4 and cache.bytes_per_token() == 2 * 5 * 4
+
+
+def test_padded_flag_tracks_padding():
+    cache = KVCache({"a": 2}, num_layers=1, batch_size=2, max_len=8, dtype=torch.float32)
+    cache.begin(2, torch.ones(2, 2, dtype=torch.bool))
+    assert not cache.padded
+    cache.advance(2)
+    cache.begin(2, torch.tensor([[True, False], [True, True]]))
+    assert cache.padded
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_unmasked_cached_forward_equals_masked(absorb):
+    """Without padding the model skips the attention mask (causal prefill, single-token decode): same outputs as
+    with the explicit mask it used to build."""
+    torch.manual_seed(0)
+    cfg = get_config("tiny", num_hidden_layers=2)
+    model = DeepseekV2(cfg).eval()
+    ids = torch.randint(2, 100, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 9)
+        outs = [model(ids[:, :6], cache=cache)]
+        assert not cache.padded
+        for t in range(6, 9):
+            outs.append(model(ids[:, t:t + 1], cache=cache, absorb=absorb))
+        torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+        # chunked prefill (start > 0, several tokens) still builds its offset causal mask
+        cache = model.new_cache(2, 9)
+        chunked = torch.cat([model(ids[:, :4], cache=cache), model(ids[:, 4:], cache=cache)], 1)
+        torch.testing.assert_close(chunked, full, **TOL)
+
+
+def test_logits_to_keep():
+    torch.manual_seed(0)
+    model = DeepseekV2(get_config("tiny", num_hidden_layers=2)).eval()
+    ids = torch.randint(2, 100, (2, 7))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:], **TOL)
+        torch.testing.assert_close(model(ids, logits_to_keep=3), full[:, -3:], **TOL)
+
+
+def test_cache_writable_with_grad_mode_on():
+    cache = KVCache({"c_kv": 3, "k_pe": 2}, num_layers=1, batch_size=1, max_len=4, dtype=torch.float32)
+    cache.begin(1)
+    cache.update(0, c_kv=torch.randn(1, 1, 3), k_pe=torch.randn(1, 1, 2))
+    cache.buffers["c_kv"][:, :, :1] = 0.0
