@@ -59,16 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
 
     log(f"stamp: {res['stamp']}")
-    machine: dict = {"bandwidth": common.memory_bandwidth()}
-    machine["matmul_peak"] = {d: common.matmul_peak(common.DTYPES[d]) for d in sorted(set(args.dtypes) | {"fp32"})}
-    fp32 = machine["matmul_peak"]["fp32"]["GFLOPs"]
-    bf16 = machine["matmul_peak"].get("bf16", {}).get("GFLOPs")
-    if bf16 is not None:
-        machine["native_dtype"] = "fp32" if fp32 > bf16 else "bf16"
-        machine["native_note"] = (f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f} GFLOP/s; CPU capability "
-                                  f"{res['stamp']['isa']}: no AVX512-BF16/AMX, so bf16 GEMMs are emulated")
-    res["machine"] = machine
-    log(f"machine: {machine}")
+    peak_dtypes = sorted(set(args.dtypes) | {"fp32"})
+    machine: dict = {"bandwidth": common.memory_bandwidth(),
+                     "matmul_peak": {d: common.matmul_peak(common.DTYPES[d]) for d in peak_dtypes}}
+    log(f"machine (start): {machine}")
 
     cfg = common.bench_config()
     needs_bench = {"decode", "prefill", "moe"} & set(args.only)
@@ -82,13 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         log(f"checkpoint {path}: {res['model']['description']}")
     if "decode" in args.only:
         res["decode"] = decode.run(path, contexts=args.contexts, batches=args.batches, dtypes=args.dtypes,
-                                   max_time=args.max_time, bandwidth_GBps=machine["bandwidth"]["bound_GBps"], log=log)
+                                   max_time=args.max_time, log=log)
     if "prefill" in args.only:
         res["prefill"] = prefill.run(path, dtypes=args.dtypes, max_time=max(args.max_time, 20.0), log=log)
     if "moe" in args.only:
-        res["moe"] = moe.run(path, dtypes=args.dtypes, peaks=machine["matmul_peak"], max_time=args.max_time, log=log)
+        res["moe"] = moe.run(path, dtypes=args.dtypes, max_time=args.max_time, log=log)
     if "train" in args.only:
         res["train"] = train.run(args.workdir, presets=args.presets, max_time=max(args.max_time, 20.0), log=log)
+    # machine limits again at the end (other tenants come and go): the best of the two is the bound
+    end = {"bandwidth": common.memory_bandwidth(),
+           "matmul_peak": {d: common.matmul_peak(common.DTYPES[d]) for d in peak_dtypes}}
+    log(f"machine (end): {end}")
+    res["machine"] = machine = common.best_limits(machine, end)
+    fp32 = machine["matmul_peak"]["fp32"]["GFLOPs"]
+    bf16 = machine["matmul_peak"].get("bf16", {}).get("GFLOPs")
+    if bf16 is not None:
+        machine["native_dtype"] = "fp32" if fp32 > bf16 else "bf16"
+        machine["native_note"] = (f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f} GFLOP/s; CPU capability "
+                                  f"{res['stamp']['isa']}, no AVX512-BF16/AMX: bf16 GEMMs are emulated")
+    if "decode" in res:
+        decode.add_bandwidth(res["decode"], machine["bandwidth"]["bound_GBps"])
+    if "moe" in res:
+        moe.add_peaks(res["moe"], machine["matmul_peak"])
     res["stamp"]["load_end"] = round(common.loadavg(), 2)
     res["stamp"]["wall_s"] = round(time.time() - t_start)
     res = common.to_jsonable(res)

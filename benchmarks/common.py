@@ -172,7 +172,8 @@ def set_hf_experts(model, experts: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # machine limits
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
-    """Best-of-N read bandwidth (sum of a 1 GiB fp32 tensor) and copy bandwidth (read + write), GB/s."""
+    """Best-of-N read bandwidth (sum of a 1 GiB fp32 tensor) and copy bandwidth (read + write), GB/s. Decode reads
+    (weights, cache), so the read figure is its bound."""
     x = torch.ones(nbytes // 4)
     y = torch.empty_like(x)
     read = copy = 0.0
@@ -185,7 +186,7 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
         copy = max(copy, 2 * nbytes / (time.perf_counter() - t0) / 1e9)
     del x, y
     free_memory()
-    return {"read_GBps": read, "copy_GBps": copy, "bound_GBps": max(read, copy)}
+    return {"read_GBps": read, "copy_GBps": copy, "bound_GBps": read}
 
 
 def matmul_peak(dtype: torch.dtype, shapes=((2048, 1024, 4096), (4096, 1024, 1024), (2048, 2048, 2048))) -> dict:
@@ -200,6 +201,13 @@ def matmul_peak(dtype: torch.dtype, shapes=((2048, 1024, 4096), (4096, 1024, 102
         if gf > best:
             best, best_shape = gf, (m, k, n)
     return {"GFLOPs": best, "shape_MKN": best_shape}
+
+
+def best_limits(a: dict, b: dict) -> dict:
+    """Per figure, the better of two measurements of the machine's limits (start and end of a run)."""
+    bw = {k: max(a["bandwidth"][k], b["bandwidth"][k]) for k in a["bandwidth"]}
+    peak = {d: max(a["matmul_peak"][d], b["matmul_peak"][d], key=lambda p: p["GFLOPs"]) for d in a["matmul_peak"]}
+    return {"bandwidth": bw, "matmul_peak": peak, "measured": {"start": a, "end": b}}
 
 
 def to_jsonable(obj):

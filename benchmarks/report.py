@@ -83,8 +83,9 @@ def markdown(res: dict) -> str:
     s, m = res["stamp"], res.get("machine", {})
     parts = ["# dsv2 benchmarks", "",
              f"Stamp: {s['date']} · {s['cpu']} · {s['cores']} cores ({s['isa']}), torch.set_num_threads("
-             f"{s['threads']}) · torch {s['torch']} · transformers {s['transformers']} · load average "
-             f"{s['load_start']} at start, {s.get('load_end', '?')} at end", "",
+             f"{s['threads']}) · torch {s['torch']} · transformers {s['transformers']} · 1-min load average "
+             f"{s['load_start']} before the run, {s.get('load_end', '?')} at its end (which includes the run's own "
+             f"{s['threads']} threads) · {s.get('wall_s', '?')} s", "",
              f"Command: `{res['command']}`", ""]
     if "model" in res:
         parts += [f"Decode/prefill/MoE model (one checkpoint written by dsv2's save_pretrained, loaded by "
@@ -113,6 +114,7 @@ def markdown(res: dict) -> str:
                         + [f"{ratio:.1f}x" if ratio else "-"])
         parts += ["## 1. Decode: ms per step (one new token per sequence), median", "",
                   _table(["dtype", "context", "batch"] + peers + ["best hf / dsv2 absorbed"], rows), "",
+                  "![decode latency](decode.png)", "",
                   "Cells whose first step took over 8 s are a single sample. dsv2 absorbed = MLA weight absorption "
                   "over the preallocated latent cache; dsv2 naive = the same model re-expanding the latent each "
                   "step (what transformers does).", ""]
@@ -155,7 +157,8 @@ def markdown(res: dict) -> str:
                 for c in dec["cells"] if "bound_ms" in c]
         parts += ["## 5. Batch-1 decode vs the memory-bandwidth bound", "",
                   "bytes/step = active weights (all but the routed experts, K of E of those, one embedding row) + "
-                  "the latent cache read; bound = bytes / measured bandwidth; % = bound / measured time.", "",
+                  "the latent cache read; bound = bytes / measured read bandwidth; % = bound / measured time "
+                  "(the physical limit is 100%).", "",
                   _table(["dtype", "context", "MB/step", "bound ms"] + peers, rows), ""]
     if dec and dec.get("kv_bytes_per_token"):
         kv = dec["kv_bytes_per_token"]
@@ -258,7 +261,7 @@ def write(res: dict, out: Path, readme: Path | None = None) -> Path:
     if readme is not None and readme.exists():
         text = readme.read_text()
         rel = out.relative_to(readme.parent) if out.is_relative_to(readme.parent) else out
-        body = md.split("\n", 1)[1].strip().replace("](", f"]({rel}/")
+        body = md.split("\n", 1)[1].strip().replace("](", f"]({rel}/").replace("\n## ", "\n### ")
         block = f"{README_BEGIN}\n{body}\n{README_END}"
         if README_BEGIN in text:
             text = re.sub(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), lambda _: block, text, flags=re.S)

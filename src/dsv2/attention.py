@@ -44,10 +44,11 @@ def _attend(q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale) -> torch.Tensor:
     The CPU flash-attention kernel (blocked, causal blocks skipped, no [S, T] score matrix in memory) needs equal
     q/k and v head dims; MLA's differ (qk_nope + qk_rope vs v_head_dim), so on CPU the narrower side is zero-padded
     (zero value dims give zero outputs, zero q/k dims add nothing to the scores) and the padding cut off again.
+    Under a dispatch mode (e.g. FlopCounterMode, which has no formula for that kernel) SDPA keeps its own choice.
     """
     causal = mask_B1ST is None and q_BHSK.shape[2] > 1
     K, V = q_BHSK.shape[-1], v_BHTV.shape[-1]
-    if K != V and q_BHSK.device.type == "cpu":
+    if K != V and q_BHSK.device.type == "cpu" and fastpath.plain_eager():
         if V < K:
             v_BHTV = F.pad(v_BHTV, (0, K - V))
         else:
@@ -129,7 +130,8 @@ class MLA(nn.Module):
         q_lat_HMC = torch.bmm(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
         q_HMX = torch.cat((q_lat_HMC, q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1)), dim=-1) * self.scale
         q_BKX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # K = S*H rows (s, h)
-        scores_BSHT = fastpath.scores(q_BKX, kv_BTX).unflatten(1, (S, H)).float()
+        dtype, kv_BTX = kv_BTX.dtype, kv_BTX.to(fastpath.matmul_dtype(kv_BTX))  # fp32 where bf16 is emulated
+        scores_BSHT = fastpath.scores(q_BKX.to(kv_BTX.dtype), kv_BTX).unflatten(1, (S, H)).float()
         if mask_B1ST is not None:
             scores_BSHT = scores_BSHT.masked_fill(~mask_B1ST.transpose(1, 2), float("-inf"))
         elif S > 1:  # causal over the new tokens (no cache)
@@ -137,7 +139,7 @@ class MLA(nn.Module):
             scores_BSHT = scores_BSHT.masked_fill(~causal[:, None], float("-inf"))
         p_BKT = scores_BSHT.softmax(dim=-1).to(kv_BTX.dtype).view(B, S * H, T)
         # sum_t p_t W_UV c_t = W_UV (sum_t p_t c_t): attend over latents, decompress once per head
-        o_lat_BKC = torch.bmm(p_BKT, kv_BTX[..., :C])
+        o_lat_BKC = torch.bmm(p_BKT, kv_BTX[..., :C]).to(dtype)
         o_HMV = torch.bmm(o_lat_BKC.view(B * S, H, C).transpose(0, 1), w_uv_HVC.transpose(1, 2))
         return o_HMV.transpose(0, 1).view(B, S, H, -1)
 

@@ -6,7 +6,8 @@ whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC
 - `linear`: MKL's sgemm serves M = 1..16 rows from one thread (M=1: 9.6 GB/s of weights with 2 threads, the same
   as with 1; M=8: 3.6 GB/s); oneDNN's inner product streams with all threads (M=1: 16.5 GB/s, M=8: 8.2 GB/s; a
   plain sum reads 17.5). So fp32 CPU linears without autograd and with few rows go to oneDNN. Training, prefill
-  (many rows), other dtypes and devices keep F.linear. `scores` does the same for MLA's absorbed decode scores.
+  (many rows), other dtypes and devices keep F.linear. `scores` does the same for MLA's absorbed decode scores,
+  and `matmul_dtype` runs that attention in fp32 on CPUs without native bf16 matmul.
 - `gathered_swiglu`: the routed experts of a handful of token copies (decode). The grouped GEMM runs one
   single-threaded GEMV per expert; instead, one compiled reduction kernel per projection reads each chosen expert's
   weights in place (no gathered copy, no Python loop over experts) with all threads, upcasting bf16 in registers.
@@ -33,6 +34,29 @@ SMALL_ROWS = 16
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def _cpu_native_low_precision() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # unknown: leave dtypes alone
+        return True
+
+
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for a bf16/fp16 CPU tensor when the CPU has no native low-precision matmul (AVX512-BF16 or AMX): there
+    those GEMMs are emulated, several times slower than fp32. For MLA's absorbed attention over a long cache, which
+    is compute-bound, upcasting the cache slice costs less than the emulation."""
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and not _cpu_native_low_precision():
+        return torch.float32
+    return t.dtype
+
+
+def plain_eager() -> bool:
+    """No dispatch mode (FlopCounterMode, fake tensors, profilers' modes) and no tracing: the fast paths call
+    kernels that such modes cannot count or trace, so under them every op takes its reference form."""
+    return torch._C._len_torch_dispatch_stack() == 0 and not torch.compiler.is_compiling()
+
+
 def _no_grad_needed(*tensors: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
@@ -40,7 +64,7 @@ def _no_grad_needed(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with few-row fp32 CPU inference calls served by oneDNN (see the module docstring)."""
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.numel() <= SMALL_ROWS * x.shape[-1] and _no_grad_needed(x, weight)):
+            and x.numel() <= SMALL_ROWS * x.shape[-1] and _no_grad_needed(x, weight) and plain_eager()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -50,7 +74,7 @@ def scores(q_BKX: torch.Tensor, kv_BTX: torch.Tensor) -> torch.Tensor:
     tokens). With few query rows, batched GEMM streams the cache at a third of the rate of oneDNN's inner product
     with the cache as its many-row input (measured 3.6 vs 10.2 GB/s at T=8K, K=8, X=576, 2 threads)."""
     if (_ONEDNN and kv_BTX.device.type == "cpu" and q_BKX.dtype == kv_BTX.dtype == torch.float32
-            and q_BKX.shape[1] <= SMALL_ROWS and _no_grad_needed(q_BKX, kv_BTX)):
+            and q_BKX.shape[1] <= SMALL_ROWS and _no_grad_needed(q_BKX, kv_BTX) and plain_eager()):
         q_BKX = q_BKX.contiguous()  # a strided "weight" makes oneDNN reorder it at every call
         return torch.stack([torch.ops.mkldnn._linear_pointwise(kv_BTX[b], q_BKX[b], None, "none", [], "")
                             for b in range(q_BKX.shape[0])]).transpose(1, 2)
@@ -92,7 +116,7 @@ def _kernel(act_name: str):
 
 def use_gathered(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: torch.Tensor, force: bool = False) -> bool:
     """Few copies per chosen expert (decode), CPU inference, experts big enough to be bandwidth-bound."""
-    if _disabled or x_ND.device.type != "cpu" or not _no_grad_needed(x_ND, gate_up_EXD):
+    if _disabled or x_ND.device.type != "cpu" or not _no_grad_needed(x_ND, gate_up_EXD) or not plain_eager():
         return False
     if force:
         return True
