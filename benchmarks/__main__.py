@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp",
                     help="where the shared checkpoints are written (git-ignored)")
     ap.add_argument("--update-readme", action="store_true", help="replace the README's benchmark section")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other suites' results already in OUT/results.json (run suites at quiet times)")
     args = ap.parse_args(argv)
     if args.quick:
         args.dtypes, args.contexts, args.batches, args.presets = ("fp32",), (512, 2048), (1,), ("tiny",)
@@ -52,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    res: dict = {"stamp": common.stamp(args.threads),
-                 "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    res: dict = {}
+    if args.merge and (out / "results.json").exists():
+        res = json.loads((out / "results.json").read_text())
+    res["stamp"] = common.stamp(args.threads)
+    res["commands"] = [c for c in res.get("commands", []) if c != command] + [command]
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
@@ -74,32 +81,36 @@ def main(argv: list[str] | None = None) -> int:
             n_params = dsv2.DeepseekV2(cfg).num_parameters()
         res["model"] = {"description": common.describe_config(cfg), "params": n_params, "checkpoint": str(path)}
         log(f"checkpoint {path}: {res['model']['description']}")
+    sections = {}
     if "decode" in args.only:
-        res["decode"] = decode.run(path, contexts=args.contexts, batches=args.batches, dtypes=args.dtypes,
-                                   max_time=args.max_time, log=log)
+        sections["decode"] = decode.run(path, contexts=args.contexts, batches=args.batches, dtypes=args.dtypes,
+                                        max_time=args.max_time, log=log)
     if "prefill" in args.only:
-        res["prefill"] = prefill.run(path, dtypes=args.dtypes, max_time=max(args.max_time, 20.0), log=log)
+        sections["prefill"] = prefill.run(path, dtypes=args.dtypes, max_time=max(args.max_time, 20.0), log=log)
     if "moe" in args.only:
-        res["moe"] = moe.run(path, dtypes=args.dtypes, max_time=args.max_time, log=log)
+        sections["moe"] = moe.run(path, dtypes=args.dtypes, max_time=args.max_time, log=log)
     if "train" in args.only:
-        res["train"] = train.run(args.workdir, presets=args.presets, max_time=max(args.max_time, 20.0), log=log)
+        sections["train"] = train.run(args.workdir, presets=args.presets, max_time=max(args.max_time, 20.0), log=log)
     # machine limits again at the end (other tenants come and go): the best of the two is the bound
     end = {"bandwidth": common.memory_bandwidth(),
            "matmul_peak": {d: common.matmul_peak(common.DTYPES[d]) for d in peak_dtypes}}
     log(f"machine (end): {end}")
-    res["machine"] = machine = common.best_limits(machine, end)
+    machine = common.best_limits(machine, end)
     fp32 = machine["matmul_peak"]["fp32"]["GFLOPs"]
     bf16 = machine["matmul_peak"].get("bf16", {}).get("GFLOPs")
     if bf16 is not None:
         machine["native_dtype"] = "fp32" if fp32 > bf16 else "bf16"
         machine["native_note"] = (f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f} GFLOP/s; CPU capability "
                                   f"{res['stamp']['isa']}, no AVX512-BF16/AMX: bf16 GEMMs are emulated")
-    if "decode" in res:
-        decode.add_bandwidth(res["decode"], machine["bandwidth"]["bound_GBps"])
-    if "moe" in res:
-        moe.add_peaks(res["moe"], machine["matmul_peak"])
+    if "decode" in sections:
+        decode.add_bandwidth(sections["decode"], machine["bandwidth"]["bound_GBps"])
+    if "moe" in sections:
+        moe.add_peaks(sections["moe"], machine["matmul_peak"])
     res["stamp"]["load_end"] = round(common.loadavg(), 2)
     res["stamp"]["wall_s"] = round(time.time() - t_start)
+    for name, sec in sections.items():  # each suite keeps the stamp and machine limits of the run that measured it
+        sec["stamp"], sec["machine"] = dict(res["stamp"]), machine
+        res[name] = sec
     res = common.to_jsonable(res)
     md = report.write(res, out, ROOT.parent / "README.md" if args.update_readme else None)
     log(f"wrote {md}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import common
 from .common import DTYPES, Timing, free_memory, hf_available, load_dsv2, load_hf, measure, set_hf_experts
 
 DSV2_PEERS = ("dsv2 absorbed", "dsv2 naive")
@@ -126,7 +127,8 @@ def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf
             for batch in batches:
                 g = torch.Generator().manual_seed(ctx * 31 + batch)
                 toks = torch.randint(2, model.config.vocab_size, (room, batch, 1), generator=g)
-                cell = {"dtype": dname, "context": ctx, "batch": batch, "ms": {}, "n": {}}
+                cell = {"dtype": dname, "context": ctx, "batch": batch, "ms": {}, "ms_median": {}, "n": {},
+                        "load": round(common.loadavg(), 2)}
                 for peer in peers:
                     step = iter(range(room))
                     if peer.startswith("dsv2"):
@@ -149,7 +151,7 @@ def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf
                     if peer.startswith("hf") and ctx == contexts[0] and batch == batches[0]:
                         results["kv_bytes_per_token"].setdefault(dname, {})["transformers (DynamicCache)"] = (
                             hf_cache_bytes_per_token(cache))
-                    cell["ms"][peer], cell["n"][peer] = t.ms, t.n
+                    cell["ms"][peer], cell["ms_median"][peer], cell["n"][peer] = t.best_ms, t.median_s * 1e3, t.n
                     del cache, fn
                     free_memory()
                 cache_read = ctx * batch * model.config.num_hidden_layers * (

@@ -48,7 +48,7 @@ def run(path, *, tokens=(2048, 8, 1), dtypes=("fp32", "bf16"), peers=None, max_t
                     def fn(theirs=theirs, x=x):
                         theirs(x)
                 t = measure(fn, warmup=2, min_iters=5, max_iters=50, min_time=1.0, max_time=max_time)
-                row["GFLOPs"][peer] = flops / t.median_s / 1e9
+                row["GFLOPs"][peer] = flops / t.min_s / 1e9
             out["rows"].append(row)
             log(f"  MoE {dname} T={T}: " + ", ".join(f"{p} {v:.1f} GF/s" for p, v in row["GFLOPs"].items()))
         del model, hf, ours, theirs

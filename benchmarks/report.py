@@ -79,25 +79,32 @@ def targets(res: dict) -> list[dict]:
     return out
 
 
+def _section_stamp(sec: dict) -> str:
+    s, m = sec.get("stamp", {}), sec.get("machine", {})
+    bw = m.get("bandwidth", {}).get("read_GBps")
+    peaks = ", ".join(f"{k} {v['GFLOPs']:.0f}" for k, v in m.get("matmul_peak", {}).items())
+    return (f"*Measured {s.get('date', '?')}, 1-min load average {s.get('load_start', '?')} before the run, "
+            f"{s.get('load_end', '?')} at its end (including its own {s.get('threads', '?')} threads); machine "
+            f"limits in that run: read bandwidth {bw or 0:.1f} GB/s, dense matmul peak {peaks} GFLOP/s. "
+            f"Figures are the best of n repeats (medians in results.json).*")
+
+
 def markdown(res: dict) -> str:
-    s, m = res["stamp"], res.get("machine", {})
+    s = res["stamp"]
+    commands = res.get("commands") or [res.get("command", "python -m benchmarks")]
     parts = ["# dsv2 benchmarks", "",
-             f"Stamp: {s['date']} · {s['cpu']} · {s['cores']} cores ({s['isa']}), torch.set_num_threads("
-             f"{s['threads']}) · torch {s['torch']} · transformers {s['transformers']} · 1-min load average "
-             f"{s['load_start']} before the run, {s.get('load_end', '?')} at its end (which includes the run's own "
-             f"{s['threads']} threads) · {s.get('wall_s', '?')} s", "",
-             f"Command: `{res['command']}`", ""]
+             f"Machine: {s['cpu']} · {s['cores']} cores ({s['isa']}) · torch.set_num_threads({s['threads']}) · "
+             f"torch {s['torch']} · transformers {s['transformers']} · dsv2 {s['dsv2']}", "",
+             "Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands), ""]
     if "model" in res:
         parts += [f"Decode/prefill/MoE model (one checkpoint written by dsv2's save_pretrained, loaded by "
-                  f"dsv2.from_pretrained and transformers' from_pretrained): V2-Lite shape scaled down: "
+                  f"dsv2.from_pretrained and transformers' from_pretrained): V2-Lite's shape scaled down: "
                   f"{res['model']['description']}; {res['model']['params'] / 1e6:.0f}M parameters.", ""]
-    if m:
-        peaks = ", ".join(f"{k} {v['GFLOPs']:.1f} GFLOP/s" for k, v in m.get("matmul_peak", {}).items())
-        bw = m.get("bandwidth", {})
-        parts += [f"Machine: dense matmul peak {peaks}; memory bandwidth {bw.get('read_GBps', 0):.1f} GB/s read, "
-                  f"{bw.get('copy_GBps', 0):.1f} GB/s copy (1 GiB tensor). "
-                  + (f"**Native dtype on this CPU: {m['native_dtype']}** ({m['native_note']})." if "native_dtype"
-                     in m else ""), ""]
+    native = next((sec["machine"] for sec in (res.get(k) for k in ("decode", "moe", "prefill", "train"))
+                   if sec and "native_dtype" in sec.get("machine", {})), None)
+    if native:
+        parts += [f"**Native dtype on this CPU: {native['native_dtype']}** ({native['native_note']}). Both "
+                  "dtypes are measured; fp32 is this machine's fast one.", ""]
     tg = targets(res)
     if tg:
         parts += ["## Targets (ratios measured in this run)", "",
@@ -111,10 +118,11 @@ def markdown(res: dict) -> str:
             peer, ms, _ = _hf_best(c["ms"])
             ratio = ms / c["ms"]["dsv2 absorbed"] if peer and "dsv2 absorbed" in c["ms"] else None
             rows.append([c["dtype"], c["context"], c["batch"]] + [c["ms"].get(p) for p in peers]
-                        + [f"{ratio:.1f}x" if ratio else "-"])
-        parts += ["## 1. Decode: ms per step (one new token per sequence), median", "",
-                  _table(["dtype", "context", "batch"] + peers + ["best hf / dsv2 absorbed"], rows), "",
+                        + [f"{ratio:.1f}x" if ratio else "-", c.get("load", "-")])
+        parts += ["## 1. Decode: ms per step (one new token per sequence)", "", _section_stamp(dec), "",
+                  _table(["dtype", "context", "batch"] + peers + ["best hf / dsv2 absorbed", "load"], rows), "",
                   "![decode latency](decode.png)", "",
+                  "load: 1-min load average when the cell started (the run's own threads included). "
                   "Cells whose first step took over 8 s are a single sample. dsv2 absorbed = MLA weight absorption "
                   "over the preallocated latent cache; dsv2 naive = the same model re-expanding the latent each "
                   "step (what transformers does).", ""]
@@ -128,6 +136,7 @@ def markdown(res: dict) -> str:
     if pre:
         peers = _peers({p for r in pre["rows"] for p in r["tokens_per_s"]})
         parts += [f"## 2. Prefill: tokens/s at {pre['context']} tokens, batch {pre['batch']}", "",
+                  _section_stamp(pre), "",
                   _table(["dtype"] + peers + ["dsv2 / best hf"],
                          [[r["dtype"]] + [r["tokens_per_s"].get(p) for p in peers]
                           + [f"{r['tokens_per_s']['dsv2'] / max(v for k, v in r['tokens_per_s'].items() if k != 'dsv2'):.2f}x"  # noqa: E501
@@ -136,6 +145,7 @@ def markdown(res: dict) -> str:
     if tr:
         peers = _peers({p for r in tr["rows"] for p in r["tokens_per_s"]})
         parts += [f"## 3. Training forward+backward: tokens/s ({tr['dtype']}, cross-entropy, no optimizer step)", "",
+                  _section_stamp(tr), "",
                   _table(["preset", "batch x seq"] + peers + ["dsv2 / best hf"],
                          [[r["preset"], f"{r['batch']}x{r['seq_len']}"] + [r["tokens_per_s"].get(p) for p in peers]
                           + [f"{r['ratio']:.2f}x" if "ratio" in r else "-"] for r in tr["rows"]]), ""]
@@ -146,6 +156,7 @@ def markdown(res: dict) -> str:
     if moe:
         peers = _peers({p for r in moe["rows"] for p in r["GFLOPs"]})
         parts += ["## 4. MoE layer: achieved GFLOP/s (useful FLOPs) vs measured dense matmul peak, same dtype", "",
+                  _section_stamp(moe), "",
                   _table(["dtype", "tokens"] + peers + ["peak", "dsv2 % of peak"],
                          [[r["dtype"], r["tokens"]] + [r["GFLOPs"].get(p) for p in peers]
                           + [r["peak_GFLOPs"], f"{100 * r['fraction_of_peak'].get('dsv2', 0):.0f}%"]
