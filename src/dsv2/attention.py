@@ -123,13 +123,25 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope_BSHN, q_pe_BSHR, kv_BTX, mask_B1ST) -> torch.Tensor:
         """kv_BTX: [c_KV | k_R] rows of the attended tokens (X = C + R). M = B*S query rows per head."""
         B, S, H, N = q_nope_BSHN.shape
-        C, T = self.kv_rank, kv_BTX.shape[1]
+        C = self.kv_rank
         w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + self.v_dim, C).split([N, self.v_dim], dim=1)
         # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: map each head's query into the latent space, then score
         # [q_lat ; q_R] against [c_KV ; k_R] in one matmul (the softmax scale folded into the query)
         q_lat_HMC = torch.bmm(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
         q_HMX = torch.cat((q_lat_HMC, q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1)), dim=-1) * self.scale
         q_BKX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # K = S*H rows (s, h)
+        o_lat_BKC = None
+        if S == 1:  # decode: one pass over the cache (fastpath.latent_attention) where the CPU kernel applies
+            valid_BT = None if mask_B1ST is None else mask_B1ST[:, 0, 0, :]
+            o_lat_BKC = fastpath.latent_attention(q_BKX, kv_BTX, valid_BT, C)
+        if o_lat_BKC is None:
+            o_lat_BKC = self._latent_gemm(q_BKX, kv_BTX, mask_B1ST, S, H)
+        o_HMV = torch.bmm(o_lat_BKC.to(kv_BTX.dtype).view(B * S, H, C).transpose(0, 1), w_uv_HVC.transpose(1, 2))
+        return o_HMV.transpose(0, 1).view(B, S, H, -1)
+
+    def _latent_gemm(self, q_BKX, kv_BTX, mask_B1ST, S, H) -> torch.Tensor:
+        """softmax(q kv^T) kv[..., :C] by two batched GEMMs (any S: causal over the new tokens when unmasked)."""
+        B, T, C = kv_BTX.shape[0], kv_BTX.shape[1], self.kv_rank
         dtype, kv_BTX = kv_BTX.dtype, kv_BTX.to(fastpath.matmul_dtype(kv_BTX))  # fp32 where bf16 is emulated
         scores_BSHT = fastpath.scores(q_BKX.to(kv_BTX.dtype), kv_BTX).unflatten(1, (S, H)).float()
         if mask_B1ST is not None:
@@ -138,10 +150,7 @@ class MLA(nn.Module):
             causal = torch.ones(S, T, dtype=torch.bool, device=scores_BSHT.device).tril(T - S)
             scores_BSHT = scores_BSHT.masked_fill(~causal[:, None], float("-inf"))
         p_BKT = scores_BSHT.softmax(dim=-1).to(kv_BTX.dtype).view(B, S * H, T)
-        # sum_t p_t W_UV c_t = W_UV (sum_t p_t c_t): attend over latents, decompress once per head
-        o_lat_BKC = torch.bmm(p_BKT, kv_BTX[..., :C]).to(dtype)
-        o_HMV = torch.bmm(o_lat_BKC.view(B * S, H, C).transpose(0, 1), w_uv_HVC.transpose(1, 2))
-        return o_HMV.transpose(0, 1).view(B, S, H, -1)
+        return torch.bmm(p_BKT, kv_BTX[..., :C]).to(dtype)
 
 
 class BaselineAttention(nn.Module):
