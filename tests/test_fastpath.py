@@ -211,3 +211,30 @@ def test_decode_with_kernel_equals_gemm_path(padded, monkeypatch):
             model(ids, cache=cache, pad_mask=pad)
             outs.append(torch.stack([model(ids[:, i:i + 1], cache=cache) for i in range(5)]))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_many_row_bf16_gemms_widen_only_where_bf16_is_emulated(native, monkeypatch):
+    """Prefill-sized bf16 linears and grouped experts compute in fp32 on CPUs without native bf16 matmul: the
+    result is the fp32 product of the same bf16 values, rounded once to bf16 (what a bf16 GEMM with fp32
+    accumulation returns, up to summation order); decode-sized calls and native CPUs keep bf16."""
+    fastpath._cpu_native_low_precision.cache_clear()
+    monkeypatch.setattr(fastpath, "_cpu_native_low_precision", lambda: native)
+    torch.manual_seed(0)
+    lin = fastpath.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(40, 64).bfloat16()
+    assert fastpath.gemm_dtype(x, 40) == (torch.bfloat16 if native else torch.float32)
+    assert fastpath.gemm_dtype(x, 1) == torch.bfloat16
+    exact = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+    with torch.no_grad():
+        got = lin(x)
+    assert got.dtype == torch.bfloat16
+    if not native:
+        torch.testing.assert_close(got, exact.bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(got.float(), exact, atol=0.05, rtol=0.02)  # bf16 rounding of the output
+    ex = make_experts(4, 32, 24, 0, torch.bfloat16)
+    xs, counts = sorted_copies(4, 32, 200, 1, torch.bfloat16)
+    with torch.no_grad():
+        y = ex.grouped(xs, counts)
+    ref = make_experts(4, 32, 24, 0).grouped(xs.float(), counts)
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)

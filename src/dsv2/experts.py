@@ -40,9 +40,11 @@ class RoutedExperts(nn.Module):
     def grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Two grouped GEMMs over the expert-sorted copies (any N; the path with autograd)."""
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        h_N2F = torch._grouped_mm(x_ND, self.gate_up_proj.transpose(-2, -1), offs=offs_E)
+        # fp32 where bf16 GEMMs are emulated and each widened expert serves enough copies (fastpath.gemm_dtype)
+        dtype = fastpath.gemm_dtype(x_ND, x_ND.shape[0] // self.n_experts)
+        h_N2F = torch._grouped_mm(x_ND.to(dtype), self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offs_E)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
         a_NF = self.act(gate_NF)
         # in place without autograd: a prefill's [N, F] intermediates are tens of MB (fresh pages each time)
         a_NF = a_NF.mul_(up_NF) if fastpath._no_grad_needed(x_ND, self.gate_up_proj) else a_NF * up_NF
-        return torch._grouped_mm(a_NF, self.down_proj.transpose(-2, -1), offs=offs_E)
+        return torch._grouped_mm(a_NF, self.down_proj.to(dtype).transpose(-2, -1), offs=offs_E).to(x_ND.dtype)
