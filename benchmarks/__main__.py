@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update-readme", action="store_true", help="replace the README's benchmark section")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other suites' results already in OUT/results.json (run suites at quiet times)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite results.md, the plots (and README) from OUT/results.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.dtypes, args.contexts, args.batches, args.presets = ("fp32",), (512, 2048), (1,), ("tiny",)
@@ -53,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
 
+    if args.render:
+        md = report.write(json.loads((out / "results.json").read_text()), out,
+                          ROOT.parent / "README.md" if args.update_readme else None)
+        print(md.read_text())
+        return 0
     torch.set_num_threads(args.threads)
     t_start = time.time()
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

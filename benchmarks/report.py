@@ -107,7 +107,7 @@ def markdown(res: dict) -> str:
                   "dtypes are measured; fp32 is this machine's fast one.", ""]
     tg = targets(res)
     if tg:
-        parts += ["## Targets (ratios measured in this run)", "",
+        parts += ["## Targets (each ratio from one run that measured both peers on the same weights)", "",
                   _table(["target", "case", "measured", "met"],
                          [[t["target"], t["case"], t["value"], "yes" if t["met"] else "**no**"] for t in tg]), ""]
     dec = res.get("decode")
