@@ -117,7 +117,7 @@ def test_apply_rope_preserves_norm(dim, pos, seed):
     cos, sin = _rot(dim)(torch.full((1, 3), pos))
     y = apply_rope(x, cos[0], sin[0])
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
-    if pos > 0:  # and really rotates
+    if float(cos.min()) < 0.99:  # and really rotates (pos * theta_i can sit on a multiple of 2 pi: dim 2, pos 710)
         assert not torch.allclose(y, x, atol=1e-3)
 
 

@@ -197,12 +197,18 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+KERNEL_MIN_CACHED_ROWS = 1024
+"""Cached rows (batch x tokens) from which decode attention uses the compiled kernel: below, the GEMM path costs
+well under a millisecond per step, and short generations never wait for the kernel's one-off build."""
+
+
 def latent_attention(q_BKX: torch.Tensor, kv_BTX: torch.Tensor, valid_BT: torch.Tensor | None,
                      C: int) -> torch.Tensor | None:
     """softmax(q kv^T) kv[..., :C] in fp32 for K query rows per batch row (the scale already in q), masking keys
     where valid_BT is False; None where the kernel does not apply (the caller then runs its GEMM path)."""
     if (kv_BTX.device.type != "cpu" or kv_BTX.stride(-1) != 1 or not _no_grad_needed(q_BKX, kv_BTX)
-            or not plain_eager() or kv_BTX.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+            or not plain_eager() or kv_BTX.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or kv_BTX.shape[0] * kv_BTX.shape[1] < KERNEL_MIN_CACHED_ROWS):
         return None
     kernel = _mla_decode_kernel()
     if kernel is None:
