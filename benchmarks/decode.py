@@ -10,12 +10,13 @@ over identical cache contents, and the run checks that (a) transformers' own pre
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from . import common
-from .common import DTYPES, Timing, free_memory, hf_available, load_dsv2, load_hf, measure, set_hf_experts
+from .common import DTYPES, free_memory, hf_available, load_dsv2, load_hf, measure_peers, set_hf_experts
 
 DSV2_PEERS = ("dsv2 absorbed", "dsv2 naive")
 HF_PEERS = ("hf eager", "hf grouped_mm", "hf batched_mm")
@@ -107,6 +108,7 @@ def check_equivalence(path, ids, lat, hf_model) -> dict:
             "logits_scale": want.abs().max().item()}
 
 
+@torch.inference_mode()  # as in generation (dsv2.generate, transformers' generate): no autograd graph
 def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf16"), peers=None,
         max_time: float = 12.0, log=print) -> dict:
     peers = list(peers or (DSV2_PEERS + (HF_PEERS if hf_available() else ())))
@@ -132,31 +134,35 @@ def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf
                 toks = torch.randint(2, model.config.vocab_size, (room, batch, 1), generator=g)
                 cell = {"dtype": dname, "context": ctx, "batch": batch, "ms": {}, "ms_median": {}, "n": {},
                         "load": round(common.loadavg(), 2)}
+                fns, caches, setup = {}, {}, {}
                 for peer in peers:
                     step = iter(range(room))
                     if peer.startswith("dsv2"):
                         cache = dsv2_cache(model, lat, ctx, batch, room, dtype)
-                        absorb = peer == "dsv2 absorbed"
 
-                        def fn(model=model, toks=toks, cache=cache, absorb=absorb, step=step):
+                        def fn(model=model, toks=toks, cache=cache, absorb=peer == "dsv2 absorbed", step=step):
                             model(toks[next(step)], cache=cache, absorb=absorb)
-                        if ctx == contexts[0] and batch == batches[0]:
-                            results["kv_bytes_per_token"].setdefault(dname, {})["dsv2 (MLA latent)"] = (
-                                cache.nbytes() / cache.max_len / batch)
                     else:
-                        set_hf_experts(hf, peer.split(" ", 1)[1])
                         cache = hf_cache(hf, lat, ctx, batch, dtype)
 
                         def fn(hf=hf, toks=toks, cache=cache, step=step):
                             hf(input_ids=toks[next(step)], cache=cache, use_cache=True)
-                    t: Timing = measure(fn, warmup=1, min_iters=3, max_iters=room - 2, min_time=1.5,
+                        # transformers' experts implementations share one loaded model: switched untimed
+                        setup[peer] = functools.partial(set_hf_experts, hf, peer.split(" ", 1)[1])
+                    fns[peer], caches[peer] = fn, cache
+                timings = measure_peers(fns, setup=setup, warmup=1, min_iters=3, max_iters=room - 2, min_time=1.5,
                                         max_time=max_time)
-                    if peer.startswith("hf") and ctx == contexts[0] and batch == batches[0]:
-                        results["kv_bytes_per_token"].setdefault(dname, {})["transformers (DynamicCache)"] = (
-                            hf_cache_bytes_per_token(cache))
+                for peer, t in timings.items():
                     cell["ms"][peer], cell["ms_median"][peer], cell["n"][peer] = t.best_ms, t.median_s * 1e3, t.n
-                    del cache, fn
-                    free_memory()
+                if ctx == contexts[0] and batch == batches[0]:
+                    kv = results["kv_bytes_per_token"].setdefault(dname, {})
+                    for peer, cache in caches.items():
+                        if peer == "dsv2 absorbed":
+                            kv["dsv2 (MLA latent)"] = cache.nbytes() / cache.max_len / batch
+                        elif peer.startswith("hf"):
+                            kv["transformers (DynamicCache)"] = hf_cache_bytes_per_token(cache)
+                del fns, caches, fn, cache
+                free_memory()
                 cache_read = ctx * batch * model.config.num_hidden_layers * (
                     model.config.kv_lora_rank + model.config.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
                 cell["bytes_per_step_batch1"] = weight_bytes + cache_read if batch == 1 else None

@@ -6,9 +6,11 @@ each). The layer is the first MoE layer of the shared checkpoint, run on the sam
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .common import DTYPES, free_memory, hf_available, load_dsv2, load_hf, measure, set_hf_experts
+from .common import DTYPES, free_memory, hf_available, load_dsv2, load_hf, measure_peers, set_hf_experts
 
 PEERS = ("dsv2", "hf eager", "hf grouped_mm")
 
@@ -38,16 +40,18 @@ def run(path, *, tokens=(2048, 8, 1), dtypes=("fp32", "bf16"), peers=None, max_t
             x = torch.randn(1, T, cfg.hidden_size, generator=torch.Generator().manual_seed(T)).to(dtype)
             flops = moe_flops(cfg, T)
             row = {"dtype": dname, "tokens": T, "GFLOPs": {}}
+            fns, setup = {}, {}
             for peer in peers:
                 if peer == "dsv2":
                     def fn(ours=ours, x=x):
                         ours(x)
                 else:
-                    set_hf_experts(hf, peer.split(" ", 1)[1])
-
                     def fn(theirs=theirs, x=x):
                         theirs(x)
-                t = measure(fn, warmup=2, min_iters=5, max_iters=50, min_time=1.0, max_time=max_time)
+                    setup[peer] = functools.partial(set_hf_experts, hf, peer.split(" ", 1)[1])
+                fns[peer] = fn
+            for peer, t in measure_peers(fns, setup=setup, warmup=2, min_iters=5, max_iters=50, min_time=1.0,
+                                         max_time=max_time).items():
                 row["GFLOPs"][peer] = flops / t.min_s / 1e9
             out["rows"].append(row)
             log(f"  MoE {dname} T={T}: " + ", ".join(f"{p} {v:.1f} GF/s" for p, v in row["GFLOPs"].items()))

@@ -11,12 +11,14 @@ transformers' batched_mm experts gather one weight copy per token-expert pair; w
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from dsv2.config import get_config
 
-from .common import DTYPES, checkpoint, free_memory, hf_available, load_dsv2, load_hf, measure, set_hf_experts
+from .common import DTYPES, checkpoint, free_memory, hf_available, load_dsv2, load_hf, measure_peers, set_hf_experts
 
 SHAPES = {"tiny": (16, 256), "small": (4, 512)}  # (batch, sequence length)
 HF_EXPERTS = ("eager", "grouped_mm", "batched_mm")
@@ -39,28 +41,27 @@ def run(workdir, *, presets=("tiny", "small"), dtype: str = "fp32", max_time: fl
             logits = model(x)
             F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
             model.zero_grad(set_to_none=True)
-        row["tokens_per_s"]["dsv2"] = B * T / measure(ours, warmup=1, min_iters=3, max_iters=10, min_time=3.0,
-                                                       max_time=max_time).min_s
-        del model
-        free_memory()
-        if hf_available():
-            hf = load_hf(path, dt).train()
-            for experts in HF_EXPERTS:
-                if experts == "batched_mm":
-                    pair_bytes = (3 * cfg.hidden_size * cfg.moe_intermediate_size) * torch.finfo(dt).bits // 8
-                    need = B * T * cfg.num_experts_per_tok * pair_bytes
-                    if need > batched_mm_limit:
-                        row["skipped"][f"hf {experts}"] = f"gathers {need / 1e9:.1f} GB of expert weights per layer"
-                        continue
-                set_hf_experts(hf, experts)
+        fns, setup = {"dsv2": ours}, {}
+        hf = load_hf(path, dt).train() if hf_available() else None
+        for experts in HF_EXPERTS if hf is not None else ():
+            if experts == "batched_mm":
+                pair_bytes = (3 * cfg.hidden_size * cfg.moe_intermediate_size) * torch.finfo(dt).bits // 8
+                need = B * T * cfg.num_experts_per_tok * pair_bytes
+                if need > batched_mm_limit:
+                    row["skipped"][f"hf {experts}"] = f"gathers {need / 1e9:.1f} GB of expert weights per layer"
+                    continue
 
-                def theirs(hf=hf, x=x):
-                    hf(input_ids=x, labels=x).loss.backward()
-                    hf.zero_grad(set_to_none=True)
-                row["tokens_per_s"][f"hf {experts}"] = B * T / measure(
-                    theirs, warmup=1, min_iters=3, max_iters=10, min_time=3.0, max_time=max_time).min_s
-            del hf
-            free_memory()
+            def theirs(hf=hf, x=x):
+                hf(input_ids=x, labels=x).loss.backward()
+                hf.zero_grad(set_to_none=True)
+            fns[f"hf {experts}"] = theirs
+            setup[f"hf {experts}"] = functools.partial(set_hf_experts, hf, experts)
+        for peer, t in measure_peers(fns, setup=setup, warmup=1, min_iters=3, max_iters=10, min_time=3.0,
+                                     max_time=max_time).items():
+            row["tokens_per_s"][peer] = B * T / t.min_s
+        del model, hf, fns, setup
+        free_memory()
+        if len(row["tokens_per_s"]) > 1:
             best = max((k for k in row["tokens_per_s"] if k.startswith("hf")), key=row["tokens_per_s"].get)
             row["hf_best"] = best
             row["ratio"] = row["tokens_per_s"]["dsv2"] / row["tokens_per_s"][best]
