@@ -122,41 +122,44 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, min_iters: int = 3, ma
 def measure_peers(fns: dict[str, Callable[[], object]], *, setup: dict[str, Callable[[], object]] | None = None,
                   warmup: int = 1, min_iters: int = 3, max_iters: int = 10, min_time: float = 1.0,
                   max_time: float = 20.0, slow: float = 8.0) -> dict[str, Timing]:
-    """`measure` for several peers at once, round-robin: every round calls each peer once, so a slow spell of a
-    shared host (other tenants' memory traffic moves these figures by tens of percent) hits all peers alike and the
-    ratios stay fair. A peer whose first call takes over `slow` seconds keeps it as its only sample; `max_time`
-    is per peer, as in `measure`. `setup[peer]` runs untimed before each of that peer's calls (e.g. switching
-    transformers' experts implementation on a shared model)."""
+    """`measure` for several peers at once, in rounds: every round gives each peer about the same wall time (a
+    peer 20x faster than the slowest runs up to 20 times), so a slow spell of a shared host (other tenants' memory
+    traffic moves these figures by tens of percent) hits all peers alike and the ratios stay fair. A peer whose
+    first call takes over `slow` seconds keeps it as its only sample; `max_time` is per peer, as in `measure`.
+    `setup[peer]` runs untimed before each of that peer's calls (e.g. switching transformers' experts
+    implementation on a shared model)."""
     setup = setup or {}
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    cost: dict[str, float] = {}
     done: set[str] = set()
-    for k, fn in fns.items():
+
+    def call(k: str) -> float:
+        if k in setup:
+            setup[k]()
+        t0 = time.perf_counter()
+        fns[k]()
+        return time.perf_counter() - t0
+
+    for k in fns:
         for i in range(max(warmup, 1)):
-            if k in setup:
-                setup[k]()
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if i == 0 and dt > slow:
-                samples[k].append(dt)
+            cost[k] = call(k)
+            if i == 0 and cost[k] > slow:
+                samples[k].append(cost[k])
                 done.add(k)
                 break
     start = time.perf_counter()
     budget = max_time * max(len(fns) - len(done), 1)
     while len(done) < len(fns):
-        for k, fn in fns.items():
-            if k in done:
-                continue
-            if k in setup:
-                setup[k]()
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - t0)
-            if len(samples[k]) >= max_iters:
-                done.add(k)
+        slowest = max(cost[k] for k in fns if k not in done)
+        for k in fns:
+            for _ in range(max(1, int(slowest / max(cost[k], 1e-9)))):
+                if k in done:
+                    break
+                samples[k].append(call(k))
+                if len(samples[k]) >= max_iters:
+                    done.add(k)
         spent = time.perf_counter() - start
-        n_min = min(len(v) for v in samples.values())
-        if (n_min >= min_iters and spent >= min_time * len(fns)) or spent >= budget:
+        if (min(len(v) for v in samples.values()) >= min_iters and spent >= min_time * len(fns)) or spent >= budget:
             break
     return {k: Timing(statistics.median(v), min(v), len(v), v) for k, v in samples.items()}
 
