@@ -8,7 +8,7 @@ whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC
   plain sum reads 17.5). So fp32 CPU linears without autograd and with few rows go to oneDNN. Training, prefill
   (many rows), other dtypes and devices keep F.linear. `scores` does the same for MLA's absorbed decode scores,
   and `matmul_dtype` runs that attention in fp32 on CPUs without native bf16 matmul. Many-row bf16 GEMMs
-  (prefill) run in fp32 there too (`gemm_dtype`: bf16 prefill at 2K tokens ~6x faster on an AVX2 EPYC).
+  (prefill) run in fp32 there too (`gemm_dtype`: bf16 prefill at 2K tokens ~5x faster on an AVX2 EPYC).
 - `gathered_swiglu`: the routed experts of a handful of token copies (decode). The grouped GEMM runs one
   single-threaded GEMV per expert; instead, one compiled reduction kernel per projection reads each chosen expert's
   weights in place (no gathered copy, no Python loop over experts) with all threads, upcasting bf16 in registers.
@@ -16,9 +16,10 @@ whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC
   (no C++ compiler, unsupported platform) the caller keeps its grouped path.
 - `latent_attention`: MLA's absorbed decode attention in one pass over the latent cache (kernels/mla_decode.cpp,
   flash-decoding on CPU threads): the two batched GEMMs it replaces each stream the whole cache, the second with
-  MKL's single-threaded few-row kernel (8K tokens, 8 heads, 4 layers: 13 ms instead of 26). Built once per
-  machine with torch's C++ extension loader (about a minute; cached under ~/.cache/torch_extensions); without a
-  compiler, or with DSV2_NO_KERNELS=1, attention keeps the GEMM path.
+  MKL's single-threaded few-row kernel (8K tokens, 8 heads, 4 layers: 13 ms instead of 19). Used from
+  KERNEL_MIN_CACHED_ROWS cached rows; built once per machine with torch's C++ extension loader (about a minute;
+  cached under ~/.cache/torch_extensions); without a compiler, or with DSV2_NO_KERNELS=1, attention keeps the
+  GEMM path.
 
 tests/test_fastpath.py holds each fast path equal to its fallback.
 """
