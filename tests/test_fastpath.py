@@ -254,3 +254,11 @@ def test_many_row_bf16_gemms_widen_only_where_bf16_is_emulated(native, monkeypat
         y = ex.grouped(xs, counts)
     ref = make_experts(4, 32, 24, 0).grouped(xs.float(), counts)
     torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_kernel_build_key_ignores_the_clock():
+    """The kernel's cache name hashes the CPU model and flags, not /proc/cpuinfo's varying MHz: one build per
+    machine, not one per process."""
+    sig = fastpath._cpu_signature()
+    assert "MHz" not in sig and "bogomips" not in sig
+    assert sig == fastpath._cpu_signature()

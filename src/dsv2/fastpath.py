@@ -191,11 +191,12 @@ def _mla_decode_kernel():
 
 
 def _cpu_signature() -> str:
+    """The CPU model and instruction-set flags (not the clock, which /proc/cpuinfo reports as it varies)."""
     try:
-        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        return hashlib.sha256(info.encode()).hexdigest()[:16]
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
     except OSError:
         return platform.processor()
+    return "|".join(ln for ln in lines if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags"))
 
 
 KERNEL_MIN_CACHED_ROWS = 1024
