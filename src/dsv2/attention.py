@@ -143,9 +143,10 @@ class MLA(nn.Module):
         return o_HMV.transpose(0, 1).view(B, S, H, -1).to(q_nope_BSHN.dtype)
 
     def _latent_gemm(self, q_BKX, kv_BTX, mask_B1ST, S, H) -> torch.Tensor:
-        """softmax(q kv^T) kv[..., :C] by two batched GEMMs (any S: causal over the new tokens when unmasked)."""
+        """softmax(q kv^T) kv[..., :C] by two batched GEMMs (any S: causal over the new tokens when unmasked), in the
+        dtype they compute in (the caller casts once)."""
         B, T, C = kv_BTX.shape[0], kv_BTX.shape[1], self.kv_rank
-        dtype, kv_BTX = kv_BTX.dtype, kv_BTX.to(fastpath.matmul_dtype(kv_BTX))  # fp32 where bf16 is emulated
+        kv_BTX = kv_BTX.to(fastpath.matmul_dtype(kv_BTX))  # fp32 where bf16 is emulated
         scores_BSHT = fastpath.scores(q_BKX.to(kv_BTX.dtype), kv_BTX).unflatten(1, (S, H)).float()
         if mask_B1ST is not None:
             scores_BSHT = scores_BSHT.masked_fill(~mask_B1ST.transpose(1, 2), float("-inf"))
@@ -153,7 +154,7 @@ class MLA(nn.Module):
             causal = torch.ones(S, T, dtype=torch.bool, device=scores_BSHT.device).tril(T - S)
             scores_BSHT = scores_BSHT.masked_fill(~causal[:, None], float("-inf"))
         p_BKT = scores_BSHT.softmax(dim=-1).to(kv_BTX.dtype).view(B, S * H, T)
-        return torch.bmm(p_BKT, kv_BTX[..., :C]).to(dtype)
+        return torch.bmm(p_BKT, kv_BTX[..., :C])
 
 
 class BaselineAttention(nn.Module):
