@@ -65,7 +65,7 @@ def test_gathered_experts_equal_grouped(N, monkeypatch):
     with torch.no_grad():
         assert fastpath.use_gathered(x, counts, ex.gate_up_proj, force=True)
         expert_N = torch.repeat_interleave(torch.arange(8), counts)
-        got = fastpath.gathered_swiglu(x, expert_N, ex.gate_up_proj, ex.down_proj, "silu")
+        got = fastpath.gathered_swiglu(x, expert_N, ex.gate_up_proj, ex.down_proj, F.silu)
         want = ex.grouped(x, counts)
         if got is None:
             pytest.skip("torch.compile unavailable here: the grouped path is used")

@@ -25,14 +25,14 @@ class RoutedExperts(nn.Module):
         self.n_experts, self.hidden, self.inter = n_experts, hidden, inter
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
-        self.act, self.act_name = ACTIVATIONS[act], act
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: token copies sorted by expert, counts_E[e] of them for expert e. Returns [N, D]."""
         if fastpath.use_gathered(x_ND, counts_E, self.gate_up_proj):  # decode: a few copies, mostly distinct experts
             expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=counts_E.device), counts_E,
                                                output_size=x_ND.shape[0])
-            y_ND = fastpath.gathered_swiglu(x_ND, expert_N, self.gate_up_proj, self.down_proj, self.act_name)
+            y_ND = fastpath.gathered_swiglu(x_ND, expert_N, self.gate_up_proj, self.down_proj, self.act)
             if y_ND is not None:
                 return y_ND
         return self.grouped(x_ND, counts_E)

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ class Linear(nn.Linear):
 GATHER_MIN_EXPERT_BYTES = 1 << 20
 """Below this many weight bytes per expert, call overhead rather than bandwidth dominates: keep the grouped GEMM."""
 
-_compiled: dict[str, object] = {}
+_compiled: dict[Callable, Callable] = {}
 _disabled = False
 
 
@@ -130,12 +131,11 @@ def _swiglu_gathered_reference(x_ND, e_N, gate_up_EXD, down_EDF, act):
     return (down_EDF[e_N].float() * a_NF[:, None, :].float()).sum(-1).to(x_ND.dtype)
 
 
-def _kernel(act_name: str):
-    if act_name not in _compiled:
-        act = {"silu": F.silu, "gelu": F.gelu}[act_name]
-        _compiled[act_name] = torch.compile(functools.partial(_swiglu_gathered_reference, act=act), dynamic=True,
-                                            fullgraph=True)
-    return _compiled[act_name]
+def _kernel(act: Callable) -> Callable:
+    if act not in _compiled:
+        _compiled[act] = torch.compile(functools.partial(_swiglu_gathered_reference, act=act), dynamic=True,
+                                       fullgraph=True)
+    return _compiled[act]
 
 
 def use_gathered(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: torch.Tensor, force: bool = False) -> bool:
@@ -151,11 +151,11 @@ def use_gathered(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: torch.
     return 2 * x_ND.shape[0] <= 3 * int((counts_E > 0).sum())
 
 
-def gathered_swiglu(x_ND, e_N, gate_up_EXD, down_EDF, act_name: str) -> torch.Tensor | None:
+def gathered_swiglu(x_ND, e_N, gate_up_EXD, down_EDF, act: Callable) -> torch.Tensor | None:
     """The compiled kernel's output, or None if it cannot be built here (the caller then uses its grouped path)."""
     global _disabled
     try:
-        return _kernel(act_name)(x_ND, e_N, gate_up_EXD, down_EDF)
+        return _kernel(act)(x_ND, e_N, gate_up_EXD, down_EDF)
     except Exception as e:  # noqa: BLE001 - any compile failure means: no fast path on this machine
         _disabled = True
         log.warning("dsv2: compiled small-batch expert path unavailable (%s); using grouped GEMM", e)
