@@ -183,24 +183,15 @@ torch::Tensor mla_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, 
   auto part_acc = torch::empty({B, n_chunks, K, C}, q.options());
   auto part_m = torch::empty({B, n_chunks, K}, q.options());
   auto part_l = torch::empty({B, n_chunks, K}, q.options());
+  auto run = [&](const auto* kv_p) {
+    attend_chunks(q.data_ptr<float>(), kv_p, mask_p, part_acc.data_ptr<float>(), part_m.data_ptr<float>(),
+                  part_l.data_ptr<float>(), B, T, K, X, C, kv.stride(0), kv.stride(1), mask_sb);
+  };
   switch (kv.scalar_type()) {
-    case at::kFloat:
-      attend_chunks(q.data_ptr<float>(), kv.data_ptr<float>(), mask_p, part_acc.data_ptr<float>(),
-                    part_m.data_ptr<float>(), part_l.data_ptr<float>(), B, T, K, X, C, kv.stride(0), kv.stride(1),
-                    mask_sb);
-      break;
-    case at::kBFloat16:
-      attend_chunks(q.data_ptr<float>(), kv.data_ptr<c10::BFloat16>(), mask_p, part_acc.data_ptr<float>(),
-                    part_m.data_ptr<float>(), part_l.data_ptr<float>(), B, T, K, X, C, kv.stride(0), kv.stride(1),
-                    mask_sb);
-      break;
-    case at::kHalf:
-      attend_chunks(q.data_ptr<float>(), kv.data_ptr<c10::Half>(), mask_p, part_acc.data_ptr<float>(),
-                    part_m.data_ptr<float>(), part_l.data_ptr<float>(), B, T, K, X, C, kv.stride(0), kv.stride(1),
-                    mask_sb);
-      break;
-    default:
-      TORCH_CHECK(false, "mla_decode: cache dtype must be float32, bfloat16 or float16");
+    case at::kFloat: run(kv.data_ptr<float>()); break;
+    case at::kBFloat16: run(kv.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(kv.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "mla_decode: cache dtype must be float32, bfloat16 or float16");
   }
   // merge the chunks: o = sum_j e^{m_j - M} acc_j / sum_j e^{m_j - M} l_j
   auto out = torch::empty({B, K, C}, q.options());
