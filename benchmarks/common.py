@@ -97,35 +97,20 @@ class Timing:
         return self.min_s * 1e3
 
 
-def measure(fn: Callable[[], object], *, warmup: int = 1, min_iters: int = 3, max_iters: int = 10,
-            min_time: float = 1.0, max_time: float = 20.0, slow: float = 8.0) -> Timing:
-    """Median wall time of fn(). A first call slower than `slow` seconds is itself the only sample (its one-off
-    costs are negligible at that size), so very slow peers are still measured without minutes of repeats."""
-    samples: list[float] = []
-    for i in range(max(warmup, 1)):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        if i == 0 and dt > slow:
-            return Timing(dt, dt, 1, [dt])
-    start = time.perf_counter()
-    while len(samples) < max_iters:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-        spent = time.perf_counter() - start
-        if (len(samples) >= min_iters and spent >= min_time) or spent >= max_time:
-            break
-    return Timing(statistics.median(samples), min(samples), len(samples), samples)
+def measure(fn: Callable[[], object], **kw) -> Timing:
+    """Median and best wall time of fn() (`measure_peers` with one peer: same warm-up, stopping and slow rules)."""
+    return measure_peers({"fn": fn}, **kw)["fn"]
 
 
 def measure_peers(fns: dict[str, Callable[[], object]], *, setup: dict[str, Callable[[], object]] | None = None,
                   warmup: int = 1, min_iters: int = 3, max_iters: int = 10, min_time: float = 1.0,
                   max_time: float = 20.0, slow: float = 8.0) -> dict[str, Timing]:
-    """`measure` for several peers at once, in rounds: every round gives each peer about the same wall time (a
+    """Wall times of several peers, in rounds: every round gives each peer about the same wall time (a
     peer 20x faster than the slowest runs up to 20 times), so a slow spell of a shared host (other tenants' memory
     traffic moves these figures by tens of percent) hits all peers alike and the ratios stay fair. A peer whose
-    first call takes over `slow` seconds keeps it as its only sample; `max_time` is per peer, as in `measure`.
+    first call takes over `slow` seconds keeps it as its only sample (its one-off costs are negligible at that
+    size); peers stop at `max_iters` samples, all stop once each has `min_iters` and `min_time` per peer has passed,
+    or after `max_time` per peer.
     `setup[peer]` runs untimed before each of that peer's calls (e.g. switching transformers' experts
     implementation on a shared model)."""
     setup = setup or {}
