@@ -30,18 +30,11 @@ def prefill_latents(path, n_tokens: int, seed: int = 0, chunk: int = 2048):
     ids = torch.randint(2, model.config.vocab_size, (1, n_tokens), generator=g)
     cache = model.new_cache(1, n_tokens)
     for s in range(0, n_tokens, chunk):
-        model(ids[:, s:s + chunk], cache=cache, **_last_logits(model))
+        model(ids[:, s:s + chunk], cache=cache, logits_to_keep=1)  # generation needs the last position only
     lat = {k: v.clone() for k, v in cache.buffers.items()}
     del model, cache
     free_memory()
     return ids, lat
-
-
-def _last_logits(model) -> dict:
-    """Ask for the last position's logits only where the model supports it (generation never needs the rest)."""
-    import inspect
-
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def dsv2_cache(model, lat: dict, ctx: int, batch: int, room: int, dtype: torch.dtype):

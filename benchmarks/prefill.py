@@ -8,7 +8,6 @@ import functools
 import torch
 
 from .common import DTYPES, free_memory, hf_available, load_dsv2, load_hf, measure_peers, set_hf_experts
-from .decode import _last_logits
 
 PEERS = ("dsv2", "hf eager", "hf grouped_mm")
 
@@ -27,10 +26,8 @@ def run(path, *, context: int = 2048, batch: int = 1, dtypes=("fp32", "bf16"), p
         fns, setup = {}, {}
         for peer in peers:
             if peer == "dsv2":
-                kw = _last_logits(model)
-
-                def fn(model=model, ids=ids, kw=kw):
-                    model(ids, cache=model.new_cache(batch, context), **kw)
+                def fn(model=model, ids=ids):
+                    model(ids, cache=model.new_cache(batch, context), logits_to_keep=1)
             else:
                 def fn(hf=hf, ids=ids):
                     hf(input_ids=ids, use_cache=True, logits_to_keep=1)
