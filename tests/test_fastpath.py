@@ -29,7 +29,7 @@ def test_linear_equals_f_linear(rows, bias):
         torch.testing.assert_close(lin(x.view(1, rows, 48)), F.linear(x, lin.weight, lin.bias)[None], **TOL)
         xt = torch.randn(48, rows).t()  # non-contiguous rows
         torch.testing.assert_close(lin(xt), F.linear(xt, lin.weight, lin.bias), **TOL)
-        lin16 = lin.to(torch.bfloat16)  # other dtypes keep F.linear
+        lin16 = lin.to(torch.bfloat16)  # bf16: F.linear, or fp32 on the same values where bf16 is emulated
         torch.testing.assert_close(lin16(x.bfloat16()), F.linear(x.bfloat16(), lin16.weight, lin16.bias))
 
 
