@@ -16,10 +16,10 @@ whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC
   (no C++ compiler, unsupported platform) the caller keeps its grouped path.
 - `latent_attention`: MLA's absorbed decode attention in one pass over the latent cache (kernels/mla_decode.cpp,
   flash-decoding on CPU threads): the two batched GEMMs it replaces each stream the whole cache, the second with
-  MKL's single-threaded few-row kernel (8K tokens, 8 heads, 4 layers: 13 ms instead of 19). Used from
-  KERNEL_MIN_CACHED_ROWS cached rows; built once per machine with torch's C++ extension loader (about a minute;
-  cached under ~/.cache/torch_extensions); without a compiler, or with DSV2_NO_KERNELS=1, attention keeps the
-  GEMM path.
+  MKL's single-threaded few-row kernel. It is faster from the shortest caches on (whole decode step, 8 heads,
+  4 layers: 1-2 ms less at batch 1 from 16 cached tokens, 12 ms less at batch 8 and 512 tokens). Built once per
+  machine with torch's C++ extension loader (about a minute; cached under ~/.cache/torch_extensions); without a
+  compiler, or with DSV2_NO_KERNELS=1, attention keeps the GEMM path.
 
 tests/test_fastpath.py holds each fast path equal to its fallback.
 """
@@ -199,18 +199,12 @@ def _cpu_signature() -> str:
     return "|".join(ln for ln in lines if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags"))
 
 
-KERNEL_MIN_CACHED_ROWS = 1024
-"""Cached rows (batch x tokens) from which decode attention uses the compiled kernel: below, the GEMM path costs
-well under a millisecond per step, and short generations never wait for the kernel's one-off build."""
-
-
 def latent_attention(q_BKX: torch.Tensor, kv_BTX: torch.Tensor, valid_BT: torch.Tensor | None,
                      C: int) -> torch.Tensor | None:
     """softmax(q kv^T) kv[..., :C] in fp32 for K query rows per batch row (the scale already in q), masking keys
     where valid_BT is False; None where the kernel does not apply (the caller then runs its GEMM path)."""
     if (kv_BTX.device.type != "cpu" or kv_BTX.stride(-1) != 1 or not _no_grad_needed(q_BKX, kv_BTX)
-            or not plain_eager() or kv_BTX.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-            or kv_BTX.shape[0] * kv_BTX.shape[1] < KERNEL_MIN_CACHED_ROWS):
+            or not plain_eager() or kv_BTX.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
         return None
     kernel = _mla_decode_kernel()
     if kernel is None:
