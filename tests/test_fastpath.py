@@ -14,6 +14,12 @@ from dsv2.experts import RoutedExperts
 from dsv2.model import DeepseekV2
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+requires_kernel = pytest.mark.skipif(fastpath._kernels() is None,
+                                     reason="no C++ toolchain: PyTorch ops are used (tested elsewhere)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# few-row linears and experts (kernels/few_rows.cpp)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
@@ -29,6 +35,75 @@ def test_linear_equals_f_linear(rows, bias):
         torch.testing.assert_close(lin(xt), F.linear(xt, lin.weight, lin.bias), **TOL)
         lin16 = lin.to(torch.bfloat16)  # bf16: F.linear, or fp32 on the same values where bf16 is emulated
         torch.testing.assert_close(lin16(x.bfloat16()), F.linear(x.bfloat16(), lin16.weight, lin16.bias))
+
+
+@requires_kernel
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=5), R=st.integers(1, 100),
+       K=st.sampled_from([1, 7, 8, 20, 64, 72, 130]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 999))
+def test_rows_dot_equals_reference(counts, R, K, dtype, seed):
+    """y[n] = w[g] x[n] for the rows of each group: every tile remainder (1-row GEMV path, 3-row x 4-query tiles,
+    48-row task blocks, widths below/between/above the 8- and 64-wide loops), empty groups, strided groups,
+    fp32 and bf16 weights: within 1e-5 of an fp64 reference over the same weight values."""
+    g = torch.Generator().manual_seed(seed)
+    G, N = len(counts), sum(counts)
+    w = torch.randn(G, R + 3, K, generator=g).to(dtype)[:, 2:R + 2]  # group stride != R * K
+    x = torch.randn(N, K, generator=g)
+    ends = torch.tensor(counts).cumsum(0)
+    got = fastpath._kernels().rows_dot(x, w, ends)
+    group_N = torch.repeat_interleave(torch.arange(G), torch.tensor(counts))
+    want = torch.einsum("nk,nrk->nr", x.double(), w.double()[group_N])
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@requires_kernel
+@settings(max_examples=40, deadline=None)
+@given(G=st.integers(1, 4), N=st.integers(1, 40), M=st.integers(1, 9), C=st.sampled_from([1, 8, 23, 24, 100, 200]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 999))
+def test_heads_xw_equals_reference(G, N, M, C, dtype, seed):
+    """x @ w per group by rows_combine (4-query x 24/16/8-column tiles, single columns, 96-column task blocks),
+    through fastpath.heads_xw's transposed input: within 1e-5 of fp64; heads_xwt (rows_dot per head) too."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(G, M, N, generator=g)
+    w = torch.randn(G, N, C + 1, generator=g).to(dtype)[..., :C]
+    with torch.no_grad():
+        got = fastpath.heads_xw(x, w)
+        torch.testing.assert_close(got.double(), x.double() @ w.double(), atol=1e-5, rtol=1e-5)
+        y = torch.randn(G, M, C, generator=g)
+        got = fastpath.heads_xwt(y, w)  # w as [G, R, K]: strided rows (C of C + 1)
+        torch.testing.assert_close(got.double(), y.double() @ w.double().transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@requires_kernel
+def test_few_row_kernels_reject_bad_input():
+    k = fastpath._kernels()
+    x, w = torch.randn(3, 8), torch.randn(2, 5, 8)
+    for ends, msg in [(torch.tensor([1, 2]), "must equal the number of rows"),
+                      (torch.tensor([2, 1]), "non-decreasing"), (torch.tensor([1]), "int64 \\[G\\]"),
+                      (torch.tensor([1.0, 3.0]), "int64")]:
+        with pytest.raises(RuntimeError, match=msg):
+            k.rows_dot(x, w, ends)
+    with pytest.raises(RuntimeError, match="differ"):
+        k.rows_dot(torch.randn(3, 7), w, torch.tensor([1, 3]))
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        k.rows_dot(x.double(), w, torch.tensor([1, 3]))
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        k.rows_dot(x, w.half(), torch.tensor([1, 3]))
+    with pytest.raises(RuntimeError, match="differ in G or N"):
+        k.rows_combine(torch.randn(2, 4, 3), torch.randn(2, 5, 8))
+
+
+def test_few_row_products_keep_autograd_and_many_rows_on_pytorch():
+    """Under autograd, and with more than SMALL_ROWS rows per weight, the PyTorch ops run (gradients flow)."""
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w = torch.randn(2, 4, 5, requires_grad=True)
+    fastpath.heads_xw(x, w).sum().backward()
+    fastpath.heads_xwt(x, w.transpose(1, 2)).sum().backward()
+    assert x.grad is not None and w.grad is not None
+    with torch.no_grad():
+        many = torch.randn(2, fastpath.SMALL_ROWS + 1, 4)
+        torch.testing.assert_close(fastpath.heads_xw(many, w), many @ w, **TOL)
 
 
 def test_linear_keeps_autograd():
@@ -54,32 +129,33 @@ def sorted_copies(E, D, N, seed, dtype=torch.float32):
     return torch.randn(N, D, generator=g).to(dtype), counts_E
 
 
-@pytest.mark.parametrize("N", [1, 6, 13])
-def test_gathered_experts_equal_grouped(N, monkeypatch):
-    """The small-batch expert path (compiled gather-GEMV; falls back to grouped if compiling fails) == grouped."""
-    ex = make_experts(8, 32, 24, N)
-    x, counts = sorted_copies(8, 32, N, N)
-    monkeypatch.setattr(fastpath, "GATHER_MIN_EXPERT_BYTES", 0)  # the test experts are tiny
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 6, 13, 40])
+def test_small_batch_experts_equal_grouped(N, dtype):
+    """The small-batch expert path (one few-row product per chosen expert and projection) == the grouped GEMMs:
+    fp32 within 1e-5; bf16 within bf16 rounding of the output (the kernel keeps its intermediates in fp32)."""
+    ex = make_experts(8, 32, 24, N, dtype)
+    x, counts = sorted_copies(8, 32, N, N, dtype)
     with torch.no_grad():
-        assert fastpath.use_gathered(x, counts, ex.gate_up_proj, force=True)
-        expert_N = torch.repeat_interleave(torch.arange(8), counts)
-        got = fastpath.gathered_swiglu(x, expert_N, ex.gate_up_proj, ex.down_proj, F.silu)
-        want = ex.grouped(x, counts)
-        if got is None:
-            pytest.skip("torch.compile unavailable here: the grouped path is used")
-        torch.testing.assert_close(got, want, **TOL)
-        torch.testing.assert_close(ex(x, counts), want, **TOL)  # forward picks it
+        got = fastpath.small_batch_swiglu(x, counts, ex.gate_up_proj, ex.down_proj, F.silu)
+        assert got is not None and got.dtype == dtype
+        want = ex.grouped(x.float(), counts) if dtype == torch.float32 else make_experts(8, 32, 24, N).grouped(
+            x.float(), counts)
+        tol = TOL if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got.float(), want, **tol)
+        torch.testing.assert_close(ex(x, counts), got, atol=0, rtol=0)  # forward picks it
 
 
-def test_gathered_path_only_where_it_pays(monkeypatch):
+@requires_kernel
+def test_small_batch_experts_only_for_few_copies_per_expert():
     ex = make_experts(8, 32, 24, 0)
     x, counts = sorted_copies(8, 32, 4, 0)
     with torch.no_grad():
-        assert not fastpath.use_gathered(x, counts, ex.gate_up_proj)  # tiny experts: call overhead dominates
-        monkeypatch.setattr(fastpath, "GATHER_MIN_EXPERT_BYTES", 0)
-        many = torch.randn(40, 32)
-        assert not fastpath.use_gathered(many, torch.tensor([5] * 8), ex.gate_up_proj)  # copies share experts
-    assert not fastpath.use_gathered(x, counts, ex.gate_up_proj)  # autograd: grouped
+        assert fastpath.small_batch_swiglu(x, counts, ex.gate_up_proj, ex.down_proj, F.silu) is not None
+        many = torch.randn(17 * 8, 32)  # 17 copies per expert: a GEMM's reuse of the weights wins
+        assert fastpath.small_batch_swiglu(many, torch.tensor([17] * 8), ex.gate_up_proj, ex.down_proj, F.silu) is None
+    assert fastpath.small_batch_swiglu(x, counts, ex.gate_up_proj, ex.down_proj, F.silu) is None  # autograd
 
 
 def test_grouped_in_place_without_grad_equals_with_grad():
@@ -157,8 +233,6 @@ def _latent_reference(q_BKX, kv_BTX, valid_BT, C):
     return torch.einsum("bkt,btc->bkc", s.softmax(-1), kv_BTX[..., :C].double())
 
 
-requires_kernel = pytest.mark.skipif(fastpath._mla_decode_kernel() is None,
-                                     reason="no C++ toolchain: the GEMM path is used (tested elsewhere)")
 
 
 @requires_kernel

@@ -124,14 +124,12 @@ class MLA(nn.Module):
         """kv_BTX: [c_KV | k_R] rows of the attended tokens (X = C + R). M = B*S query rows per head."""
         B, S, H, N = q_nope_BSHN.shape
         C = self.kv_rank
-        # fp32 where bf16 matmul is emulated: these per-head products of one or a few rows would run at a fraction
-        # of the rate of widening the (small) W_UK, W_UV slices first
-        dtype = fastpath.matmul_dtype(q_nope_BSHN)
-        w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.to(dtype).view(H, N + self.v_dim, C).split([N, self.v_dim], 1)
+        w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + self.v_dim, C).split([N, self.v_dim], 1)
         # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: map each head's query into the latent space, then score
         # [q_lat ; q_R] against [c_KV ; k_R] in one matmul (the softmax scale folded into the query)
-        q_lat_HMC = torch.bmm(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1).to(dtype), w_uk_HNC)
-        q_HMX = torch.cat((q_lat_HMC, q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1)), dim=-1) * self.scale
+        q_lat_HMC = fastpath.heads_xw(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
+        q_pe_HMR = q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1).to(q_lat_HMC.dtype)
+        q_HMX = torch.cat((q_lat_HMC, q_pe_HMR), dim=-1) * self.scale
         q_BKX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # K = S*H rows (s, h)
         o_lat_BKC = None
         if S == 1:  # decode: one pass over the cache (fastpath.latent_attention) where the CPU kernel applies
@@ -139,8 +137,8 @@ class MLA(nn.Module):
             o_lat_BKC = fastpath.latent_attention(q_BKX, kv_BTX, valid_BT, C)
         if o_lat_BKC is None:
             o_lat_BKC = self._latent_gemm(q_BKX, kv_BTX, mask_B1ST, S, H)
-        o_HMV = torch.bmm(o_lat_BKC.to(dtype).view(B * S, H, C).transpose(0, 1), w_uv_HVC.transpose(1, 2))
-        return o_HMV.transpose(0, 1).view(B, S, H, -1).to(q_nope_BSHN.dtype)
+        o_HMV = fastpath.heads_xwt(o_lat_BKC.view(B * S, H, C).transpose(0, 1), w_uv_HVC)
+        return o_HMV.transpose(0, 1).reshape(B, S, H, -1).to(q_nope_BSHN.dtype)
 
     def _latent_gemm(self, q_BKX, kv_BTX, mask_B1ST, S, H) -> torch.Tensor:
         """softmax(q kv^T) kv[..., :C] by two batched GEMMs (any S: causal over the new tokens when unmasked), in the

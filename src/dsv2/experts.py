@@ -3,8 +3,8 @@
 The checkpoints hold one SwiGLU MLP per expert (experts.{j}.{gate,up,down}_proj); dsv2 stacks them as
 gate_up_proj [E, 2F, D] (gate rows first, then up rows) and down_proj [E, D, F] so that all experts run as two
 grouped matrix multiplies over tokens sorted by expert (`torch._grouped_mm`), with no Python loop over experts.
-checkpoint.py splits and stacks at the boundary. Decode (a few token copies, mostly on distinct experts) takes
-fastpath.gathered_swiglu instead when it applies. Legend: N token copies sorted by expert, E experts, D hidden,
+checkpoint.py splits and stacks at the boundary. Decode (a few token copies per chosen expert) takes
+fastpath.small_batch_swiglu instead when it applies. Legend: N token copies sorted by expert, E experts, D hidden,
 F moe_intermediate_size.
 """
 
@@ -29,13 +29,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: token copies sorted by expert, counts_E[e] of them for expert e. Returns [N, D]."""
-        if fastpath.use_gathered(x_ND, counts_E, self.gate_up_proj):  # decode: a few copies, mostly distinct experts
-            expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=counts_E.device), counts_E,
-                                               output_size=x_ND.shape[0])
-            y_ND = fastpath.gathered_swiglu(x_ND, expert_N, self.gate_up_proj, self.down_proj, self.act)
-            if y_ND is not None:
-                return y_ND
-        return self.grouped(x_ND, counts_E)
+        y_ND = fastpath.small_batch_swiglu(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.act)  # decode
+        return self.grouped(x_ND, counts_E) if y_ND is None else y_ND
 
     def grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Two grouped GEMMs over the expert-sorted copies (any N; the path with autograd)."""

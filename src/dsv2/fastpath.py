@@ -1,27 +1,26 @@
 """Inference fast paths for small batches (decode), each falling back to the plain PyTorch op it replaces.
 
 Batch-1 decode reads every active weight once per token: it is bound by memory bandwidth, and what matters is
-whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC (torch 2.13, cold weights):
+whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC (torch 2.13, cold weights, GB/s
+of weights read; a plain sum reads ~20):
 
-- `linear`: MKL's sgemm serves M = 1..16 rows from one thread (M=1: 9.6 GB/s of weights with 2 threads, the same
-  as with 1; M=8: 3.6 GB/s); oneDNN's inner product streams with all threads (M=1: 16.5 GB/s, M=8: 8.2 GB/s; a
-  plain sum reads 17.5). So fp32 CPU linears without autograd and with few rows go to oneDNN. Training, prefill
-  (many rows), other dtypes and devices keep F.linear. `scores` does the same for MLA's absorbed decode scores,
-  and `matmul_dtype` runs that attention in fp32 on CPUs without native bf16 matmul. Many-row bf16 GEMMs
-  (prefill) run in fp32 there too (`gemm_dtype`: bf16 prefill at 2K tokens ~5x faster on an AVX2 EPYC).
-- `gathered_swiglu`: the routed experts of a handful of token copies (decode). The grouped GEMM runs one
-  single-threaded GEMV per expert; instead, one compiled reduction kernel per projection reads each chosen expert's
-  weights in place (no gathered copy, no Python loop over experts) with all threads, upcasting bf16 in registers.
-  torch.compile builds it once per process (seconds, cached on disk by inductor); where compiling is impossible
-  (no C++ compiler, unsupported platform) the caller keeps its grouped path.
+- few-row products (`linear`, `heads_xwt`, `heads_xw`, `small_batch_swiglu`; kernels/few_rows.cpp): MKL's sgemm
+  serves 1-16 rows from one thread (1 row: 12 GB/s, 8 rows: 6) and oneDNN's inner product reaches 15-19 at 1 row
+  and 6-9 at 8; on CPUs without native bf16 both emulate bf16 (8 rows: 2 GB/s). The kernels stream fp32 or bf16
+  weights with all threads, widening bf16 in registers (1 row: ~18 fp32 / 16-20 bf16; 8 rows: 9-13 / 7-8). They
+  serve the linears, the routed experts of a few token copies (one GEMV per chosen expert in one parallel loop: no
+  gathered weight copy, no Python loop over experts) and MLA's per-head W_UK/W_UV products. Where the kernels
+  cannot be built, fp32 linears use oneDNN and the rest keeps its PyTorch op.
 - `latent_attention`: MLA's absorbed decode attention in one pass over the latent cache (kernels/mla_decode.cpp,
   flash-decoding on CPU threads): the two batched GEMMs it replaces each stream the whole cache, the second with
-  MKL's single-threaded few-row kernel. It is faster from the shortest caches on (whole decode step, 8 heads,
-  4 layers: 1-2 ms less at batch 1 from 16 cached tokens, 12 ms less at batch 8 and 512 tokens). Built once per
-  machine with torch's C++ extension loader (about a minute; cached under ~/.cache/torch_extensions); without a
-  compiler, or with DSV2_NO_KERNELS=1, attention keeps the GEMM path.
+  MKL's single-threaded few-row kernel. It is faster from the shortest caches on.
+- `matmul_dtype`/`gemm_dtype`: on CPUs without native bf16 matmul, many-row bf16 GEMMs (prefill) and the absorbed
+  attention's GEMM fallback run in fp32 on the same bf16 values (bf16 prefill at 2K tokens ~5x faster on an AVX2
+  EPYC).
 
-tests/test_fastpath.py holds each fast path equal to its fallback.
+The kernels are built once per machine with torch's C++ extension loader (about a minute; cached under
+~/.cache/torch_extensions); without a compiler, or with DSV2_NO_KERNELS=1, every op keeps its fallback. None of
+them runs under autograd or a dispatch mode. tests/test_fastpath.py holds each fast path equal to its fallback.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SMALL_ROWS = 16
-"""Rows (batch tokens) up to which CPU fp32 linears use oneDNN."""
+"""Rows of x per weight matrix (decode: tokens per step) up to which CPU inference uses the few-row kernels."""
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -82,22 +81,59 @@ def gemm_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
     return matmul_dtype(x) if rows > SMALL_ROWS else x.dtype
 
 
+def _few_rows(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    """The few-row kernels apply: CPU inference outside any dispatch mode, fp32/bf16 weights with contiguous rows,
+    at most SMALL_ROWS rows of x per weight (beyond that a GEMM's reuse of each weight row wins), and they build."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and rows <= SMALL_ROWS and w.stride(-1) == 1
+            and w.dtype in (torch.float32, torch.bfloat16) and x.is_floating_point() and _no_grad_needed(x, w)
+            and plain_eager() and _kernels() is not None)
+
+
+def _ends(rows_per_group: int, groups: int) -> torch.Tensor:
+    """rows_dot's group ends for `groups` groups of equal size."""
+    return torch.arange(1, groups + 1) * rows_per_group
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with few-row fp32 CPU inference calls served by oneDNN and many-row bf16 calls computed in fp32
-    where bf16 GEMMs are emulated (see the module docstring and gemm_dtype)."""
-    dtype = gemm_dtype(x, x.numel() // max(x.shape[-1], 1))
+    """F.linear, with few-row CPU inference calls served by the few-row kernel (oneDNN for fp32 where it cannot be
+    built) and many-row bf16 calls computed in fp32 where bf16 GEMMs are emulated (see the module docstring)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    dtype = gemm_dtype(x, rows)
     if dtype != x.dtype and weight.dtype == x.dtype:
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
+    if _few_rows(x, weight, rows):
+        y = _kernels().rows_dot(x.reshape(rows, -1).float().contiguous(), weight[None], _ends(rows, 1))
+        y = y.view(*x.shape[:-1], -1)
+        return (y if bias is None else y + bias).to(x.dtype)
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.numel() <= SMALL_ROWS * x.shape[-1] and _no_grad_needed(x, weight) and plain_eager()):
+            and rows <= SMALL_ROWS and _no_grad_needed(x, weight) and plain_eager()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
+def heads_xwt(x_GMK: torch.Tensor, w_GRK: torch.Tensor) -> torch.Tensor:
+    """x @ w^T per group ([G, M, K] x [G, R, K] -> [G, M, R]: MLA's W_UV per head), in fp32 by the few-row kernel
+    for few rows, else by bmm in matmul_dtype (the caller casts once)."""
+    G, M, _ = x_GMK.shape
+    if _few_rows(x_GMK, w_GRK, M):
+        return _kernels().rows_dot(x_GMK.reshape(G * M, -1).float().contiguous(), w_GRK, _ends(M, G)).view(G, M, -1)
+    dtype = matmul_dtype(x_GMK)
+    return torch.bmm(x_GMK.to(dtype), w_GRK.to(dtype).transpose(1, 2))
+
+
+def heads_xw(x_GMN: torch.Tensor, w_GNC: torch.Tensor) -> torch.Tensor:
+    """x @ w per group ([G, M, N] x [G, N, C] -> [G, M, C]: MLA's W_UK absorbed into each head's query), in fp32 by
+    the few-row kernel for few rows, else by bmm in matmul_dtype (the caller casts once)."""
+    if _few_rows(x_GMN, w_GNC, x_GMN.shape[1]):
+        return _kernels().rows_combine(x_GMN.transpose(1, 2).float().contiguous(), w_GNC)
+    dtype = matmul_dtype(x_GMN)
+    return torch.bmm(x_GMN.to(dtype), w_GNC.to(dtype))
+
+
 def scores(q_BKX: torch.Tensor, kv_BTX: torch.Tensor) -> torch.Tensor:
-    """q @ kv^T per batch row: [B, K, X] x [B, T, X] -> [B, K, T] (MLA's absorbed decode: K = query rows, T cached
-    tokens). With few query rows, batched GEMM streams the cache at a third of the rate of oneDNN's inner product
-    with the cache as its many-row input (measured 3.6 vs 10.2 GB/s at T=8K, K=8, X=576, 2 threads)."""
+    """q @ kv^T per batch row: [B, K, X] x [B, T, X] -> [B, K, T] (the absorbed attention's GEMM fallback: K query
+    rows, T cached tokens). With few query rows, batched GEMM streams the cache at a third of the rate of oneDNN's
+    inner product with the cache as its many-row input (measured 3.6 vs 10.2 GB/s at T=8K, K=8, X=576, 2 threads)."""
     if (_ONEDNN and kv_BTX.device.type == "cpu" and q_BKX.dtype == kv_BTX.dtype == torch.float32
             and q_BKX.shape[1] <= SMALL_ROWS and _no_grad_needed(q_BKX, kv_BTX) and plain_eager()):
         q_BKX = q_BKX.contiguous()  # a strided "weight" makes oneDNN reorder it at every call
@@ -113,80 +149,49 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# routed experts of a few token copies
-GATHER_MIN_EXPERT_BYTES = 1 << 20
-"""Below this many weight bytes per expert, call overhead rather than bandwidth dominates: keep the grouped GEMM."""
-
-_compiled: dict[Callable, Callable] = {}
-_disabled = False
-
-
-def _swiglu_gathered_reference(x_ND, e_N, gate_up_EXD, down_EDF, act):
-    """y_n = W_down[e_n] (act(W_gate[e_n] x_n) * W_up[e_n] x_n), written as reductions so that inductor fuses the
-    index into the weight read (no [N, 2F, D] copy) and accumulates in fp32."""
-    h_NX = (gate_up_EXD[e_N].float() * x_ND[:, None, :].float()).sum(-1)
-    gate_NF, up_NF = h_NX.chunk(2, dim=-1)
-    a_NF = (act(gate_NF) * up_NF).to(x_ND.dtype)
-    return (down_EDF[e_N].float() * a_NF[:, None, :].float()).sum(-1).to(x_ND.dtype)
-
-
-def _kernel(act: Callable) -> Callable:
-    if act not in _compiled:
-        _compiled[act] = torch.compile(functools.partial(_swiglu_gathered_reference, act=act), dynamic=True,
-                                       fullgraph=True)
-    return _compiled[act]
-
-
-def use_gathered(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: torch.Tensor, force: bool = False) -> bool:
-    """Few copies per chosen expert (decode), CPU inference, experts big enough to be bandwidth-bound."""
-    if _disabled or x_ND.device.type != "cpu" or not _no_grad_needed(x_ND, gate_up_EXD) or not plain_eager():
-        return False
-    if force:
-        return True
-    expert_bytes = gate_up_EXD[0].numel() * gate_up_EXD.element_size() * 3 // 2
-    if expert_bytes < GATHER_MIN_EXPERT_BYTES or x_ND.shape[0] > SMALL_ROWS * 8:
-        return False
-    # each copy reads its expert's weights: worth it while copies rarely share an expert
-    return 2 * x_ND.shape[0] <= 3 * int((counts_E > 0).sum())
-
-
-def gathered_swiglu(x_ND, e_N, gate_up_EXD, down_EDF, act: Callable) -> torch.Tensor | None:
-    """The compiled kernel's output, or None if it cannot be built here (the caller then uses its grouped path)."""
-    global _disabled
-    try:
-        return _kernel(act)(x_ND, e_N, gate_up_EXD, down_EDF)
-    except Exception as e:  # noqa: BLE001 - any compile failure means: no fast path on this machine
-        _disabled = True
-        log.warning("dsv2: compiled small-batch expert path unavailable (%s); using grouped GEMM", e)
+def small_batch_swiglu(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: torch.Tensor,
+                       down_EDF: torch.Tensor, act: Callable) -> torch.Tensor | None:
+    """The routed experts of a few expert-sorted token copies (decode): each chosen expert's SwiGLU as two few-row
+    products over its copies, all experts in one kernel call per projection, each chosen expert's weights read once
+    in place. None where the kernel does not apply (the caller runs its grouped GEMMs)."""
+    active = int((counts_E > 0).sum())
+    if not _few_rows(x_ND, gate_up_EXD, -(-x_ND.shape[0] // max(active, 1))):
         return None
+    ends_E = counts_E.cumsum(0)
+    h_N2F = _kernels().rows_dot(x_ND.float().contiguous(), gate_up_EXD, ends_E)
+    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+    a_NF = act(gate_NF) * up_NF
+    return _kernels().rows_dot(a_NF, down_EDF, ends_E).to(x_ND.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MLA absorbed decode attention (one query token per sequence)
-_MLA_DECODE_SRC = Path(__file__).parent / "kernels" / "mla_decode.cpp"
+# the C++ kernels (kernels/: mla_decode.cpp, few_rows.cpp, their shared tiles.h), one extension
+_KERNEL_DIR = Path(__file__).parent / "kernels"
+_KERNEL_SOURCES = ("module.cpp", "mla_decode.cpp", "few_rows.cpp")
 
 
 @functools.cache
-def _mla_decode_kernel():
-    """The compiled kernel's entry point, or None where it cannot be built (logged once)."""
+def _kernels():
+    """The compiled extension module, or None where it cannot be built (logged once)."""
     if os.environ.get("DSV2_NO_KERNELS"):
         return None
     try:
         from torch.utils import cpp_extension
 
-        # -march=native: the name carries the CPU and torch version, so a cache shared by machines stays correct
-        key = f"{_MLA_DECODE_SRC.read_text()}|{torch.__version__}|{platform.machine()}|{_cpu_signature()}"
-        name = "dsv2_mla_decode_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        # -march=native: the name carries the sources, the CPU and the torch version, so a cache shared by
+        # machines stays correct
+        texts = [(_KERNEL_DIR / f).read_text() for f in sorted(_KERNEL_DIR.iterdir()) if f.suffix in (".cpp", ".h")]
+        key = "|".join(texts + [torch.__version__, platform.machine(), _cpu_signature()])
+        name = "dsv2_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:12]
         built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so").exists()
         if not built:
-            log.warning("dsv2: building the CPU MLA decode kernel (once per machine and torch version, ~1 min)")
+            log.warning("dsv2: building the CPU decode kernels (once per machine and torch version, ~1 min)")
         native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
         flags = ["-O3", native, "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
-        return cpp_extension.load(name, [str(_MLA_DECODE_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                  verbose=False).mla_decode
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, unsupported platform: keep the GEMM path
-        log.warning("dsv2: CPU MLA decode kernel unavailable (%s); absorbed attention uses batched GEMMs", e)
+        return cpp_extension.load(name, [str(_KERNEL_DIR / f) for f in _KERNEL_SOURCES], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, unsupported platform: keep the PyTorch ops
+        log.warning("dsv2: CPU decode kernels unavailable (%s); decode uses PyTorch's GEMMs", e)
         return None
 
 
@@ -206,8 +211,8 @@ def latent_attention(q_BKX: torch.Tensor, kv_BTX: torch.Tensor, valid_BT: torch.
     if (kv_BTX.device.type != "cpu" or kv_BTX.stride(-1) != 1 or not _no_grad_needed(q_BKX, kv_BTX)
             or not plain_eager() or kv_BTX.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
         return None
-    kernel = _mla_decode_kernel()
-    if kernel is None:
+    kernels = _kernels()
+    if kernels is None:
         return None
     mask = torch.empty(0, dtype=torch.bool) if valid_BT is None else valid_BT.contiguous()
-    return kernel(q_BKX.float().contiguous(), kv_BTX, mask, C)
+    return kernels.mla_decode(q_BKX.float().contiguous(), kv_BTX, mask, C)

@@ -8,44 +8,23 @@
 // its L2, with the chunk's own maximum (safe softmax). A second loop merges the chunks by their maxima. bf16 rows
 // are widened in registers as they are loaded, fp16 rows into an fp32 copy of the chunk; all arithmetic is fp32.
 //
-// The two inner loops are register-blocked micro-kernels (GCC/Clang vector extensions, 8 floats wide: AVX2 on
-// x86, two NEON registers on ARM): one accumulator per FMA would wait on the previous FMA's latency, and
-// reloading a cache row per query would make the loop load-bound. The softmax's exponentials are vectorised too.
+// Scoring and accumulating are the register-tiled micro-kernels of tiles.h; the softmax's exponentials are
+// vectorised too.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "tiles.h"
+
 namespace {
+
+using namespace dsv2_kernels;
 
 constexpr int64_t CHUNK = 128;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint16_t v8u16 __attribute__((vector_size(16)));
-inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
-// bf16 -> fp32 is a 16-bit shift of the bits: one zero-extending load and one shift per 8 values (GCC lowers the
-// generic conversion to two half-width extends and a shuffle, hence the intrinsic where there is one)
-inline v8 load8(const c10::BFloat16* p) {
-#if defined(__AVX2__)
-  return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-#else
-  v8u16 h;
-  std::memcpy(&h, p, sizeof h);
-  return (v8)(__builtin_convertvector(h, v8i) << 16);
-#endif
-}
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 // e^x, 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp); 0 below -87 (-inf too)
 inline v8 exp8(v8 x) {
@@ -67,115 +46,6 @@ inline v8 exp8(v8 x) {
   const v8i scale = (((v8i)t - (v8i)(zero + magic)) + 127) << 23;  // 2^n, built in the exponent bits
   const v8 y = p * (v8)scale;
   return under ? zero : y;
-}
-
-template <typename E>
-inline float dot(const float* a, const E* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t x = 0; x < n; ++x) s += a[x] * static_cast<float>(b[x]);
-  return s;
-}
-
-// A loaded vector kept in a register. Without this GCC folds the load into each FMA that uses the vector (a
-// memory operand per FMA), so a tile of R rows x Q queries issues R*Q loads instead of R+Q and the loop is
-// load-bound: 17 -> 30 GFMA/s per core for the 3x4 score tile on a Zen 3 EPYC.
-inline v8 pinned(v8 v) {
-#if defined(__x86_64__)
-  asm("" : "+x"(v));
-#endif
-  return v;
-}
-
-// s[i*K + j] = r_i . q_j for R rows (row stride rs) and Q queries: R + Q vector loads feed R*Q FMAs, and the R*Q
-// accumulators hide the FMA latency. 3 x 4 fills AVX2's 16 registers (12 accumulators, 3 rows, 1 query).
-template <int R, int Q, typename E>
-void score_tile(const float* q, int64_t X, const E* r, int64_t rs, float* s, int64_t K) {
-  const int64_t X8 = X - X % 8;
-  v8 acc[R][Q] = {};
-  for (int64_t x = 0; x < X8; x += 8) {
-    v8 rx[R];
-    for (int i = 0; i < R; ++i) rx[i] = pinned(load8(r + i * rs + x));
-    for (int j = 0; j < Q; ++j) {
-      const v8 qx = pinned(load8(q + j * X + x));
-      for (int i = 0; i < R; ++i) acc[i][j] += rx[i] * qx;
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < Q; ++j) s[i * K + j] = hsum(acc[i][j]) + dot(q + j * X + X8, r + i * rs + X8, X - X8);
-}
-
-template <int R, typename E>
-void score_rows(const float* q, int64_t K, const E* r, int64_t rs, int64_t X, float* s) {
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) score_tile<R, 4>(q + k * X, X, r, rs, s + k, K);
-  switch (K - k) {
-    case 3: score_tile<R, 3>(q + k * X, X, r, rs, s + k, K); break;
-    case 2: score_tile<R, 2>(q + k * X, X, r, rs, s + k, K); break;
-    case 1: score_tile<R, 1>(q + k * X, X, r, rs, s + k, K); break;
-  }
-}
-
-// s[t][k] = r_t . q_k for n rows and K queries. Rows read straight from the cache (stream) are fetched a block
-// ahead: the first query group of a block would otherwise wait on memory.
-template <typename E>
-void scores(const float* q, int64_t K, const E* r, int64_t rs, int64_t n, int64_t X, float* s, bool stream) {
-  int64_t t = 0;
-  for (; t + 3 <= n; t += 3) {
-    if (stream)
-      for (int64_t i = t + 3; i < std::min(t + 6, n); ++i)
-        for (int64_t x = 0; x < X; x += 64 / sizeof(E)) __builtin_prefetch(r + i * rs + x);
-    score_rows<3>(q, K, r + t * rs, rs, X, s + t * K);
-  }
-  switch (n - t) {
-    case 2: score_rows<2>(q, K, r + t * rs, rs, X, s + t * K); break;
-    case 1: score_rows<1>(q, K, r + t * rs, rs, X, s + t * K); break;
-  }
-}
-
-// acc[j][8v .. 8v+7] += sum_t p[t][j] r_t[8v .. 8v+7] for Q queries and V vectors of columns: V loads and Q
-// broadcasts feed Q*V FMAs; the columns' rows stay in L1 across the query groups.
-template <int V, int Q, typename E>
-void accumulate_tile(const float* p, int64_t K, const E* r, int64_t rs, int64_t n, float* acc, int64_t C) {
-  v8 a[Q][V];
-  for (int j = 0; j < Q; ++j)
-    for (int v = 0; v < V; ++v) a[j][v] = load8(acc + j * C + 8 * v);
-  for (int64_t t = 0; t < n; ++t) {
-    v8 rt[V];
-    for (int v = 0; v < V; ++v) rt[v] = pinned(load8(r + t * rs + 8 * v));
-    for (int j = 0; j < Q; ++j) {
-      const float w = p[t * K + j];
-      for (int v = 0; v < V; ++v) a[j][v] += w * rt[v];
-    }
-  }
-  for (int j = 0; j < Q; ++j)
-    for (int v = 0; v < V; ++v) store8(acc + j * C + 8 * v, a[j][v]);
-}
-
-template <int V, typename E>
-void accumulate_columns(const float* p, int64_t K, const E* r, int64_t rs, int64_t n, float* acc, int64_t C) {
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) accumulate_tile<V, 4>(p + k, K, r, rs, n, acc + k * C, C);
-  switch (K - k) {
-    case 3: accumulate_tile<V, 3>(p + k, K, r, rs, n, acc + k * C, C); break;
-    case 2: accumulate_tile<V, 2>(p + k, K, r, rs, n, acc + k * C, C); break;
-    case 1: accumulate_tile<V, 1>(p + k, K, r, rs, n, acc + k * C, C); break;
-  }
-}
-
-// acc[k][:C] += sum_t p[t][k] r_t[:C]: 24-column blocks (3 x 4 tiles, 12 accumulators), then the 8- and 16-column
-// rest, then single columns
-template <typename E>
-void accumulate(const float* p, int64_t K, const E* r, int64_t rs, int64_t n, int64_t C, float* acc) {
-  const int64_t C8 = C - C % 8;
-  int64_t c = 0;
-  for (; c + 24 <= C8; c += 24) accumulate_columns<3>(p, K, r + c, rs, n, acc + c, C);
-  switch ((C8 - c) / 8) {
-    case 2: accumulate_columns<2>(p, K, r + c, rs, n, acc + c, C); break;
-    case 1: accumulate_columns<1>(p, K, r + c, rs, n, acc + c, C); break;
-  }
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = C8; j < C; ++j) acc[k * C + j] += p[t * K + k] * static_cast<float>(r[t * rs + j]);
 }
 
 template <typename scalar_t>
@@ -202,7 +72,7 @@ void attend_chunks(const float* q, const scalar_t* kv, const bool* mask, float* 
         r = wide.data();
         rs = X;
       }
-      scores(q + b * K * X, K, r, rs, n, X, s.data(), in_place);
+      scores(q + b * K * X, K, r, rs, n, X, s.data(), K, 1, in_place);
       float* m = part_m + task * K;
       float* l = part_l + task * K;
       std::fill(m, m + K, NEG_INF);
@@ -234,7 +104,7 @@ void attend_chunks(const float* q, const scalar_t* kv, const bool* mask, float* 
         }
       float* acc = part_acc + task * K * C;
       std::fill(acc, acc + K * C, 0.f);
-      accumulate(s.data(), K, r, rs, n, C, acc);
+      accumulate(s.data(), K, r, rs, n, C, acc, C);
     }
   });
 }
@@ -300,5 +170,3 @@ torch::Tensor mla_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, 
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("mla_decode", &mla_decode, "MLA absorbed decode attention"); }

@@ -1,0 +1,95 @@
+// Products of a few rows x (decode: one token per sequence) with weight matrices, streaming each weight once with
+// all threads. oneDNN's and MKL's few-row kernels reach a fraction of the memory bandwidth (MKL's from one thread;
+// on CPUs without native bf16 both emulate bf16: ~2 GB/s of weights at 8 rows); these are the tiles of tiles.h:
+//     rows_dot:     y[n, :] = w[g] x[n, :]  for the rows n of group g    x W^T: linears, routed experts, MLA's W_UV
+//     rows_combine: y[g, m, :] = sum_n x[g, n, m] w[g, n, :]            x W:   MLA's W_UK absorbed into the query
+// rows_dot's groups are the routed experts of expert-sorted token copies (one GEMV per chosen expert, all in one
+// parallel loop, no gathered weight copy) or MLA's heads; a plain linear is one group. w is fp32 or bf16 (widened
+// in registers) with contiguous rows; x and y are fp32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <utility>
+#include <vector>
+
+#include "tiles.h"
+
+namespace {
+
+using namespace dsv2_kernels;
+
+constexpr int64_t ROW_BLOCK = 48;  // weight rows per rows_dot task (16 tiles of 3 rows)
+constexpr int64_t COL_BLOCK = 96;  // weight columns per rows_combine task (4 tiles of 24 columns)
+
+void check(const torch::Tensor& x, const torch::Tensor& w, int64_t x_dim, const char* name) {
+  TORCH_CHECK(x.dim() == x_dim && w.dim() == 3, name, ": bad ranks (x ", x.dim(), "-D, w ", w.dim(), "-D)");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), name, ": x must be contiguous fp32");
+  TORCH_CHECK(w.stride(2) == 1, name, ": w rows must be contiguous");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name, ": w must be fp32 or bf16");
+}
+
+template <typename F>
+void with_rows(const torch::Tensor& w, const F& f) {
+  if (w.scalar_type() == at::kFloat)
+    f(w.data_ptr<float>());
+  else
+    f(w.data_ptr<c10::BFloat16>());
+}
+
+}  // namespace
+
+// x [N, K]; w [G, R, K]; ends [G] int64, non-decreasing, ends[G-1] == N: group g holds rows ends[g-1] .. ends[g]-1
+// (ends[-1] = 0). Returns y [N, R].
+torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, torch::Tensor ends) {
+  check(x, w, 2, "rows_dot");
+  TORCH_CHECK(x.size(1) == w.size(2), "rows_dot: x rows (", x.size(1), ") and w rows (", w.size(2), ") differ");
+  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == w.size(0) && ends.scalar_type() == at::kLong && ends.is_cpu(),
+              "rows_dot: ends must be int64 [G] on the CPU");
+  const int64_t N = x.size(0), K = x.size(1), G = w.size(0), R = w.size(1);
+  const auto ends_c = ends.contiguous();
+  const int64_t* e = ends_c.data_ptr<int64_t>();
+  // one task per (non-empty group, block of weight rows): only the groups with rows read their weights
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (int64_t g = 0, start = 0; g < G; start = e[g++]) {
+    TORCH_CHECK(e[g] >= start && e[g] <= N, "rows_dot: ends must be non-decreasing and at most N");
+    if (e[g] > start)
+      for (int64_t r0 = 0; r0 < R; r0 += ROW_BLOCK) tasks.emplace_back(g, r0);
+  }
+  TORCH_CHECK(G == 0 || e[G - 1] == N, "rows_dot: ends[-1] must equal the number of rows of x");
+  auto y = torch::empty({N, R}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ws0 = w.stride(0), ws1 = w.stride(1);
+  with_rows(w, [&](const auto* wp) {
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto [g, r0] = tasks[i];
+        const int64_t m0 = g == 0 ? 0 : e[g - 1], M = e[g] - m0, n = std::min(ROW_BLOCK, R - r0);
+        scores(xp + m0 * K, M, wp + g * ws0 + r0 * ws1, ws1, n, K, yp + m0 * R + r0, 1, R, true);
+      }
+    });
+  });
+  return y;
+}
+
+// x [G, N, M] (each x row transposed: the n-th entries of the M rows side by side), w [G, N, C] -> y [G, M, C]
+torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w) {
+  check(x, w, 3, "rows_combine");
+  TORCH_CHECK(x.size(0) == w.size(0) && x.size(1) == w.size(1),
+              "rows_combine: x [G, N, M] and w [G, N, C] differ in G or N");
+  const int64_t G = x.size(0), N = x.size(1), M = x.size(2), C = w.size(2);
+  auto y = torch::zeros({G, M, C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (C + COL_BLOCK - 1) / COL_BLOCK, ws0 = w.stride(0), ws1 = w.stride(1);
+  with_rows(w, [&](const auto* wp) {
+    at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / blocks, c0 = (task % blocks) * COL_BLOCK, c = std::min(COL_BLOCK, C - c0);
+        accumulate(xp + g * N * M, M, wp + g * ws0 + c0, ws1, N, c, yp + g * M * C + c0, C);
+      }
+    });
+  });
+  return y;
+}
