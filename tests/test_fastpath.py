@@ -55,6 +55,12 @@ def test_rows_dot_equals_reference(counts, R, K, dtype, seed):
     group_N = torch.repeat_interleave(torch.arange(G), torch.tensor(counts))
     want = torch.einsum("nk,nrk->nr", x.double(), w.double()[group_N])
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # bf16 rows in any layout: widened, accumulated in fp32, rounded once to bf16 (relative error <= 2^-8)
+    x16 = torch.randn(K, N, generator=g).bfloat16().t()
+    got16 = fastpath._kernels().rows_dot(x16, w, ends)
+    want16 = torch.einsum("nk,nrk->nr", x16.double(), w.double()[group_N])
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.double(), want16, atol=1e-4, rtol=2**-8)
 
 
 @requires_kernel
@@ -86,7 +92,7 @@ def test_few_row_kernels_reject_bad_input():
             k.rows_dot(x, w, ends)
     with pytest.raises(RuntimeError, match="differ"):
         k.rows_dot(torch.randn(3, 7), w, torch.tensor([1, 3]))
-    with pytest.raises(RuntimeError, match="contiguous fp32"):
+    with pytest.raises(RuntimeError, match="x must be fp32 or bf16"):
         k.rows_dot(x.double(), w, torch.tensor([1, 3]))
     with pytest.raises(RuntimeError, match="fp32 or bf16"):
         k.rows_dot(x, w.half(), torch.tensor([1, 3]))
@@ -133,17 +139,17 @@ def sorted_copies(E, D, N, seed, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [1, 6, 13, 40])
 def test_small_batch_experts_equal_grouped(N, dtype):
-    """The small-batch expert path (one few-row product per chosen expert and projection) == the grouped GEMMs:
-    fp32 within 1e-5; bf16 within bf16 rounding of the output (the kernel keeps its intermediates in fp32)."""
+    """The small-batch expert path (one few-row product per chosen expert and projection) == the grouped GEMMs in
+    the same dtype: fp32 within 1e-5; bf16 within 2% of the output's scale (both round the intermediates to bf16,
+    in different summation orders)."""
     ex = make_experts(8, 32, 24, N, dtype)
     x, counts = sorted_copies(8, 32, N, N, dtype)
     with torch.no_grad():
         got = fastpath.small_batch_swiglu(x, counts, ex.gate_up_proj, ex.down_proj, F.silu)
         assert got is not None and got.dtype == dtype
-        want = ex.grouped(x.float(), counts) if dtype == torch.float32 else make_experts(8, 32, 24, N).grouped(
-            x.float(), counts)
-        tol = TOL if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
-        torch.testing.assert_close(got.float(), want, **tol)
+        want = ex.grouped(x, counts)
+        tol = TOL if dtype == torch.float32 else dict(atol=0.02 * want.abs().max().item(), rtol=0.02)
+        torch.testing.assert_close(got, want, **tol)
         torch.testing.assert_close(ex(x, counts), got, atol=0, rtol=0)  # forward picks it
 
 

@@ -89,8 +89,9 @@ def _few_rows(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
             and plain_eager() and _kernels() is not None)
 
 
+@functools.lru_cache(maxsize=64)
 def _ends(rows_per_group: int, groups: int) -> torch.Tensor:
-    """rows_dot's group ends for `groups` groups of equal size."""
+    """rows_dot's group ends for `groups` groups of equal size (cached: decode asks for the same few every step)."""
     return torch.arange(1, groups + 1) * rows_per_group
 
 
@@ -102,9 +103,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if dtype != x.dtype and weight.dtype == x.dtype:
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
     if _few_rows(x, weight, rows):
-        y = _kernels().rows_dot(x.reshape(rows, -1).float().contiguous(), weight[None], _ends(rows, 1))
-        y = y.view(*x.shape[:-1], -1)
-        return (y if bias is None else y + bias).to(x.dtype)
+        x_RD = x.reshape(rows, -1) if bias is None else x.reshape(rows, -1).float()  # bias added before rounding
+        y = _kernels().rows_dot(x_RD, weight[None], _ends(rows, 1)).view(*x.shape[:-1], -1)
+        return y if bias is None else (y + bias).to(x.dtype)
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and rows <= SMALL_ROWS and _no_grad_needed(x, weight) and plain_eager()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -116,7 +117,7 @@ def heads_xwt(x_GMK: torch.Tensor, w_GRK: torch.Tensor) -> torch.Tensor:
     for few rows, else by bmm in matmul_dtype (the caller casts once)."""
     G, M, _ = x_GMK.shape
     if _few_rows(x_GMK, w_GRK, M):
-        return _kernels().rows_dot(x_GMK.reshape(G * M, -1).float().contiguous(), w_GRK, _ends(M, G)).view(G, M, -1)
+        return _kernels().rows_dot(x_GMK.reshape(G * M, -1).float(), w_GRK, _ends(M, G)).view(G, M, -1)
     dtype = matmul_dtype(x_GMK)
     return torch.bmm(x_GMK.to(dtype), w_GRK.to(dtype).transpose(1, 2))
 
@@ -125,7 +126,7 @@ def heads_xw(x_GMN: torch.Tensor, w_GNC: torch.Tensor) -> torch.Tensor:
     """x @ w per group ([G, M, N] x [G, N, C] -> [G, M, C]: MLA's W_UK absorbed into each head's query), in fp32 by
     the few-row kernel for few rows, else by bmm in matmul_dtype (the caller casts once)."""
     if _few_rows(x_GMN, w_GNC, x_GMN.shape[1]):
-        return _kernels().rows_combine(x_GMN.transpose(1, 2).float().contiguous(), w_GNC)
+        return _kernels().rows_combine(x_GMN.transpose(1, 2).float(), w_GNC)
     dtype = matmul_dtype(x_GMN)
     return torch.bmm(x_GMN.to(dtype), w_GNC.to(dtype))
 
@@ -158,10 +159,8 @@ def small_batch_swiglu(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: 
     if not _few_rows(x_ND, gate_up_EXD, -(-x_ND.shape[0] // max(active, 1))):
         return None
     ends_E = counts_E.cumsum(0)
-    h_N2F = _kernels().rows_dot(x_ND.float().contiguous(), gate_up_EXD, ends_E)
-    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-    a_NF = act(gate_NF) * up_NF
-    return _kernels().rows_dot(a_NF, down_EDF, ends_E).to(x_ND.dtype)
+    gate_NF, up_NF = _kernels().rows_dot(x_ND, gate_up_EXD, ends_E).chunk(2, dim=-1)
+    return _kernels().rows_dot(act(gate_NF) * up_NF, down_EDF, ends_E)
 
 
 # ---------------------------------------------------------------------------------------------------------------

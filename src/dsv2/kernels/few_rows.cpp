@@ -5,7 +5,8 @@
 //     rows_combine: y[g, m, :] = sum_n x[g, n, m] w[g, n, :]            x W:   MLA's W_UK absorbed into the query
 // rows_dot's groups are the routed experts of expert-sorted token copies (one GEMV per chosen expert, all in one
 // parallel loop, no gathered weight copy) or MLA's heads; a plain linear is one group. w is fp32 or bf16 (widened
-// in registers) with contiguous rows; x and y are fp32.
+// in registers) with contiguous rows; x is fp32 or bf16 (any layout), y has x's dtype (accumulated in fp32, rounded
+// once).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,12 +22,16 @@ using namespace dsv2_kernels;
 constexpr int64_t ROW_BLOCK = 48;  // weight rows per rows_dot task (16 tiles of 3 rows)
 constexpr int64_t COL_BLOCK = 96;  // weight columns per rows_combine task (4 tiles of 24 columns)
 
-void check(const torch::Tensor& x, const torch::Tensor& w, int64_t x_dim, const char* name) {
+bool fp32_or_bf16(const torch::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; }
+
+// x widened to a contiguous fp32 copy (the tiles read it many times; it is small)
+torch::Tensor checked_x(const torch::Tensor& x, const torch::Tensor& w, int64_t x_dim, const char* name) {
   TORCH_CHECK(x.dim() == x_dim && w.dim() == 3, name, ": bad ranks (x ", x.dim(), "-D, w ", w.dim(), "-D)");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors expected");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), name, ": x must be contiguous fp32");
+  TORCH_CHECK(fp32_or_bf16(x), name, ": x must be fp32 or bf16");
   TORCH_CHECK(w.stride(2) == 1, name, ": w rows must be contiguous");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name, ": w must be fp32 or bf16");
+  TORCH_CHECK(fp32_or_bf16(w), name, ": w must be fp32 or bf16");
+  return x.to(at::kFloat).contiguous();
 }
 
 template <typename F>
@@ -41,8 +46,8 @@ void with_rows(const torch::Tensor& w, const F& f) {
 
 // x [N, K]; w [G, R, K]; ends [G] int64, non-decreasing, ends[G-1] == N: group g holds rows ends[g-1] .. ends[g]-1
 // (ends[-1] = 0). Returns y [N, R].
-torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, torch::Tensor ends) {
-  check(x, w, 2, "rows_dot");
+torch::Tensor rows_dot(torch::Tensor x_in, torch::Tensor w, torch::Tensor ends) {
+  const auto x = checked_x(x_in, w, 2, "rows_dot");
   TORCH_CHECK(x.size(1) == w.size(2), "rows_dot: x rows (", x.size(1), ") and w rows (", w.size(2), ") differ");
   TORCH_CHECK(ends.dim() == 1 && ends.size(0) == w.size(0) && ends.scalar_type() == at::kLong && ends.is_cpu(),
               "rows_dot: ends must be int64 [G] on the CPU");
@@ -70,12 +75,12 @@ torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, torch::Tensor ends) {
       }
     });
   });
-  return y;
+  return y.to(x_in.scalar_type());
 }
 
 // x [G, N, M] (each x row transposed: the n-th entries of the M rows side by side), w [G, N, C] -> y [G, M, C]
-torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w) {
-  check(x, w, 3, "rows_combine");
+torch::Tensor rows_combine(torch::Tensor x_in, torch::Tensor w) {
+  const auto x = checked_x(x_in, w, 3, "rows_combine");
   TORCH_CHECK(x.size(0) == w.size(0) && x.size(1) == w.size(1),
               "rows_combine: x [G, N, M] and w [G, N, C] differ in G or N");
   const int64_t G = x.size(0), N = x.size(1), M = x.size(2), C = w.size(2);
@@ -91,5 +96,5 @@ torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w) {
       }
     });
   });
-  return y;
+  return y.to(x_in.scalar_type());
 }
