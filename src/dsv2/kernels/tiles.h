@@ -37,7 +37,14 @@ inline v8 load8(const c10::BFloat16* p) {
 #endif
 }
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+typedef float v4 __attribute__((vector_size(16)));
+// the 8 lanes' sum in three vector adds (lane extracts and scalar adds were ~20% of a score tile)
+inline float hsum(v8 v) {
+  v4 s = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  s += __builtin_shufflevector(s, s, 2, 3, 0, 1);
+  s += __builtin_shufflevector(s, s, 1, 0, 3, 2);
+  return s[0];
+}
 
 template <typename E>
 inline float dot(const float* a, const E* b, int64_t n) {
@@ -61,10 +68,12 @@ inline v8 pinned(v8 v) {
 // pf (or null): R rows to fetch from memory meanwhile, a cache line at a time in step with the loads, so the fetches
 // overlap the FMAs (fetched in one burst before the tile, they did not: 18 -> 24 GFMA/s streaming an fp32 cache).
 template <int R, int Q, typename E>
-void score_tile(const float* q, int64_t X, const E* r, int64_t rs, float* s, int64_t si, int64_t sj,
+[[gnu::always_inline]] inline void score_tile(const float* q, int64_t X, const E* r, int64_t rs, float* s, int64_t si, int64_t sj,
                 const E* pf) {
   const int64_t X8 = X - X % 8;
-  v8 acc[R][Q] = {};
+  v8 acc[R][Q];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < Q; ++j) acc[i][j] = v8{};  // not `= {}`: that zeroes the array with a memset call
   for (int64_t x = 0; x < X8; x += 8) {
     if (pf != nullptr && (x * sizeof(E)) % 64 == 0)
       for (int i = 0; i < R; ++i) __builtin_prefetch(pf + i * rs + x);
@@ -103,7 +112,8 @@ void score_single(const float* q, const E* r, int64_t rs, int64_t n, int64_t X, 
     const E* row = r + t * rs;
     if (stream && t + ahead < n)
       for (int64_t x = 0; x < X; x += 64 / sizeof(E)) __builtin_prefetch(row + ahead * rs + x);
-    v8 acc[U] = {};
+    v8 acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = v8{};
     int64_t x = 0;
     for (; x + 8 * U <= X; x += 8 * U)
       for (int u = 0; u < U; ++u) acc[u] += load8(row + x + 8 * u) * load8(q + x + 8 * u);
@@ -131,7 +141,7 @@ void scores(const float* q, int64_t K, const E* r, int64_t rs, int64_t n, int64_
 // acc[j][8v .. 8v+7] += sum_t p[t][j] r_t[8v .. 8v+7] for Q queries and V vectors of columns: V loads and Q
 // broadcasts feed Q*V FMAs; the columns' rows stay in L1 across the query groups.
 template <int V, int Q, typename E>
-void accumulate_tile(const float* p, int64_t K, const E* r, int64_t rs, int64_t n, float* acc, int64_t as) {
+[[gnu::always_inline]] inline void accumulate_tile(const float* p, int64_t K, const E* r, int64_t rs, int64_t n, float* acc, int64_t as) {
   v8 a[Q][V];
   for (int j = 0; j < Q; ++j)
     for (int v = 0; v < V; ++v) a[j][v] = load8(acc + j * as + 8 * v);
