@@ -41,5 +41,5 @@ class RoutedExperts(nn.Module):
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
         a_NF = self.act(gate_NF)
         # in place without autograd: a prefill's [N, F] intermediates are tens of MB (fresh pages each time)
-        a_NF = a_NF.mul_(up_NF) if fastpath._no_grad_needed(x_ND, self.gate_up_proj) else a_NF * up_NF
+        a_NF = a_NF.mul_(up_NF) if fastpath.no_grad_needed(x_ND, self.gate_up_proj) else a_NF * up_NF
         return torch._grouped_mm(a_NF, self.down_proj.to(dtype).transpose(-2, -1), offs=offs_E).to(x_ND.dtype)

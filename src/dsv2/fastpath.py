@@ -68,7 +68,9 @@ def plain_eager() -> bool:
     return torch._C._len_torch_dispatch_stack() == 0 and not torch.compiler.is_compiling()
 
 
-def _no_grad_needed(*tensors: torch.Tensor) -> bool:
+def no_grad_needed(*tensors: torch.Tensor) -> bool:
+    """No autograd graph will be recorded through these tensors: in-place updates and non-differentiable kernels
+    are safe."""
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
@@ -85,7 +87,7 @@ def _few_rows(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     """The few-row kernels apply: CPU inference outside any dispatch mode, fp32/bf16 weights with contiguous rows,
     at most SMALL_ROWS rows of x per weight (beyond that a GEMM's reuse of each weight row wins), and they build."""
     return (x.device.type == "cpu" and w.device.type == "cpu" and rows <= SMALL_ROWS and w.stride(-1) == 1
-            and w.dtype in (torch.float32, torch.bfloat16) and x.is_floating_point() and _no_grad_needed(x, w)
+            and w.dtype in (torch.float32, torch.bfloat16) and x.is_floating_point() and no_grad_needed(x, w)
             and plain_eager() and _kernels() is not None)
 
 
@@ -107,7 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = _kernels().rows_dot(x_RD, weight[None], _ends(rows, 1)).view(*x.shape[:-1], -1)
         return y if bias is None else (y + bias).to(x.dtype)
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and rows <= SMALL_ROWS and _no_grad_needed(x, weight) and plain_eager()):
+            and rows <= SMALL_ROWS and no_grad_needed(x, weight) and plain_eager()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -136,7 +138,7 @@ def scores(q_BKX: torch.Tensor, kv_BTX: torch.Tensor) -> torch.Tensor:
     rows, T cached tokens). With few query rows, batched GEMM streams the cache at a third of the rate of oneDNN's
     inner product with the cache as its many-row input (measured 3.6 vs 10.2 GB/s at T=8K, K=8, X=576, 2 threads)."""
     if (_ONEDNN and kv_BTX.device.type == "cpu" and q_BKX.dtype == kv_BTX.dtype == torch.float32
-            and q_BKX.shape[1] <= SMALL_ROWS and _no_grad_needed(q_BKX, kv_BTX) and plain_eager()):
+            and q_BKX.shape[1] <= SMALL_ROWS and no_grad_needed(q_BKX, kv_BTX) and plain_eager()):
         q_BKX = q_BKX.contiguous()  # a strided "weight" makes oneDNN reorder it at every call
         return torch.stack([torch.ops.mkldnn._linear_pointwise(kv_BTX[b], q_BKX[b], None, "none", [], "")
                             for b in range(q_BKX.shape[0])]).transpose(1, 2)
@@ -207,7 +209,7 @@ def latent_attention(q_BKX: torch.Tensor, kv_BTX: torch.Tensor, valid_BT: torch.
                      C: int) -> torch.Tensor | None:
     """softmax(q kv^T) kv[..., :C] in fp32 for K query rows per batch row (the scale already in q), masking keys
     where valid_BT is False; None where the kernel does not apply (the caller then runs its GEMM path)."""
-    if (kv_BTX.device.type != "cpu" or kv_BTX.stride(-1) != 1 or not _no_grad_needed(q_BKX, kv_BTX)
+    if (kv_BTX.device.type != "cpu" or kv_BTX.stride(-1) != 1 or not no_grad_needed(q_BKX, kv_BTX)
             or not plain_eager() or kv_BTX.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
         return None
     kernels = _kernels()

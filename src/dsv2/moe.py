@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .experts import ACTIVATIONS, RoutedExperts
-from .fastpath import Linear
+from .fastpath import Linear, no_grad_needed
 from .router import Router, Routing
 
 
@@ -68,8 +68,9 @@ class LocalDispatcher:
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
         w_N = weights_TK.flatten()[d.slot_N]
-        out_TD = y_ND.new_zeros(d.n_tokens, y_ND.shape[-1])
-        return out_TD.index_add_(0, d.token_N, (y_ND * w_N[:, None]).to(y_ND.dtype))
+        # in place without autograd: a prefill's [N, D] copies are tens of MB (fresh pages each time)
+        y_ND = y_ND.mul_(w_N[:, None]) if no_grad_needed(y_ND, w_N) else (y_ND * w_N[:, None]).to(y_ND.dtype)
+        return y_ND.new_zeros(d.n_tokens, y_ND.shape[-1]).index_add_(0, d.token_N, y_ND)
 
 
 TokenDropPolicy = Callable[[Routing, int], torch.Tensor]
