@@ -100,6 +100,43 @@ def test_few_row_kernels_reject_bad_input():
         k.rows_combine(torch.randn(2, 4, 3), torch.randn(2, 5, 8))
 
 
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_dot_one_matrix_keeps_the_leading_shape(dtype):
+    k = fastpath._kernels()
+    x, w = torch.randn(2, 3, 20).to(dtype), torch.randn(7, 20).to(dtype)
+    got = k.rows_dot(x, w)
+    assert got.shape == (2, 3, 7) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, atol=1e-4, rtol=2**-8)
+    with pytest.raises(RuntimeError, match="grouped rows take x"):
+        k.rows_dot(x, w[None], torch.tensor([6]))
+
+
+@requires_kernel
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, fastpath.SMALL_ROWS), D=st.sampled_from([1, 7, 64, 1024]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 999))
+def test_rms_norm_kernel_equals_module(rows, D, dtype, seed):
+    """The decode RMSNorm kernel == RMSNorm's PyTorch formula (fp32 normalisation, rounded to the dtype, then
+    scaled): fp32 within 1e-5; bf16 within one bf16 rounding of the scale-and-round steps."""
+    from dsv2.attention import RMSNorm
+
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(D, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=g))
+    x = (torch.randn(D, rows, generator=g) * 3).to(dtype).t()[None]  # [1, rows, D], strided rows
+    want = norm.weight * F.rms_norm(x.float(), (D,), eps=1e-6).to(dtype)
+    with torch.no_grad():
+        got = fastpath.rms_norm(x, norm.weight, 1e-6)
+        torch.testing.assert_close(norm(x), got, atol=0, rtol=0)  # the module takes it
+    assert got is not None and got.dtype == dtype and got.shape == x.shape
+    tol = TOL if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    assert fastpath.rms_norm(torch.randn(fastpath.SMALL_ROWS + 1, D).to(dtype), norm.weight, 1e-6) is None
+    assert fastpath.rms_norm(x, norm.weight.detach().requires_grad_(), 1e-6) is None  # autograd
+
+
 def test_few_row_products_keep_autograd_and_many_rows_on_pytorch():
     """Under autograd, and with more than SMALL_ROWS rows per weight, the PyTorch ops run (gradients flow)."""
     x = torch.randn(2, 3, 4, requires_grad=True)

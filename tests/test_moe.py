@@ -168,6 +168,10 @@ def test_router_runs_in_fp32_for_bf16_inputs():
     assert r.scores_TE.dtype == torch.float32 and r.weights_TK.dtype == torch.float32
     want = torch.softmax(x.float() @ router.weight.float().T, -1)
     torch.testing.assert_close(r.scores_TE, want, atol=1e-6, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training's bf16 autocast leaves the affinities in fp32
+        r = router(x)
+    assert r.scores_TE.dtype == torch.float32
+    torch.testing.assert_close(r.scores_TE, want, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

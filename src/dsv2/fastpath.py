@@ -83,10 +83,11 @@ def gemm_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
     return matmul_dtype(x) if rows > SMALL_ROWS else x.dtype
 
 
-def _few_rows(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
-    """The few-row kernels apply: CPU inference outside any dispatch mode, fp32/bf16 weights with contiguous rows,
-    at most SMALL_ROWS rows of x per weight (beyond that a GEMM's reuse of each weight row wins), and they build."""
-    return (x.device.type == "cpu" and w.device.type == "cpu" and rows <= SMALL_ROWS and w.stride(-1) == 1
+def _few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The few-row kernels apply (the caller checks the row count against SMALL_ROWS: beyond it a GEMM's reuse of
+    each weight row wins): CPU inference outside any dispatch mode, fp32/bf16 weights with contiguous rows, and the
+    kernels build."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and w.stride(-1) == 1
             and w.dtype in (torch.float32, torch.bfloat16) and x.is_floating_point() and no_grad_needed(x, w)
             and plain_eager() and _kernels() is not None)
 
@@ -101,24 +102,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, with few-row CPU inference calls served by the few-row kernel (oneDNN for fp32 where it cannot be
     built) and many-row bf16 calls computed in fp32 where bf16 GEMMs are emulated (see the module docstring)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    dtype = gemm_dtype(x, rows)
-    if dtype != x.dtype and weight.dtype == x.dtype:
-        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
-    if _few_rows(x, weight, rows):
-        x_RD = x.reshape(rows, -1) if bias is None else x.reshape(rows, -1).float()  # bias added before rounding
-        y = _kernels().rows_dot(x_RD, weight[None], _ends(rows, 1)).view(*x.shape[:-1], -1)
-        return y if bias is None else (y + bias).to(x.dtype)
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and rows <= SMALL_ROWS and no_grad_needed(x, weight) and plain_eager()):
+    if rows > SMALL_ROWS:
+        dtype = gemm_dtype(x, rows)
+        if dtype != x.dtype and weight.dtype == x.dtype:
+            return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
+    elif _few_rows(x, weight):
+        if bias is None:
+            return _kernels().rows_dot(x, weight)
+        return (_kernels().rows_dot(x.float(), weight) + bias).to(x.dtype)  # the bias added before rounding
+    elif (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and no_grad_needed(x, weight) and plain_eager()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """dsv2.attention.RMSNorm's output for a few rows by the C++ kernel (decode: one fused call instead of a handful
+    of ops on a 1-row tensor), or None where it does not apply."""
+    if (x.numel() > SMALL_ROWS * x.shape[-1] or x.dtype != weight.dtype or not _few_rows(x, weight)
+            or x.dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    return _kernels().rms_norm(x, weight, eps)
 
 
 def heads_xwt(x_GMK: torch.Tensor, w_GRK: torch.Tensor) -> torch.Tensor:
     """x @ w^T per group ([G, M, K] x [G, R, K] -> [G, M, R]: MLA's W_UV per head), in fp32 by the few-row kernel
     for few rows, else by bmm in matmul_dtype (the caller casts once)."""
     G, M, _ = x_GMK.shape
-    if _few_rows(x_GMK, w_GRK, M):
+    if M <= SMALL_ROWS and _few_rows(x_GMK, w_GRK):
         return _kernels().rows_dot(x_GMK.reshape(G * M, -1).float(), w_GRK, _ends(M, G)).view(G, M, -1)
     dtype = matmul_dtype(x_GMK)
     return torch.bmm(x_GMK.to(dtype), w_GRK.to(dtype).transpose(1, 2))
@@ -127,7 +138,7 @@ def heads_xwt(x_GMK: torch.Tensor, w_GRK: torch.Tensor) -> torch.Tensor:
 def heads_xw(x_GMN: torch.Tensor, w_GNC: torch.Tensor) -> torch.Tensor:
     """x @ w per group ([G, M, N] x [G, N, C] -> [G, M, C]: MLA's W_UK absorbed into each head's query), in fp32 by
     the few-row kernel for few rows, else by bmm in matmul_dtype (the caller casts once)."""
-    if _few_rows(x_GMN, w_GNC, x_GMN.shape[1]):
+    if x_GMN.shape[1] <= SMALL_ROWS and _few_rows(x_GMN, w_GNC):
         return _kernels().rows_combine(x_GMN.transpose(1, 2).float(), w_GNC)
     dtype = matmul_dtype(x_GMN)
     return torch.bmm(x_GMN.to(dtype), w_GNC.to(dtype))
@@ -157,8 +168,7 @@ def small_batch_swiglu(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: 
     """The routed experts of a few expert-sorted token copies (decode): each chosen expert's SwiGLU as two few-row
     products over its copies, all experts in one kernel call per projection, each chosen expert's weights read once
     in place. None where the kernel does not apply (the caller runs its grouped GEMMs)."""
-    active = int((counts_E > 0).sum())
-    if not _few_rows(x_ND, gate_up_EXD, -(-x_ND.shape[0] // max(active, 1))):
+    if not _few_rows(x_ND, gate_up_EXD) or x_ND.shape[0] > SMALL_ROWS * int((counts_E > 0).sum()):
         return None
     ends_E = counts_E.cumsum(0)
     gate_NF, up_NF = _kernels().rows_dot(x_ND, gate_up_EXD, ends_E).chunk(2, dim=-1)
@@ -166,9 +176,9 @@ def small_batch_swiglu(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the C++ kernels (kernels/: mla_decode.cpp, few_rows.cpp, their shared tiles.h), one extension
+# the C++ kernels (kernels/: mla_decode.cpp, few_rows.cpp and their shared tiles.h, rms_norm.cpp), one extension
 _KERNEL_DIR = Path(__file__).parent / "kernels"
-_KERNEL_SOURCES = ("module.cpp", "mla_decode.cpp", "few_rows.cpp")
+_KERNEL_SOURCES = ("module.cpp", "mla_decode.cpp", "few_rows.cpp", "rms_norm.cpp")
 
 
 @functools.cache
@@ -205,6 +215,9 @@ def _cpu_signature() -> str:
     return "|".join(ln for ln in lines if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags"))
 
 
+_NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
 def latent_attention(q_BKX: torch.Tensor, kv_BTX: torch.Tensor, valid_BT: torch.Tensor | None,
                      C: int) -> torch.Tensor | None:
     """softmax(q kv^T) kv[..., :C] in fp32 for K query rows per batch row (the scale already in q), masking keys
@@ -215,5 +228,5 @@ def latent_attention(q_BKX: torch.Tensor, kv_BTX: torch.Tensor, valid_BT: torch.
     kernels = _kernels()
     if kernels is None:
         return None
-    mask = torch.empty(0, dtype=torch.bool) if valid_BT is None else valid_BT.contiguous()
+    mask = _NO_MASK if valid_BT is None else valid_BT.contiguous()
     return kernels.mla_decode(q_BKX.float().contiguous(), kv_BTX, mask, C)

@@ -71,8 +71,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim of x; cos/sin [..., dim/2] broadcast against x[..., dim/2]."""
-    x2 = x.float().unflatten(-1, (-1, 2))
-    x_even, x_odd = x2[..., 0], x2[..., 1]
-    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate interleaved pairs of the last dim of x; cos/sin [..., dim/2] broadcast against x[..., dim/2].
+
+    Each pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1], rotated by multiplying with
+    cos + i sin: (x_e cos - x_o sin) + i (x_e sin + x_o cos), in fp32 (one complex multiply instead of four real
+    ones, two selects and a stack: a decode step rotates 2 small tensors per layer)."""
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(z * torch.complex(cos, sin)).flatten(-2).to(x.dtype)

@@ -58,8 +58,10 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):  # affinities in fp32 even under bf16 autocast
-            scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(dim=-1)
+        if torch.is_autocast_enabled(x_TD.device.type):  # affinities in fp32 even under bf16 autocast
+            with torch.autocast(x_TD.device.type, enabled=False):
+                return self.forward(x_TD)
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(dim=-1)
         weights_TK, experts_TK = torch.topk(self.limit_to_groups(scores_TE.detach()), self.top_k, dim=-1)
         weights_TK = scores_TE.gather(-1, experts_TK)  # differentiable, and exact (not the masked copy)
         if self.top_k > 1 and self.norm_topk_prob:

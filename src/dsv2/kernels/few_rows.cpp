@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -44,16 +45,25 @@ void with_rows(const torch::Tensor& w, const F& f) {
 
 }  // namespace
 
-// x [N, K]; w [G, R, K]; ends [G] int64, non-decreasing, ends[G-1] == N: group g holds rows ends[g-1] .. ends[g]-1
-// (ends[-1] = 0). Returns y [N, R].
-torch::Tensor rows_dot(torch::Tensor x_in, torch::Tensor w, torch::Tensor ends) {
-  const auto x = checked_x(x_in, w, 2, "rows_dot");
+// x [..., K], w [R, K] (one matrix: a linear) -> y [..., R]; or x [N, K], w [G, R, K] and ends [G] int64,
+// non-decreasing, ends[G-1] == N: group g holds rows ends[g-1] .. ends[g]-1 (ends[-1] = 0) -> y [N, R].
+torch::Tensor rows_dot(torch::Tensor x_in, torch::Tensor w_in, std::optional<torch::Tensor> ends) {
+  TORCH_CHECK(w_in.dim() == 3 || (w_in.dim() == 2 && !ends.has_value()),
+              "rows_dot: w [R, K] (no ends) or w [G, R, K] with ends expected");
+  TORCH_CHECK(w_in.dim() == 2 || x_in.dim() == 2, "rows_dot: grouped rows take x [N, K]");
+  const auto w = w_in.dim() == 3 ? w_in : w_in.unsqueeze(0);
+  const auto x = checked_x(x_in.reshape({-1, x_in.size(-1)}), w, 2, "rows_dot");
   TORCH_CHECK(x.size(1) == w.size(2), "rows_dot: x rows (", x.size(1), ") and w rows (", w.size(2), ") differ");
-  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == w.size(0) && ends.scalar_type() == at::kLong && ends.is_cpu(),
-              "rows_dot: ends must be int64 [G] on the CPU");
   const int64_t N = x.size(0), K = x.size(1), G = w.size(0), R = w.size(1);
-  const auto ends_c = ends.contiguous();
-  const int64_t* e = ends_c.data_ptr<int64_t>();
+  std::vector<int64_t> one_group{N};
+  torch::Tensor ends_c;
+  const int64_t* e = one_group.data();
+  if (ends.has_value()) {
+    TORCH_CHECK(ends->dim() == 1 && ends->size(0) == G && ends->scalar_type() == at::kLong && ends->is_cpu(),
+                "rows_dot: ends must be int64 [G] on the CPU");
+    ends_c = ends->contiguous();
+    e = ends_c.data_ptr<int64_t>();
+  }
   // one task per (non-empty group, block of weight rows): only the groups with rows read their weights
   std::vector<std::pair<int64_t, int64_t>> tasks;
   for (int64_t g = 0, start = 0; g < G; start = e[g++]) {
@@ -75,7 +85,9 @@ torch::Tensor rows_dot(torch::Tensor x_in, torch::Tensor w, torch::Tensor ends) 
       }
     });
   });
-  return y.to(x_in.scalar_type());
+  auto shape = x_in.sizes().vec();
+  shape.back() = R;
+  return y.view(shape).to(x_in.scalar_type());
 }
 
 // x [G, N, M] (each x row transposed: the n-th entries of the M rows side by side), w [G, N, C] -> y [G, M, C]
