@@ -119,8 +119,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """dsv2.attention.RMSNorm's output for a few rows by the C++ kernel (decode: one fused call instead of a handful
     of ops on a 1-row tensor), or None where it does not apply."""
-    if (x.numel() > SMALL_ROWS * x.shape[-1] or x.dtype != weight.dtype or not _few_rows(x, weight)
-            or x.dtype not in (torch.float32, torch.bfloat16)):
+    if x.numel() > SMALL_ROWS * x.shape[-1] or x.dtype != weight.dtype or not _few_rows(x, weight):
         return None
     return _kernels().rms_norm(x, weight, eps)
 
