@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         sections["moe"] = moe.run(path, dtypes=args.dtypes, max_time=args.max_time, log=log)
     if "train" in args.only:
         sections["train"] = train.run(args.workdir, presets=args.presets, max_time=max(args.max_time, 20.0), log=log)
-    # machine limits again at the end (other tenants come and go): the best of the two is the bound
+    # machine limits again at the end (other tenants come and go): the best of the two is reported
     end = {"bandwidth": common.memory_bandwidth(),
            "matmul_peak": {d: common.matmul_peak(common.DTYPES[d]) for d in peak_dtypes}}
     log(f"machine (end): {end}")
@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         machine["native_dtype"] = "fp32" if fp32 > bf16 else "bf16"
         machine["native_note"] = (f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f} GFLOP/s; CPU capability "
                                   f"{res['stamp']['isa']}, no AVX512-BF16/AMX: bf16 GEMMs are emulated")
-    if "decode" in sections:
-        decode.add_bandwidth(sections["decode"], machine["bandwidth"]["bound_GBps"])
     if "moe" in sections:
         moe.add_peaks(sections["moe"], machine["matmul_peak"])
     res["stamp"]["load_end"] = round(common.loadavg(), 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -203,8 +204,8 @@ def set_hf_experts(model, experts: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # machine limits
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
-    """Best-of-N read bandwidth (sum of a 1 GiB fp32 tensor) and copy bandwidth (read + write), GB/s. Decode reads
-    (weights, cache), so the read figure is its bound."""
+    """Best-of-N read bandwidth (sum of a 1 GiB fp32 tensor) and copy bandwidth (read + write), GB/s, for the run's
+    stamp. (Each batch-1 decode cell times its own read bound next to its peers: see decode.READ_PROBE.)"""
     x = torch.ones(nbytes // 4)
     y = torch.empty_like(x)
     read = copy = 0.0
@@ -217,7 +218,15 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
         copy = max(copy, 2 * nbytes / (time.perf_counter() - t0) / 1e9)
     del x, y
     free_memory()
-    return {"read_GBps": read, "copy_GBps": copy, "bound_GBps": read}
+    return {"read_GBps": read, "copy_GBps": copy}
+
+
+def read_probe(nbytes: int, buffers: int = 2) -> Callable[[], object]:
+    """A callable that sums `nbytes` of fp32 from memory: each call reads the next of `buffers` buffers of that size
+    (each larger than the last-level cache for a decode step's bytes, so every read comes from DRAM)."""
+    pool = [torch.ones(max(nbytes // 4, 1)) for _ in range(buffers)]
+    turn = itertools.cycle(pool)
+    return lambda: next(turn).sum()
 
 
 def matmul_peak(dtype: torch.dtype, shapes=((2048, 1024, 4096), (4096, 1024, 1024), (2048, 2048, 2048))) -> dict:

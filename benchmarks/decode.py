@@ -20,6 +20,10 @@ from .common import DTYPES, free_memory, hf_available, load_dsv2, load_hf, measu
 
 DSV2_PEERS = ("dsv2 absorbed", "dsv2 naive")
 HF_PEERS = ("hf eager", "hf grouped_mm", "hf batched_mm")
+READ_PROBE = "read bound"
+"""Batch-1 cells also time a plain sum over as many cold bytes as a decode step must read: the physical limit, taken
+in the same rounds as the peers (this host's read bandwidth moves between 20 and 30 GB/s from one minute to the
+next, so a figure measured at another time would not bound this cell)."""
 
 
 @torch.inference_mode()
@@ -143,8 +147,18 @@ def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf
                         # transformers' experts implementations share one loaded model: switched untimed
                         setup[peer] = functools.partial(set_hf_experts, hf, peer.split(" ", 1)[1])
                     fns[peer], caches[peer] = fn, cache
+                cache_read = ctx * batch * model.config.num_hidden_layers * (
+                    model.config.kv_lora_rank + model.config.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
+                if batch == 1:  # the bytes a step must read, read by a plain sum in the same rounds as the peers
+                    cell["bytes_per_step_batch1"] = weight_bytes + cache_read
+                    fns[READ_PROBE] = common.read_probe(cell["bytes_per_step_batch1"])
                 timings = measure_peers(fns, setup=setup, warmup=1, min_iters=3, max_iters=room - 2, min_time=1.5,
                                         max_time=max_time)
+                if READ_PROBE in timings:
+                    probe = timings.pop(READ_PROBE)
+                    cell["bound_ms"] = probe.best_ms
+                    cell["read_GBps"] = cell["bytes_per_step_batch1"] / probe.min_s / 1e9
+                    cell["bandwidth_fraction"] = {p: probe.min_s / t.min_s for p, t in timings.items()}
                 for peer, t in timings.items():
                     cell["ms"][peer], cell["ms_median"][peer], cell["n"][peer] = t.best_ms, t.median_s * 1e3, t.n
                 if ctx == contexts[0] and batch == batches[0]:
@@ -156,9 +170,6 @@ def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf
                             kv["transformers (DynamicCache)"] = hf_cache_bytes_per_token(cache)
                 del fns, caches, fn, cache
                 free_memory()
-                cache_read = ctx * batch * model.config.num_hidden_layers * (
-                    model.config.kv_lora_rank + model.config.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
-                cell["bytes_per_step_batch1"] = weight_bytes + cache_read if batch == 1 else None
                 results["cells"].append(cell)
                 log(f"  {dname} ctx {ctx:5d} batch {batch}: " + ", ".join(
                     f"{p} {ms:.1f} ms (n={cell['n'][p]})" for p, ms in cell["ms"].items()))
@@ -191,15 +202,6 @@ def warm_up(model, batches) -> None:
         cache = model.new_cache(batch, 8)
         model(torch.randint(2, 100, (batch, 4)), cache=cache)
         model(torch.randint(2, 100, (batch, 1)), cache=cache)
-
-
-def add_bandwidth(results: dict, bandwidth_GBps: float) -> None:
-    """Batch-1 cells: the time the bytes a step must read take at the measured bandwidth, and each peer's share."""
-    for cell in results["cells"]:
-        if cell["batch"] == 1 and cell.get("bytes_per_step_batch1"):
-            bound_ms = cell["bytes_per_step_batch1"] / (bandwidth_GBps * 1e9) * 1e3
-            cell["bound_ms"] = bound_ms
-            cell["bandwidth_fraction"] = {p: bound_ms / ms for p, ms in cell["ms"].items()}
 
 
 @torch.inference_mode()

@@ -166,14 +166,15 @@ def markdown(res: dict) -> str:
                   "bf16 figure can exceed the bf16 peak.", ""]
     if dec and any("bound_ms" in c for c in dec["cells"]):
         peers = _peers(dec["peers"])
-        rows = [[c["dtype"], c["context"], f"{c['bytes_per_step_batch1'] / 1e6:.0f}", c["bound_ms"]]
-                + [f"{100 * c['bandwidth_fraction'][p]:.0f}%" for p in peers]
+        rows = [[c["dtype"], c["context"], f"{c['bytes_per_step_batch1'] / 1e6:.0f}", c["bound_ms"],
+                 c["read_GBps"]] + [f"{100 * c['bandwidth_fraction'][p]:.0f}%" for p in peers]
                 for c in dec["cells"] if "bound_ms" in c]
         parts += ["## 5. Batch-1 decode vs the memory-bandwidth bound", "",
                   "bytes/step = active weights (all but the routed experts, K of E of those, one embedding row) + "
-                  "the latent cache read; bound = bytes / measured read bandwidth; % = bound / measured time "
-                  "(the physical limit is 100%).", "",
-                  _table(["dtype", "context", "MB/step", "bound ms"] + peers, rows), ""]
+                  "the latent cache read; bound = the time a plain sum takes to read as many bytes from memory "
+                  "(cold, all threads), timed round-robin with the peers in the same cell; % = bound / measured "
+                  "time (the physical limit is 100%).", "",
+                  _table(["dtype", "context", "MB/step", "bound ms", "read GB/s"] + peers, rows), ""]
     if dec and dec.get("kv_bytes_per_token"):
         kv = dec["kv_bytes_per_token"]
         rows = []
