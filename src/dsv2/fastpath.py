@@ -2,7 +2,7 @@
 
 Batch-1 decode reads every active weight once per token: it is bound by memory bandwidth, and what matters is
 whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC (torch 2.13, cold weights, GB/s
-of weights read; a plain sum reads ~20):
+of weights read; a plain sum reads 20-30 there, depending on the host's other tenants):
 
 - few-row products (`linear`, `heads_xwt`, `heads_xw`, `small_batch_swiglu`; kernels/few_rows.cpp): MKL's sgemm
   serves 1-16 rows from one thread (1 row: 12 GB/s, 8 rows: 6) and oneDNN's inner product reaches 15-19 at 1 row
