@@ -5,9 +5,9 @@ whether a kernel streams weights with all cores. Measured on an AVX2 2-core EPYC
 of weights read; a plain sum reads 20-30 there, depending on the host's other tenants):
 
 - few-row products (`linear`, `heads_xwt`, `heads_xw`, `small_batch_swiglu`; kernels/few_rows.cpp): MKL's sgemm
-  serves 1-16 rows from one thread (1 row: 12 GB/s, 8 rows: 6) and oneDNN's inner product reaches 15-19 at 1 row
-  and 6-9 at 8; on CPUs without native bf16 both emulate bf16 (8 rows: 2 GB/s). The kernels stream fp32 or bf16
-  weights with all threads, widening bf16 in registers (1 row: ~18 fp32 / 16-20 bf16; 8 rows: 9-13 / 7-8). They
+  serves 1-16 rows from one thread (1 row: 9-14 GB/s, 8 rows: 3-6) and oneDNN's inner product reaches 12-19 at 1
+  row and 6-9 at 8; on CPUs without native bf16 both emulate bf16 (8 rows: 2 GB/s). The kernels stream fp32 or bf16
+  weights with all threads, widening bf16 in registers (1 row: 15-20 in both dtypes; 8 rows: 9-14 / 8-10). They
   serve the linears, the routed experts of a few token copies (one GEMV per chosen expert in one parallel loop: no
   gathered weight copy, no Python loop over experts) and MLA's per-head W_UK/W_UV products. Where the kernels
   cannot be built, fp32 linears use oneDNN and the rest keeps its PyTorch op.
