@@ -2,8 +2,9 @@
 transformers' DeepseekV2ForCausalLM with its fastest experts implementation, same checkpoint, batch and dtype.
 
 Both compute the next-token cross-entropy over the same B x T tokens and backpropagate: dsv2 as its trainer does
-(inputs ids[:, :T], targets ids[:, 1:]), transformers from `labels` (it shifts internally, so it scores T - 1
-positions per row); no optimizer step (identical for both). dsv2's balance losses are not added: transformers has
+(inputs ids[:, :T], targets ids[:, 1:], `model(x, targets=y)`: the loss fused with the LM head, lm_loss.py),
+transformers from `labels` (it shifts internally, so it scores T - 1 positions per row); no optimizer step
+(identical for both). dsv2's balance losses are not added: transformers has
 no equivalent.
 transformers' batched_mm experts gather one weight copy per token-expert pair; where that copy would exceed
 `batched_mm_limit` bytes it is skipped and the reason recorded.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from dsv2.config import get_config
 
@@ -38,8 +38,7 @@ def run(workdir, *, presets=("tiny", "small"), dtype: str = "fp32", max_time: fl
         model = load_dsv2(path, dt).train()
 
         def ours(model=model, x=x, y=y):
-            logits = model(x)
-            F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+            model(x, targets=y).backward()
             model.zero_grad(set_to_none=True)
         fns, setup = {"dsv2": ours}, {}
         hf = load_hf(path, dt).train() if hf_available() else None

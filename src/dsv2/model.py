@@ -18,6 +18,7 @@ from .attention import RMSNorm, build_attention
 from .cache import KVCache
 from .config import ModelConfig
 from .fastpath import Linear
+from .lm_loss import lm_loss
 from .moe import MoE, dense_or_moe
 from .rope import RotaryEmbedding
 from .router import Routing
@@ -86,14 +87,20 @@ class DeepseekV2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
-                absorb: bool | None = None, return_routing: bool = False, logits_to_keep: int = 0):
+                absorb: bool | None = None, return_routing: bool = False, logits_to_keep: int = 0,
+                targets: torch.Tensor | None = None):
         """input_ids [B, S] -> logits [B, S, V] (and the MoE layers' routings when return_routing).
 
         positions [B, S]: RoPE positions (default: the cache length onwards). pad_mask [B, S] bool: False marks
         padding (left padding in generation); padded keys are masked out. logits_to_keep > 0: only the last that
-        many positions go through the final norm and LM head (generation needs the last one).
+        many positions go through the final norm and LM head (generation needs the last one). targets [B, S]
+        (the next token at each position; lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an
+        fp32 scalar, in place of the logits, by lm_loss (fused with the LM head; no [B, S, V] logits in memory).
         """
         B, S = input_ids.shape
+        if targets is not None and (targets.shape != input_ids.shape or logits_to_keep):
+            raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)} (got "
+                             f"{tuple(targets.shape)}) and need logits_to_keep=0")
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
@@ -119,8 +126,11 @@ class DeepseekV2(nn.Module):
             cache.advance(S)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))
-        return (logits, routings) if return_routing else logits
+        if targets is not None:
+            out = lm_loss(self.model.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
+        else:
+            out = self.lm_head(self.model.norm(x))
+        return (out, routings) if return_routing else out
 
     @staticmethod
     def _mask(valid_BT: torch.Tensor, start: int) -> torch.Tensor:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -350,8 +349,8 @@ def evaluate(model: DeepseekV2, ds: data_mod.TokenDataset, tc: TrainConfig, devi
     micro = tc.micro_batch_size or tc.batch_size
     for x, y in ds.val_batches(micro, tc.seq_len, max_batches=tc.eval_batches):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x.to(device))
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+            loss = model(x.to(device), targets=y.to(device))
+        total += float(loss) * y.numel()
         n += y.numel()
     model.train()
     return total / max(1, n)
@@ -430,8 +429,7 @@ def train(tc: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if dropper:
                 dropper.protect = protect_all[i * micro:(i + 1) * micro].to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits, routings = net(x, return_routing=True)
-            lm = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                lm, routings = net(x, targets=y, return_routing=True)  # fused with the LM head (lm_loss.py)
             layer_losses = [balance_losses(r.scores_TE.view(micro, tc.seq_len, -1),
                                            r.experts_TK.view(micro, tc.seq_len, -1), model.config)
                             for r in routings]
