@@ -262,6 +262,86 @@ def test_index_naming_missing_shard(tmp_path, saved):
         from_pretrained(tmp_path)
 
 
+def _sharded(tmp_path: Path, saved) -> tuple[Path, dict]:
+    saved[1].save_pretrained(tmp_path, max_shard_bytes=64 * 1024)
+    return tmp_path, json.loads((tmp_path / INDEX_FILE).read_text())
+
+
+def test_tensor_stored_in_two_shards(tmp_path, saved):
+    path, _ = _sharded(tmp_path, saved)
+    first, second = sorted(path.glob("model-*.safetensors"))[:2]
+    t = load_file(second)
+    name = sorted(load_file(first))[0]
+    t[name] = torch.zeros_like(load_file(first)[name])  # a second, different copy of a tensor of shard 1
+    save_file(t, second)
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' is stored twice, in {first.name} and "
+                                              rf"{second.name}"):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "/etc/model.safetensors", "a/../../x.safetensors"])
+def test_index_entry_outside_the_folder(tmp_path, saved, shard):
+    path, index = _sharded(tmp_path / "ckpt", saved)
+    (tmp_path / "other").mkdir()
+    copy = sorted(path.glob("model-*.safetensors"))[0]
+    (tmp_path / "other" / "model.safetensors").write_bytes(copy.read_bytes())
+    index["weight_map"][next(iter(index["weight_map"]))] = shard
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"names shard {re.escape(repr(shard))}, which is outside"):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize("weight_map", [["model-00001-of-00002.safetensors"], "x", {"a": 3}])
+def test_index_weight_map_not_an_object_of_names(tmp_path, saved, weight_map):
+    path, index = _sharded(tmp_path, saved)
+    (path / INDEX_FILE).write_text(json.dumps({**index, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"weight_map must be an object"):
+        from_pretrained(path)
+    (path / INDEX_FILE).write_text("[]")
+    with pytest.raises(CheckpointError, match=r"not a valid index"):
+        from_pretrained(path)
+
+
+def test_integer_tensor_where_a_weight_belongs(tmp_path, saved):
+    path = copy_ckpt(saved[0], tmp_path)
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    _rewrite(path, lambda t: t.update({name: torch.ones(60, 24, dtype=torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"'{re.escape(name)}' in model.safetensors is I32; a model weight "
+                                              r"must be floating-point"):
+        from_pretrained(path)
+
+
+def test_non_finite_values_are_named_unless_allowed(tmp_path, saved):
+    path = copy_ckpt(saved[0], tmp_path)
+    name = "model.layers.2.mlp.experts.3.down_proj.weight"
+
+    def poison(t):
+        t[name][0, 0] = float("nan")
+    _rewrite(path, poison)
+    with pytest.raises(CheckpointError, match=rf"'{re.escape(name)}' in model.safetensors holds NaN or infinite"):
+        from_pretrained(path)
+    model = from_pretrained(path, allow_non_finite=True)
+    assert torch.isnan(model.model.layers[2].mlp.experts.down_proj[3, 0, 0])
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path, saved):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        from dsv2.files import file_mode
+
+        file_mode.cache_clear()
+        saved[1].save_pretrained(tmp_path / "one")
+        saved[1].save_pretrained(tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    finally:
+        os.umask(old)
+        file_mode.cache_clear()
+    files = list((tmp_path / "one").iterdir()) + list((tmp_path / "sharded").iterdir())
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o644"}  # as open() makes them: 0666 - umask
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # transformers reads what dsv2 writes (the reverse direction of test_parity_hf.py)
 @pytest.mark.parametrize("q_lora_rank,yarn,topk_method,first_dense", [

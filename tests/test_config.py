@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dsv2.config import PRESETS, ConfigError, ModelConfig, get_config
+from dsv2.config import NULL_MEANS, PRESETS, ConfigError, ModelConfig, get_config
 
 REF_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 OFFICIAL = {"deepseek-v2": "deepseek-v2.config.json", "deepseek-v2-lite": "deepseek-v2-lite.config.json"}
@@ -155,7 +157,7 @@ def test_from_json_errors(tmp_path):
     (dict(intermediate_size=0), r"intermediate_size"),
     (dict(moe_intermediate_size=0), r"moe_intermediate_size"),
     (dict(q_lora_rank=0), r"q_lora_rank must be null"),
-    (dict(hidden_size=True), r"hidden_size must be a positive integer"),
+    (dict(hidden_size=True), r"hidden_size must be an integer, got True"),
     (dict(topk_method="noaux_tc"), r"topk_method must be one of .*noaux_tc is DeepSeek-V3"),
     (dict(topk_method="bogus"), r"topk_method must be one of .*'bogus'"),
     (dict(scoring_func="sigmoid"), r"scoring_func must be 'softmax'.*'sigmoid'"),
@@ -205,6 +207,92 @@ def test_from_json_wraps_errors_with_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=r"config\.json: qk_rope_head_dim must be even"):
         ModelConfig.from_json(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs as other tools write them: nulls, wrong types, files that are not JSON objects
+def test_transformers_greedy_config_with_null_groups_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    # transformers' own defaults for everything but the sizes: greedy routing, n_group/topk_group null
+    hf = transformers.DeepseekV2Config(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                       num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, q_lora_rank=None,
+                                       qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=6,
+                                       num_experts_per_tok=2, bos_token_id=0, eos_token_id=1)
+    hf.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["n_group"] is None and raw["topk_group"] is None and raw["topk_method"] == "greedy"
+    cfg = ModelConfig.from_json(tmp_path)
+    assert (cfg.n_group, cfg.topk_group) == (NULL_MEANS["n_group"], NULL_MEANS["topk_group"]) == (1, 1)
+    assert cfg.to_dict()["architectures"] == ["DeepseekV2ForCausalLM"]
+    ModelConfig.from_dict(cfg.to_dict())  # and what dsv2 writes back loads again
+
+
+def test_null_means_the_default():
+    d = get_config("tiny").to_dict()
+    d.update(num_experts_per_tok=None, rms_norm_eps=None, hidden_act=None, n_group=None, topk_group=None)
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.num_experts_per_tok == 6 and cfg.rms_norm_eps == 1e-6 and cfg.hidden_act == "silu"
+    assert cfg.n_group == cfg.topk_group == 1
+    assert ModelConfig.from_dict({**d, "q_lora_rank": None}).q_lora_rank is None  # null is a value here
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("vocab_size", "4096", r"vocab_size must be an integer, got '4096' \(str\)"),
+    ("hidden_size", [128], r"hidden_size must be an integer, got \[128\]"),
+    ("n_group", 4.0, r"n_group must be an integer, got 4.0 \(float\)"),
+    ("rms_norm_eps", "1e-6", r"rms_norm_eps must be a finite number"),
+    ("norm_topk_prob", "false", r"norm_topk_prob must be true or false"),
+    ("topk_method", 3, r"topk_method must be a string"),
+    ("rope_scaling", [1, 2], r"rope_scaling must be an object or null"),
+    ("rope_scaling", {"type": "yarn", "factor": "4", "original_max_position_embeddings": 64},
+     r"rope_scaling.factor must be a finite number"),
+    ("eos_token_id", "1", r"eos_token_id must be an integer or a list of integers or null"),
+])
+def test_wrong_types_name_the_file_and_field(tmp_path, field, value, pattern):
+    d = get_config("tiny").to_dict()
+    d[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"config\.json: " + pattern):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_files_that_are_not_a_json_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ConfigError, match=r"config\.json: a config must be a JSON object of fields, got list"):
+        ModelConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"config\.json is not a text file"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_unknown_override_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"unknown model config field 'nosuchfield'"):
+        get_config("tiny", nosuchfield=3)
+    with pytest.raises(ConfigError, match=r"did you mean 'hidden_size'"):
+        get_config("tiny").replace(hiden_size=3)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                max_size=3), max_leaves=6)
+FIELD_NAMES = st.sampled_from(sorted(FIELDS + ["rope_parameters", "extra"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(changes=st.dictionaries(FIELD_NAMES, JSON, min_size=1, max_size=3), yarn=st.booleans())
+def test_any_json_value_in_any_field_is_accepted_or_a_config_error(changes, yarn):
+    base = get_config("tiny").to_dict()
+    if yarn:
+        base["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+                                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+    d = {**base, **changes}
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except ConfigError:
+        return
+    # whatever was accepted is a config whose derived values and round trip work
+    assert cfg.softmax_scale > 0 and cfg.qk_head_dim > 0
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------

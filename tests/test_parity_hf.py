@@ -35,20 +35,45 @@ def hf_config(q_lora_rank, topk_method, first_dense, yarn, seed):
     )
 
 
+def saved_reference(cfg, path):
+    """transformers' model for cfg, with non-trivial norm weights (so a misplaced norm cannot hide), saved to
+    path by transformers' own save_pretrained."""
+    ref = transformers.DeepseekV2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    ref.save_pretrained(path)
+    return ref
+
+
 @pytest.mark.parametrize("q_lora_rank,topk_method,first_dense,yarn", CASES)
 def test_logits_and_greedy_tokens_match_transformers(tmp_path, q_lora_rank, topk_method, first_dense, yarn):
     seed = hash((q_lora_rank, topk_method, first_dense, yarn)) % 1000
     torch.manual_seed(seed)
-    cfg = hf_config(q_lora_rank, topk_method, first_dense, yarn, seed)
-    ref = transformers.DeepseekV2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # give the norms non-trivial weights so a misplaced norm cannot hide
-        for name, p in ref.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    ref.save_pretrained(tmp_path)
+    ref = saved_reference(hf_config(q_lora_rank, topk_method, first_dense, yarn, seed), tmp_path)
     model = dsv2.from_pretrained(tmp_path)
     assert model.config.q_lora_rank == q_lora_rank and (model.config.rope_scaling is not None) == yarn
+    assert_same_outputs(ref, model)
 
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_transformers_defaults_load_and_match(tmp_path, q_lora_rank):
+    """Everything but the sizes (and num_experts_per_tok, which transformers leaves null and cannot run without)
+    at transformers' own defaults: greedy routing with n_group/topk_group null, first_k_dense_replace 0, plain
+    RoPE, its bos/eos ids, num_key_value_heads null."""
+    torch.manual_seed(3)
+    cfg = transformers.DeepseekV2Config(vocab_size=128, hidden_size=48, intermediate_size=80, moe_intermediate_size=16,
+                                        num_hidden_layers=2, num_attention_heads=3, q_lora_rank=q_lora_rank,
+                                        kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                                        n_routed_experts=8, num_experts_per_tok=3)
+    ref = saved_reference(cfg, tmp_path)
+    model = dsv2.from_pretrained(tmp_path)
+    assert (model.config.n_group, model.config.topk_group, model.config.topk_method) == (1, 1, "greedy")
+    assert_same_outputs(ref, model)
+
+
+def assert_same_outputs(ref, model):
     ids = torch.randint(2, 128, (2, 40))
     with torch.no_grad():
         want = ref(ids).logits

@@ -16,18 +16,20 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .files import atomic_write
 from .model import DeepseekV2
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -104,32 +106,35 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
     weight_map = {}
     for fname, shard in zip(files, shards, strict=True):
         tensors = {name: t.contiguous().cpu() for name, t in shard}
-        _atomic(path / fname, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path / fname, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(tensors, fname))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic(path / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        atomic_write(path / INDEX_FILE, json.dumps(index, indent=2))
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, target)
+    atomic_write(path / "config.json", json.dumps(cfg, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # load
 def checkpoint_files(path: Path) -> list[Path]:
-    if (path / INDEX_FILE).exists():
+    """The safetensors files of a checkpoint directory: the shards its index names, or model.safetensors."""
+    index = path / INDEX_FILE
+    if index.exists():
         try:
-            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{path / INDEX_FILE} is not a valid index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.exists()]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+        names = sorted(set(weight_map.values()))
+        for name in names:  # lexically inside the folder (symlinked shards, as in hub caches, are fine)
+            parts = PurePosixPath(name.replace("\\", "/")).parts
+            if not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                raise CheckpointError(f"{index} names shard {name!r}, which is outside the checkpoint folder")
+        files = [path / f for f in names]
+        missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"shards named in {INDEX_FILE} are missing: {', '.join(missing)}")
         return files
@@ -140,11 +145,10 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
     """The dtype of the first floating-point tensor stored."""
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
     with _open(files[0]) as f:
         for key in f.keys():
-            if f.get_slice(key).get_dtype() in names:
-                return names[f.get_slice(key).get_dtype()]
+            if f.get_slice(key).get_dtype() in _FLOAT_DTYPES:
+                return _FLOAT_DTYPES[f.get_slice(key).get_dtype()]
     raise CheckpointError(f"{files[0]} holds no floating-point tensors")
 
 
@@ -156,8 +160,10 @@ def _open(file: Path):
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> DeepseekV2:
-    """Load a checkpoint directory in the official layout. dtype None keeps the checkpoint's dtype."""
+                    device: torch.device | str | None = None, allow_non_finite: bool = False) -> DeepseekV2:
+    """Load a checkpoint directory in the official layout. dtype None keeps the checkpoint's dtype.
+
+    A tensor holding NaN or infinity is an error naming it (a diverged run's weights), unless allow_non_finite."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
@@ -172,14 +178,15 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model = model.to(dtype).to_empty(device=device or "cpu")
     if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties the two
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, files)
+    load_weights(model, files, allow_non_finite=allow_non_finite)
     model.eval()
     return model
 
 
 @torch.no_grad()
-def load_weights(model: DeepseekV2, files: list[Path]) -> None:
-    """Copy every stored tensor into its parameter slot; error on missing, unexpected or misshapen tensors."""
+def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = False) -> None:
+    """Copy every stored tensor into its parameter slot; error on missing, unexpected, duplicated, misshapen,
+    non-float or (unless allow_non_finite) non-finite tensors."""
     names = official_names(model)
     params = dict(model.named_parameters())
     stacked: dict[str, list[str]] = {}  # internal stacked expert tensor -> the official names it covers
@@ -187,10 +194,14 @@ def load_weights(model: DeepseekV2, files: list[Path]) -> None:
         if part is not None:
             stacked.setdefault(name, []).append(official)
     seen: set[str] = set()
+    stored_in: dict[str, str] = {}  # tensor name -> the file that held it
     unexpected: list[str] = []
     for file in files:
         with _open(file) as f:
             for key in f.keys():
+                if key in stored_in:
+                    raise CheckpointError(f"tensor {key!r} is stored twice, in {stored_in[key]} and {file.name}")
+                stored_in[key] = file.name
                 if key in names:
                     name, part, j = names[key]
                     dst, covered = _slot(params[name], part, j), [key]
@@ -201,15 +212,22 @@ def load_weights(model: DeepseekV2, files: list[Path]) -> None:
                 else:
                     unexpected.append(key)
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                info = f.get_slice(key)
+                shape = tuple(info.get_shape())
                 if shape != tuple(dst.shape):
                     raise CheckpointError(f"tensor {key!r} in {file.name} has shape {shape}, the config "
                                           f"expects {tuple(dst.shape)}")
+                if info.get_dtype() not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"tensor {key!r} in {file.name} is {info.get_dtype()}; a model weight "
+                                          f"must be floating-point ({', '.join(_FLOAT_DTYPES)})")
                 try:
                     dst.copy_(f.get_tensor(key))
                 except (SafetensorError, OSError, RuntimeError) as e:
                     raise CheckpointError(f"cannot read tensor {key!r} from {file} (truncated or corrupt?): "
                                           f"{e}") from None
+                if not allow_non_finite and not bool(torch.isfinite(dst).all()):
+                    raise CheckpointError(f"tensor {key!r} in {file.name} holds NaN or infinite values (a diverged "
+                                          "run?); pass allow_non_finite=True to load it anyway")
                 seen.update(covered)
     problems = []
     for label, items in (("missing", [n for n in names if n not in seen]), ("unexpected", unexpected)):

@@ -5,6 +5,11 @@ original form (``rope_theta`` + ``rope_scaling`` with ``"type": "yarn"``) and th
 (``rope_parameters``) are read; the original form is written. Keys this class does not know are kept in
 ``extra`` and written back unchanged.
 
+A ``null`` in config.json (as transformers writes for fields it leaves unset, e.g. ``n_group`` and ``topk_group``
+under greedy routing) means the field's default: :data:`NULL_MEANS` for the device-group fields (one group, no
+device limit, which is what the official code does without groups), the dataclass default for the rest. Every
+value is type-checked before any rule is applied, so a wrong type is a :class:`ConfigError` naming the field.
+
 Paper symbols (DeepSeek-V2 report, Sec. 2) next to the field names:
     d      hidden_size              n_h    num_attention_heads       l   num_hidden_layers
     d_c    kv_lora_rank             d_c'   q_lora_rank               d_h qk_nope_head_dim (= v_head_dim in V2)
@@ -16,8 +21,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,11 @@ SCORING_FUNCS = ("softmax",)
 HIDDEN_ACTS = ("silu", "gelu")
 ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+NULL_MEANS = {"n_group": 1, "topk_group": 1}
+"""What a null means for fields whose dataclass default (V2's 8 groups, M = 3) would not fit a model without
+device groups (greedy routing, as DeepSeek-V2-Lite's): one group, so the router is unrestricted."""
+UNSUPPORTED_EXTRA = {"mlp_bias": False}
+"""Official transformers fields dsv2 keeps in ``extra`` but implements only at this value."""
 
 
 class ConfigError(ValueError):
@@ -138,6 +152,10 @@ class ModelConfig:
     """config.json keys dsv2 does not interpret; written back unchanged."""
 
     def __post_init__(self) -> None:
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and not _admits_none(hints[f.name]):
+                setattr(self, f.name, NULL_MEANS.get(f.name, _default(f)))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -184,6 +202,12 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        for key, supported in UNSUPPORTED_EXTRA.items():
+            if self.extra.get(key, supported) != supported:
+                bad(f"{key}={self.extra[key]!r} is not supported (dsv2 implements DeepSeek-V2 with {key}={supported})")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
                      "intermediate_size", "num_key_value_heads"):
@@ -228,9 +252,16 @@ class ModelConfig:
         kind = rs.get("type", rs.get("rope_type"))
         if kind != "yarn":
             raise ConfigError(f"rope_scaling type must be 'yarn' (the only scaling DeepSeek-V2 uses), got {kind!r}")
-        missing = [k for k in ("factor", "original_max_position_embeddings") if k not in rs]
+        missing = [k for k in ("factor", "original_max_position_embeddings") if rs.get(k) is None]
         if missing:
             raise ConfigError(f"rope_scaling (yarn) is missing {missing}")
+        for key in YARN_KEYS:
+            v = rs.get(key)
+            if v is not None and not _is_number(v):
+                raise ConfigError(f"rope_scaling.{key} must be a finite number, got {v!r}")
+        if not _is_int(rs["original_max_position_embeddings"]):
+            raise ConfigError("rope_scaling.original_max_position_embeddings must be an integer, got "
+                              f"{rs['original_max_position_embeddings']!r}")
         if not rs["factor"] >= 1:
             raise ConfigError(f"rope_scaling.factor must be >= 1, got {rs['factor']}")
         if not rs["original_max_position_embeddings"] > 0:
@@ -278,8 +309,13 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict (original or transformers-5 form). Unknown keys go to ``extra``."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object of fields, got {type(d).__name__}")
         d = copy.deepcopy(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in ("rope_parameters", "rope_scaling"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{key} must be an object or null, got {d[key]!r}")
         rp = d.pop("rope_parameters", None)
         if rp is not None:  # transformers >= 5: {"rope_type": ..., "rope_theta": ..., yarn keys}
             rp = dict(rp)
@@ -307,7 +343,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The original config.json form (rope_theta + rope_scaling), plus kept extra keys."""
         out: dict[str, Any] = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2"}
-        out.update(self.extra)
+        out.update({k: v for k, v in self.extra.items() if v is not None or k not in out})
         for f in dataclasses.fields(self):
             if f.name != "extra":
                 out[f.name] = copy.deepcopy(getattr(self, f.name))
@@ -321,15 +357,17 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"no config file at {path}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file (config.json must be UTF-8 JSON)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except (OSError, RecursionError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
         try:
             return cls.from_dict(d)
-        except TypeError as e:  # a wrong type that dataclass construction rejected
-            raise ConfigError(f"{path}: {e}") from None
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
@@ -342,7 +380,72 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""
+        _check_names(changes)
         return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# field types: checked before the rules above, so no rule ever compares a string with a number
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(ModelConfig)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _admits_none(hint: Any) -> bool:
+    return hint is type(None) or (isinstance(hint, types.UnionType) and type(None) in hint.__args__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _matches(v: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType):
+        return any(_matches(v, h) for h in hint.__args__)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(v, list) and all(_matches(x, item) for x in v)
+    if origin is dict or hint is dict:
+        return isinstance(v, dict)
+    return {type(None): v is None, int: _is_int(v), float: _is_number(v), bool: isinstance(v, bool),
+            str: isinstance(v, str)}[hint]
+
+
+_TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+               type(None): "null"}
+
+
+def _type_words(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_words(h) for h in hint.__args__)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_words(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if typing.get_origin(hint) is dict or hint is dict:
+        return "an object"
+    return _TYPE_WORDS[hint]
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    if not _matches(value, hint):
+        raise ConfigError(f"{name} must be {_type_words(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_names(fields: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        close = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+        hints = "; ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items())
+        raise ConfigError(f"unknown model config field {hints}")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -399,6 +502,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def get_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
     """A preset by name (see PRESETS), or a config.json / checkpoint directory, with field overrides."""
+    _check_names(overrides)
     key = str(name_or_path)
     if key in PRESETS:
         return ModelConfig(**{**PRESETS[key], **overrides})

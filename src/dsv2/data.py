@@ -37,7 +37,6 @@ import glob
 import hashlib
 import json
 import os
-import secrets
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+
+from .files import atomic_write, finish, temp_path
 
 FOLDER_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".parquet")
 """Suffixes a folder source picks up (explicit files and glob matches are taken whatever their suffix)."""
@@ -295,7 +296,11 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise DataError(f"no tokenizer file at {p}")
-    return Tokenizer.from_file(str(p))
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{p} is not a readable tokenizer.json ({reason})") from None
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: PathLike) -> Path:
@@ -303,7 +308,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: PathLike) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     target = d / TOKENIZER_FILE
-    _atomic_write(target, tokenizer.to_str(pretty=True).encode("utf-8"))
+    atomic_write(target, tokenizer.to_str(pretty=True).encode("utf-8"))
     return target
 
 
@@ -361,26 +366,6 @@ def _unit_interval(h: np.ndarray) -> np.ndarray:
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (vocab_size <= 65536), else uint32: half the file for small vocabularies."""
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
-def _temp_path(directory: Path, name: str) -> Path:
-    # A unique hidden name in the target's folder: os.replace is atomic only within one file system, and two
-    # processes building the same folder must not write into each other's temporaries.
-    # Created here with open("xb") rather than mkstemp, which would make it owner-only (0600) instead of
-    # following the umask like any other output file.
-    tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.open("xb").close()
-    return tmp
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    tmp = _temp_path(target.parent, target.name)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _memmap(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:
@@ -546,7 +531,7 @@ def build_token_dataset(
     # Remove the marker first: from here until the new meta.json lands, the folder is not a valid cache.
     meta_path.unlink(missing_ok=True)
     counts = _write_token_files(sources, tokenizer, out, dtype, eos_id, val_fraction, seed, max_bytes, show_progress)
-    _atomic_write(out / TOKENIZER_FILE, tokenizer.to_str(pretty=True).encode("utf-8"))
+    atomic_write(out / TOKENIZER_FILE, tokenizer.to_str(pretty=True).encode("utf-8"))
     bos_id, _ = special_token_ids(tokenizer)
     meta = {
         "format": "dsv2-tokens",
@@ -564,7 +549,7 @@ def build_token_dataset(
         "tokenizer_sha256": settings["tokenizer_sha256"],
         **counts,
     }
-    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return TokenDataset.open(out)
 
 
@@ -580,7 +565,7 @@ def _write_token_files(
     show_progress: bool,
 ) -> dict[str, dict[str, int]]:
     """Stream the documents into train.bin / val.bin; return {"n_tokens": {...}, "n_documents": {...}}."""
-    tmp = {s: _temp_path(out, f"{s}.bin") for s in SPLITS}
+    tmp = {s: temp_path(out, f"{s}.bin") for s in SPLITS}
     n_tokens = dict.fromkeys(SPLITS, 0)
     n_docs = dict.fromkeys(SPLITS, 0)
     last_start = dict.fromkeys(SPLITS, 0)  # token offset of each split's last document, for the fix-up below
@@ -615,7 +600,7 @@ def _write_token_files(
                     n_docs[full] -= 1
                     n_docs[empty] += 1
         for s in SPLITS:
-            os.replace(tmp[s], out / f"{s}.bin")
+            finish(tmp[s], out / f"{s}.bin")
     except BaseException:
         for p in tmp.values():
             p.unlink(missing_ok=True)
