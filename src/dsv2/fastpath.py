@@ -19,25 +19,21 @@ of weights read; a plain sum reads 20-30 there, depending on the host's other te
   EPYC).
 
 The kernels are built once per machine with torch's C++ extension loader (about a minute; cached under
-~/.cache/torch_extensions); without a compiler, or with DSV2_NO_KERNELS=1, every op keeps its fallback. None of
+~/.cache/torch_extensions) by kernels/build.py, which no killed process can leave waiting; without a compiler, or
+with DSV2_NO_KERNELS=1, every op keeps its fallback. None of
 them runs under autograd or a dispatch mode. tests/test_fastpath.py holds each fast path equal to its fallback.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
-import platform
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from .kernels import build as kernel_build
 
 SMALL_ROWS = 16
 """Rows of x per weight matrix (decode: tokens per step) up to which CPU inference uses the few-row kernels."""
@@ -175,43 +171,8 @@ def small_batch_swiglu(x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_EXD: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the C++ kernels (kernels/: mla_decode.cpp, few_rows.cpp and their shared tiles.h, rms_norm.cpp), one extension
-_KERNEL_DIR = Path(__file__).parent / "kernels"
-_KERNEL_SOURCES = ("module.cpp", "mla_decode.cpp", "few_rows.cpp", "rms_norm.cpp")
-
-
-@functools.cache
-def _kernels():
-    """The compiled extension module, or None where it cannot be built (logged once)."""
-    if os.environ.get("DSV2_NO_KERNELS"):
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        # -march=native: the name carries the sources, the CPU and the torch version, so a cache shared by
-        # machines stays correct
-        texts = [(_KERNEL_DIR / f).read_text() for f in sorted(_KERNEL_DIR.iterdir()) if f.suffix in (".cpp", ".h")]
-        key = "|".join(texts + [torch.__version__, platform.machine(), _cpu_signature()])
-        name = "dsv2_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-        built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so").exists()
-        if not built:
-            log.warning("dsv2: building the CPU decode kernels (once per machine and torch version, ~1 min)")
-        native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
-        flags = ["-O3", native, "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
-        return cpp_extension.load(name, [str(_KERNEL_DIR / f) for f in _KERNEL_SOURCES], extra_cflags=flags,
-                                  extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, unsupported platform: keep the PyTorch ops
-        log.warning("dsv2: CPU decode kernels unavailable (%s); decode uses PyTorch's GEMMs", e)
-        return None
-
-
-def _cpu_signature() -> str:
-    """The CPU model and instruction-set flags (not the clock, which /proc/cpuinfo reports as it varies)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-    except OSError:
-        return platform.processor()
-    return "|".join(ln for ln in lines if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags"))
+# the C++ kernels (kernels/), built at first use by kernels/build.py
+_kernels = functools.cache(kernel_build.load)
 
 
 _NO_MASK = torch.empty(0, dtype=torch.bool)
