@@ -1,33 +1,18 @@
-"""Training loop: schedule, optimizer groups, metrics, checkpoints, exact resume after SIGKILL, non-finite steps,
-config files. All runs are tiny (fp32, CPU) on a small corpus written by the test."""
+"""Training loop: schedule, optimizer groups, metrics, checkpoints, exact resume after SIGKILL and Ctrl-C through
+the CLI with no MKL_CBWR in the environment, non-finite steps, config files. All runs are tiny (fp32, CPU) on a
+small corpus written by the test (conftest.py)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
+import signal
 
 import pytest
-import torch
+from conftest import TRAIN_MODEL, run_dsv2, train_argv
 
 import dsv2
 from dsv2.train import TrainConfig, TrainingError, build_optimizer, latest_checkpoint, load_train_config, lr_at, train
 
-MODEL = dict(vocab_size=384, hidden_size=48, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=2,
-             num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-             v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "router", "expert", "latent", "cache", "token", "device"]
-    for i in range(40):
-        idx = torch.randint(0, len(words), (300,), generator=g).tolist()
-        (d / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
-    return d
+MODEL = TRAIN_MODEL
 
 
 def config(corpus, out, **kw):
@@ -90,40 +75,41 @@ def test_keep_last_checkpoints(corpus, tmp_path):
     assert names == ["step_0000003", "step_0000004"]
 
 
-def run_in_process(tc, tmp_path, resume=False, kill_at_step=None):
-    """Train in a fresh interpreter. MKL_CBWR=AUTO,STRICT makes MKL's fp32 GEMMs bitwise reproducible whatever
-    the memory alignment, which otherwise varies between processes. kill_at_step: the child SIGKILLs itself
-    while fetching that (0-based) step's batch, so nothing gets a chance to clean up."""
-    cfg = tmp_path / f"tc-{os.getpid()}-{resume}-{kill_at_step}.json"
-    cfg.write_text(json.dumps(tc.to_dict()))
-    script = textwrap.dedent(f"""
-        import json, os, signal
-        from dsv2 import data, train
-        real = data.TokenDataset.batch_for_step
-        def batch(self, step, *a, **k):
-            if step == {kill_at_step}:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, step, *a, **k)
-        data.TokenDataset.batch_for_step = batch
-        train.train(train.TrainConfig(**json.loads(open({str(cfg)!r}).read())), resume={resume})
-    """)
-    env = {**os.environ, "MKL_CBWR": "AUTO,STRICT"}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+def signal_at(step: int, sig: int) -> str:
+    """A prelude for run_dsv2: the process sends itself `sig` while fetching that (0-based) step's batch. SIGKILL
+    leaves nothing a chance to clean up; SIGINT is a Ctrl-C."""
+    return (f"import os\nfrom dsv2 import data\nreal = data.TokenDataset.batch_for_step\n"
+            f"def batch(self, step, *a, **k):\n    if step == {step}:\n        os.kill(os.getpid(), {int(sig)})\n"
+            f"    return real(self, step, *a, **k)\ndata.TokenDataset.batch_for_step = batch\n")
 
 
-def test_resume_after_sigkill_gives_identical_losses(corpus, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_in_process(config(corpus, straight), tmp_path).returncode == 0
-    tc = config(corpus, killed)
-    proc = run_in_process(tc, tmp_path, kill_at_step=4)  # after the step-3 checkpoint, mid-run
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert latest_checkpoint(killed).name == "step_0000003"
-    assert max(losses(killed)) == 4  # step 4 was logged before the kill; the resumed run redoes it
-    proc = run_in_process(tc, tmp_path, resume=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = losses(straight), losses(killed)
-    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]
-    assert a == b  # bit-identical per-step losses (fp32, CPU, deterministic data and protection draws)
+def test_resume_with_no_other_flags_continues_exactly(corpus, tmp_path):
+    """A run with non-default settings, stopped by SIGKILL (after its step-3 checkpoint) or by Ctrl-C (which
+    checkpoints at the step boundary), resumed with `--out RUN --resume` alone, logs bit-identical per-step losses
+    to a straight run. No MKL_CBWR in any of these processes' environments (run_dsv2): dsv2 sets it up itself."""
+    straight, killed, interrupted = tmp_path / "straight", tmp_path / "killed", tmp_path / "interrupted"
+    r = run_dsv2(train_argv(corpus, straight), prelude="from dsv2 import reproducibility as R\n"
+                 "import atexit\natexit.register(lambda: print('mkl strict:', R.mkl_reproducible()))")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mkl strict: True" in r.stdout or "mkl strict: None" in r.stdout  # None: a torch without MKL
+
+    r = run_dsv2(train_argv(corpus, killed), prelude=signal_at(4, signal.SIGKILL))
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert latest_checkpoint(killed).name == "step_0000003" and max(losses(killed)) == 4
+
+    r = run_dsv2(train_argv(corpus, interrupted), prelude=signal_at(3, signal.SIGINT))
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "stopped at step 4 of 6" in r.stderr and f"dsv2 train --out {interrupted} --resume" in r.stderr
+    assert latest_checkpoint(interrupted).name == "step_0000004"  # the step boundary, not a save_every multiple
+
+    data_meta = (killed / "data" / "meta.json").stat().st_mtime_ns
+    for run in (killed, interrupted):
+        r = run_dsv2(["train", "--out", str(run), "--resume", "--sample-tokens", "0"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert list(losses(run)) == [1, 2, 3, 4, 5, 6]
+        assert losses(run) == losses(straight)  # bit-identical (fp32, CPU, deterministic data and drops)
+        assert json.loads((run / "train_config.json").read_text())["batch_size"] == 4  # not the default 16
+    assert (killed / "data" / "meta.json").stat().st_mtime_ns == data_meta  # the token files were reused
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
@@ -165,15 +151,9 @@ def test_config_files_and_flag_precedence(tmp_path):
 
 def test_cli_train_then_generate(corpus, tmp_path):
     out = tmp_path / "cli"
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    sets = [a for k, v in MODEL.items() for a in ("--set", f"{k}={v}")]
-    r = subprocess.run([sys.executable, "-m", "dsv2", "train", "--data", str(corpus), "--out", str(out),
-                        "--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
-                        "--save-every", "3", "--sample-tokens", "5", "--dtype", "fp32", *sets],
-                       capture_output=True, text=True, env=env)
+    r = run_dsv2(train_argv(corpus, out, "--sample-tokens", "5", max_steps=3), env={"PYTHONHASHSEED": "0"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "validation loss" in r.stdout and "unigram entropy" in r.stdout
     ckpt = latest_checkpoint(out)
-    g = subprocess.run([sys.executable, "-m", "dsv2", "generate", "--model", str(ckpt), "--ids", "0,5,6",
-                        "--max-new-tokens", "3"], capture_output=True, text=True)
+    g = run_dsv2(["generate", "--model", str(ckpt), "--ids", "0,5,6", "--max-new-tokens", "3"])
     assert g.returncode == 0 and g.stdout.strip(), g.stderr

@@ -1,5 +1,11 @@
 """dsv2: DeepSeek-V2 (MLA + DeepSeekMoE + device-limited routing) in PyTorch: train, fine-tune, scale out, serve."""
 
+from .reproducibility import request_reproducible_gemms
+
+request_reproducible_gemms()  # before torch's first GEMM: MKL reads its mode once (reproducibility.py)
+
+# ruff: noqa: E402 - the imports below come after that call on purpose
+
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import PRESETS, ConfigError, ModelConfig, get_config
 from .generate import GenerationError, generate, stream_generate

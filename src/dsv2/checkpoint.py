@@ -20,10 +20,9 @@ from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .files import atomic_write
+from .files import atomic_write, write_safetensors
 from .model import DeepseekV2
 
 SINGLE_FILE = "model.safetensors"
@@ -106,7 +105,7 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
     weight_map = {}
     for fname, shard in zip(files, shards, strict=True):
         tensors = {name: t.contiguous().cpu() for name, t in shard}
-        atomic_write(path / fname, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"}))
+        write_safetensors(path / fname, tensors, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, fname))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

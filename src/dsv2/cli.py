@@ -28,8 +28,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import from_pretrained
-    from .generate import generate
+    from .generate import check_sampling, generate
 
+    check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = from_pretrained(args.model, dtype=dtype)
     tok_path = Path(args.model) / "tokenizer.json"
@@ -47,8 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.ids
 
+    produced: list[int] = []
     if tokenizer is not None:
-        produced: list[int] = []
         printed = 0
         print(args.prompt if args.prompt is not None else tokenizer.decode(prompt), end="", flush=True)
 
@@ -61,30 +62,67 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 printed = len(text)
     else:
         def emit(_: int, token: int) -> None:
+            produced.append(token)
             print(token, end=" ", flush=True)
 
     generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, callback=emit)
     print()
+    context = model.config.max_position_embeddings
+    ended = bool(produced) and produced[-1] in model.config.eos_token_ids
+    if len(produced) < args.max_new_tokens and not ended and len(prompt) + len(produced) >= context:
+        print(f"(stopped after {len(produced)} of {args.max_new_tokens} new tokens: the model's context is "
+              f"{context} tokens)", file=sys.stderr)
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .train import load_train_config, train
+def _parse_set(items: list[str] | None) -> dict[str, object] | None:
+    """--set FIELD=VALUE: VALUE as JSON (numbers, true/false/null, lists, objects), else as a string."""
+    out: dict[str, object] = {}
+    for kv in items or []:
+        field, sep, value = kv.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--set expects FIELD=VALUE, got {kv!r}")
+        try:
+            out[field] = json.loads(value)
+        except ValueError:
+            out[field] = value
+    return out or None
 
-    model_overrides = dict(kv.split("=", 1) for kv in args.set or [])
-    tc = load_train_config(
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .run_dir import RunDir
+    from .train import train
+    from .train_config import TrainConfig, TrainingError, resumed_config, train_settings
+
+    given = train_settings(
         args.config, preset=args.preset, data=args.data, out=args.out, max_steps=args.max_steps,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, save_every=args.save_every, eval_every=args.eval_every,
         init_from=args.init_from, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
         max_bytes=args.max_bytes, schedule=args.schedule, capacity_factor=args.capacity_factor,
-        expert_parallel=args.expert_parallel, device=args.device,
-        model={k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in model_overrides.items()} or None,
+        expert_parallel=args.expert_parallel, device=args.device, model=_parse_set(args.set),
     )
-    summary = train(tc, resume=args.resume)
+    if args.resume:  # the run's own settings, with only those that may change on resume taken from the flags
+        out = given.get("out", TrainConfig.out)
+        stored = RunDir(out).stored_settings()
+        if stored is None:
+            raise TrainingError(f"--resume: {out} holds no run to resume (no train_config.json, no checkpoint)")
+        tc = resumed_config(stored, given, out)
+    else:
+        tc = TrainConfig.from_dict(given)
+    summary = train(tc, resume=args.resume, overwrite=args.overwrite)
     if summary.get("rank", 0) != 0:  # under torchrun, rank 0 reports
         return 0
+    resume_cmd = f"dsv2 train --out {tc.out} --resume"
+    if summary.get("finished_already"):
+        print(f"{tc.out} is already finished (step {summary['steps']} of max_steps {tc.max_steps}); to train it "
+              f"further: {resume_cmd} --max-steps N (N > {summary['steps']})")
+        return 0
+    if summary.get("interrupted"):
+        print(f"\n{summary['interrupted']}: stopped at step {summary['steps']} of {tc.max_steps}; checkpoint: "
+              f"{summary['checkpoint']}\nresume with: {resume_cmd}", file=sys.stderr)
+        return 130
     val, ent = summary["val_loss"], summary["unigram_entropy"]
     print(f"\nvalidation loss {val:.3f} nats/token; unigram entropy of the validation split {ent:.3f} "
           f"nats/token ({'below' if val < ent else 'NOT below'} it by {ent - val:.3f})")
@@ -170,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--capacity-factor", type=float, help="device-level token dropping capacity")
     s.add_argument("--save-every", type=int)
     s.add_argument("--eval-every", type=int)
-    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, "
+                   "with its own settings (only max-steps, save/eval intervals, device and expert-parallel may change)")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in --out (removes its "
+                   "checkpoints, metrics, tokenizer and token files)")
     s.add_argument("--init-from", help="fine-tune from a checkpoint directory (Hugging Face layout)")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     s.add_argument("--device")
@@ -212,16 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .generate import GenerationError
+    from .train_config import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, GenerationError, ValueError, FileNotFoundError) as e:
-        print(f"dsv2 {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, CheckpointError, GenerationError, TrainingError, ValueError, FileNotFoundError) as e:
+        return _error(args, str(e))
+    except OSError as e:  # a full disk, a read-only folder, a path that is a file: one line, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        return _error(args, f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _error(args: argparse.Namespace, message: str) -> int:
+    print(f"dsv2 {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+    return 2
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class ModelConfig:
     """config.json keys dsv2 does not interpret; written back unchanged."""
 
     def __post_init__(self) -> None:
-        hints = _field_types()
+        hints = _field_types(ModelConfig)
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None and not _admits_none(hints[f.name]):
                 setattr(self, f.name, NULL_MEANS.get(f.name, _default(f)))
@@ -202,9 +202,7 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
-        hints = _field_types()
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        check_field_types(self)
         for key, supported in UNSUPPORTED_EXTRA.items():
             if self.extra.get(key, supported) != supported:
                 bad(f"{key}={self.extra[key]!r} is not supported (dsv2 implements DeepSeek-V2 with {key}={supported})")
@@ -387,8 +385,15 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # field types: checked before the rules above, so no rule ever compares a string with a number
 @functools.cache
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(ModelConfig)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_field_types(obj: Any) -> None:
+    """ConfigError naming the first field of the dataclass `obj` whose value does not have the annotated type."""
+    hints = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_type(f.name, getattr(obj, f.name), hints[f.name])
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -414,6 +419,13 @@ def _matches(v: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(v, list) and all(_matches(x, item) for x in v)
+    if origin is tuple:  # JSON, YAML and TOML give lists
+        items = typing.get_args(hint)
+        if not isinstance(v, list | tuple):
+            return False
+        if len(items) == 2 and items[1] is Ellipsis:
+            return all(_matches(x, items[0]) for x in v)
+        return len(v) == len(items) and all(_matches(x, h) for x, h in zip(v, items, strict=True))
     if origin is dict or hint is dict:
         return isinstance(v, dict)
     return {type(None): v is None, int: _is_int(v), float: _is_number(v), bool: isinstance(v, bool),
@@ -427,8 +439,11 @@ _TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false
 def _type_words(hint: Any) -> str:
     if isinstance(hint, types.UnionType):
         return " or ".join(_type_words(h) for h in hint.__args__)
-    if typing.get_origin(hint) is list:
-        return f"a list of {_type_words(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if typing.get_origin(hint) in (list, tuple):
+        items = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple and items[-1] is not Ellipsis:
+            return f"a list of {len(items)} values ({', '.join(_type_words(h) for h in items)})"
+        return f"a list of {_type_words(items[0]).removeprefix('an ').removeprefix('a ')}s"
     if typing.get_origin(hint) is dict or hint is dict:
         return "an object"
     return _TYPE_WORDS[hint]

@@ -10,8 +10,10 @@ which would make a run's checkpoints unreadable to the group that can read the r
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -59,3 +61,22 @@ def atomic_write(target: str | os.PathLike, data: bytes | str | Callable[[str], 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_safetensors(target: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file through atomic_write. Its I/O failures (a full disk) come out as the OSError they
+    are, not as a SafetensorError that only mentions the errno in its text."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            n = int(code.group(1))
+            raise OSError(n, os.strerror(n) if n in errno.errorcode else str(e), str(target)) from None
+
+    atomic_write(target, write)

@@ -6,6 +6,7 @@ row's RoPE positions start at 0 at its first real token, so a padded row compute
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -40,19 +41,27 @@ def _validate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new_token
     return out
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """GenerationError for settings that cannot sample, whatever the temperature (a greedy call with a bad top_p
+    is still a mistake)."""
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise GenerationError(f"top_k must be >= 1 (or 0 / None for no top-k cut), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:  # NaN fails this too
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy when temperature == 0; otherwise sample from softmax(logits / T) restricted to top-k / top-p."""
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     logits = logits_BV.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -67,8 +76,10 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
                     ) -> Iterator[list[int | None]]:
-    """Yield, per decode step, the new token of each prompt (None once that prompt has finished)."""
+    """Yield, per decode step, the new token of each prompt (None once that prompt has finished). Generation
+    stops early at EOS and at the model's context (max_position_embeddings), whichever comes first."""
     prompts = _validate(model, prompts, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
     cfg = model.config
     eos = set(cfg.eos_token_ids if eos_token_id is None else
               ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))

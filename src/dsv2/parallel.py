@@ -367,6 +367,14 @@ class Parallel:
         dist.all_reduce(t)
         return (t / self.world).tolist()
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (e.g. a stop signal that reached one rank)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def sum(self, t: Tensor) -> Tensor:
         """t summed over all ranks (a copy)."""
         if self.world == 1:

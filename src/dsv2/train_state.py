@@ -1,0 +1,174 @@
+"""A training checkpoint: RUN_DIR/checkpoints/step_NNNNNNN/, all a run needs to go on exactly as if never stopped.
+
+    config.json, model.safetensors   the model in the Hugging Face layout (checkpoint.py): loadable by
+                                     dsv2.from_pretrained, `dsv2 generate` and transformers
+    tokenizer.json                   the run's tokenizer (a resumed run uses this one)
+    optimizer.safetensors            the AdamW state as state.{parameter index}.{key}, and the RNG states rng.*
+    trainer_state.json               step, the run's settings, optimizer param groups and scalars, and a
+                                     fingerprint of the data (a resumed run must read the same data)
+
+Nothing is pickled. A checkpoint is written under a temporary name and renamed when complete, so a crash, a
+Ctrl-C or a full disk leaves the earlier ones as they were. On resume the newest checkpoint whose files all read
+back is used; a damaged one is named in a warning and set aside (run_dir.RunDir.set_aside), never deleted.
+
+The batch of step k, its protected sequences and its LR are pure functions of (seed, k) (data.py, train.py), so
+model, optimizer and RNG states are all the state there is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .data import TOKENIZER_FILE, DataError, load_tokenizer
+from .files import atomic_write, write_safetensors
+from .model import DeepseekV2
+from .parallel import Parallel
+from .run_dir import STATE_FILE, STEP_PREFIX, RunDir
+from .train_config import TrainConfig, TrainingError
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten the optimizer state into named tensors (safetensors) plus JSON for the rest: no pickle."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for name, v in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run: RunDir, step: int, model: DeepseekV2, opt: torch.optim.Optimizer, tc: TrainConfig,
+                    tokenizer_path: Path | None, data: dict[str, Any], par: Parallel | None = None) -> Path:
+    """Under expert parallelism every rank calls this (the experts and their moments are gathered from the
+    ranks holding them) and rank 0 writes the same files as one process would."""
+    par = par or Parallel()
+    params = par.full_parameters(model)
+    tensors, opt_meta = optimizer_tensors(opt)
+    tensors = par.full_optimizer_tensors(opt, tensors)
+    final = run.checkpoints_dir / f"{STEP_PREFIX}{step:07d}"
+    if par.is_main:
+        state = {"step": step, "train_config": tc.to_dict(), "optimizer": opt_meta, "data": data, "time": time.time()}
+        _write(run, final, model, params, tensors, state, tokenizer_path, tc.keep_last)
+    par.barrier()
+    return final
+
+
+def _write(run: RunDir, final: Path, model: DeepseekV2, params: dict[str, torch.Tensor],
+           tensors: dict[str, torch.Tensor], state: dict[str, Any], tokenizer_path: Path | None,
+           keep_last: int) -> None:
+    run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run.checkpoints_dir / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp, params=params)
+        if tokenizer_path is not None:
+            atomic_write(tmp / TOKENIZER_FILE, tokenizer_path.read_bytes())
+        tensors = {**tensors, "rng.cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        write_safetensors(tmp / OPTIMIZER_FILE, tensors)
+        atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a second Ctrl-C: the older checkpoints stay
+        raise
+    for old in run.checkpoints()[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint read back whole: where a resumed run starts."""
+
+    path: Path
+    step: int
+    settings: TrainConfig
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    """Optimizer state and RNG states (optimizer.safetensors)."""
+    model: DeepseekV2
+    tokenizer: Path | None
+
+    def restore(self, opt: torch.optim.Optimizer, par: Parallel) -> None:
+        """RNG states and this rank's part of the optimizer state."""
+        tensors = dict(self.tensors)
+        torch.set_rng_state(tensors.pop("rng.cpu"))
+        cuda = tensors.pop("rng.cuda", None)
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
+        try:
+            load_optimizer(opt, par.local_optimizer_tensors(opt, tensors), self.state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise TrainingError(f"{self.path / OPTIMIZER_FILE} does not fit this run's optimizer ({e})") from None
+
+
+def _read(ckpt: Path, device: torch.device) -> ResumePoint:
+    """Every file of a checkpoint, or a CheckpointError naming the one that does not read back."""
+    path = ckpt / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        step = state["step"]
+        settings = TrainConfig.from_dict(state["train_config"], str(path))
+        if not isinstance(step, int) or not isinstance(state["optimizer"], dict):
+            raise TypeError("step or optimizer of the wrong type")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
+    path = ckpt / OPTIMIZER_FILE
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if "rng.cpu" not in tensors:
+        raise CheckpointError(f"{path}: no rng.cpu tensor")
+    tokenizer = ckpt / TOKENIZER_FILE if (ckpt / TOKENIZER_FILE).exists() else None
+    if tokenizer is not None:
+        try:
+            load_tokenizer(tokenizer)
+        except DataError as e:
+            raise CheckpointError(str(e)) from None
+    model = from_pretrained(ckpt, dtype=torch.float32, device=device).train()
+    return ResumePoint(ckpt, step, settings, state, tensors, model, tokenizer)
+
+
+def load_resume_point(run: RunDir, device: torch.device, warn: Callable[[str], None],
+                      set_aside: bool = True) -> ResumePoint:
+    """The newest checkpoint of the run that reads back whole. Damaged newer ones are named in a warning and,
+    with set_aside (the rank that owns the directory), moved out of the checkpoint list."""
+    problems = []
+    for ckpt in reversed(run.checkpoints()):
+        try:
+            return _read(ckpt, device)
+        except CheckpointError as e:
+            problems.append(f"{ckpt.name}: {e}")
+            moved = f"; set aside as {run.set_aside(ckpt).name}" if set_aside else ""
+            warn(f"warning: checkpoint {ckpt.name} is damaged ({e}){moved}; trying the one before")
+    raise TrainingError(f"--resume: no checkpoint of {run.path} reads back whole ({'; '.join(problems)}); start "
+                        "the run again with --overwrite" if problems else f"--resume: {run.path} has no checkpoint")
