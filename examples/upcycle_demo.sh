@@ -6,7 +6,7 @@
 # Prints the first losses of both runs. Usage: examples/upcycle_demo.sh [RUN_ROOT] [DENSE_STEPS] [MOE_STEPS]
 set -euo pipefail
 root=${1:-runs/upcycle-demo}; dense_steps=${2:-200}; moe_steps=${3:-30}
-common=(--max-bytes 3000000 --batch-size 16 --seq-len 256 --eval-every 1000000 --sample-tokens 0)
+common=(--max-bytes 3000000 --batch-size 16 --seq-len 256 --eval-every 1000000 --sample-tokens 0 --overwrite)  # re-runnable
 mkdir -p "$root"
 dsv2 train --out "$root/dense" --set n_routed_experts=0 --max-steps "$dense_steps" \
            --save-every "$dense_steps" "${common[@]}"

@@ -86,3 +86,25 @@ def test_a_built_library_is_imported_without_the_loader(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", no_loader)
     assert build.load() is not None
+
+
+def test_a_damaged_library_is_built_again(tmp_path, monkeypatch, caplog):
+    """A finished build whose library no longer loads (a disk error, a bad copy) is rebuilt, not given up on."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("DSV2_NO_KERNELS", raising=False)
+    from torch.utils import cpp_extension
+
+    name = build._name()
+    folder = build.Path(cpp_extension._get_build_directory(name, verbose=False))
+    (folder / f"{name}.so").write_bytes(b"not a library")
+    (folder / build.DONE).write_text(name)
+    seen = []
+
+    def fake_load(*a, **k):  # the compile itself is the first test's business
+        seen.append((k["build_directory"], (folder / f"{name}.so").exists(), (folder / build.DONE).exists()))
+        return "rebuilt"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert build.load() == "rebuilt"
+    assert seen == [(str(folder), False, False)]  # the bad library and its marker were removed, then built
+    assert (folder / build.DONE).exists() and "do not load" in caplog.text

@@ -291,3 +291,16 @@ def test_checkpoint_from_4_ranks_loads_and_resumes_on_2_and_1(single, tmp_path):
     _same_losses(four[2:], two)
     one_more = _train_in_process(resume_dir("resume1"), "--tokenizer", tok, "--resume")
     _same_losses(four[2:], one_more)
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank_with_one_line(single, tmp_path):
+    """Rank 0 alone opens the run directory: its refusal (the directory holds a run) must reach rank 1, which
+    would otherwise wait in a collective; one error line, no traceback from any rank."""
+    one_dir, _ = single
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+           "--out", str(one_dir), "--expert-parallel", "2", *TRAIN_ARGS]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert out.count("dsv2 train: error:") == 1 and "already holds a run" in out
+    assert "RankError" not in out and "Connection closed" not in out and "dsv2/train.py" not in out

@@ -20,8 +20,10 @@ from dsv2.train_config import TrainConfig
 
 
 def snapshot(run):
-    """Every file under the run with its bytes: what 'nothing in the directory changes' compares."""
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file under the run with its bytes (but the lock's PID): what 'nothing in the directory changes'
+    compares."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def losses(run):
@@ -54,6 +56,60 @@ def test_overwrite_replaces_the_run_and_only_what_dsv2_wrote(corpus, finished):
     assert [p.name for p in RunDir(finished).checkpoints()] == ["step_0000001", "step_0000002"]
     assert (finished / "notes.txt").read_text() == "mine"
     assert main(["train", "--out", str(finished), "--resume", "--overwrite"]) == 2  # contradictory
+
+
+def test_overwrite_with_a_mistake_leaves_the_old_run_whole(corpus, finished, capsys):
+    before = snapshot(finished)
+    assert main(train_argv(corpus, finished, "--overwrite", "--seq-len", "5000")) == 2  # past the context
+    assert main(train_argv(corpus, finished, "--overwrite", "--data", str(finished / "nope"))) == 2
+    ckpt = RunDir(finished).checkpoints()[-1]
+    assert main(["train", "--out", str(finished), "--overwrite", "--init-from", str(ckpt), "--sample-tokens", "0",
+                 "--max-steps", "2"]) == 2
+    assert f"--overwrite would delete {ckpt}" in capsys.readouterr().err
+    assert snapshot(finished) == before
+
+
+def test_overwrite_keeps_files_dsv2_did_not_write(corpus, finished):
+    for name in ("data/mine.txt", "plots/notes.md", "checkpoints/README", "tokenizer/vocab-notes.txt"):
+        (finished / name).parent.mkdir(exist_ok=True)
+        (finished / name).write_text("mine")
+    assert main(train_argv(corpus, finished, "--overwrite", max_steps=1)) == 0
+    for name in ("data/mine.txt", "plots/notes.md", "checkpoints/README", "tokenizer/vocab-notes.txt"):
+        assert (finished / name).read_text() == "mine", name
+    assert list(losses(finished)) == [1]
+
+
+def test_a_run_stopped_while_preparing_its_data_is_a_run(corpus, tmp_path, capsys):
+    """train_config.json is written before the data: a run killed while tokenizing is refused as a new run and
+    replaced by --overwrite (its half-done tokenizer with it)."""
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")  # no sources.json: killed before it was written
+    assert main(train_argv(corpus, run)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(train_argv(corpus, run, "--overwrite", max_steps=1)) == 0
+
+
+def test_checkpoints_this_version_cannot_use_are_not_set_aside(finished, capsys):
+    ckpt = RunDir(finished).checkpoints()[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["train_config"]["a_setting_from_a_newer_dsv2"] = 1  # unknown keys are ignored
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert main(["train", "--out", str(finished), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    state["train_config"]["lr"] = -1.0  # reads back, but this dsv2 refuses it: stop, move nothing
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert main(["train", "--out", str(finished), "--resume"]) == 2
+    assert "cannot resume from" in capsys.readouterr().err and ckpt.is_dir()
+    assert not RunDir(finished).set_aside_checkpoints()
+
+
+def test_checkpoints_sort_by_step_and_ignore_other_names(tmp_path):
+    run = RunDir(tmp_path)
+    for name in ("step_0000100", "step_10000000", "step_0000100.bak", "step_x", "damaged-step_0000200"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert [p.name for p in run.checkpoints()] == ["step_0000100", "step_10000000"]
+    assert "checkpoint at step 10000000" in run.describe()
 
 
 def test_resume_refuses_changed_settings_naming_each(finished, capsys):
@@ -123,7 +179,9 @@ def test_resume_without_a_usable_checkpoint(corpus, tmp_path, capsys):
     assert main(["train", "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert re.match(r"dsv2 train: error: --resume: no checkpoint of .* reads back whole", err[-1])
-    assert "--overwrite" in err[-1]
+    assert "damaged-*" in err[-1] and "another --out" in err[-1]
+    assert main(["train", "--out", str(run), "--resume"]) == 2  # again: says where they went
+    assert "were set aside as damaged (damaged-step_0000002)" in capsys.readouterr().err
 
 
 def test_one_trainer_per_run_dir_and_no_stale_lock(corpus, tmp_path, capsys):
@@ -166,6 +224,11 @@ def test_tokenizer_is_reused_only_for_its_data(corpus, tmp_path):
     with pytest.raises(TrainingError, match=r"tokenizer\.json was trained on other data than this run's"):
         prepare_data(TrainConfig(data=[str(other)], out=str(run.path), progress=False), run, 384)
     prepare_data(tc, run, 384)  # the same data: reused
+    given = TrainConfig(data=[str(corpus)], out=str(run.path), progress=False,
+                        tokenizer=str(run.tokenizer_dir / "tokenizer.json"))
+    prepare_data(given, run, 384)  # a given tokenizer replaces the run's copy, and no record vouches for it
+    with pytest.raises(TrainingError, match="has no record"):
+        prepare_data(tc, run, 384)
 
 
 def test_resume_refuses_data_that_changed(corpus, tmp_path, capsys):
@@ -177,4 +240,4 @@ def test_resume_refuses_data_that_changed(corpus, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "changed since it was saved" in err and "--init-from" in err
+    assert "changed since step_0000002 was saved" in err and "--init-from" in err

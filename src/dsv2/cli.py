@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -253,12 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .generate import GenerationError
+    from .parallel import RankError
     from .train_config import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, GenerationError, TrainingError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, GenerationError, TrainingError, RankError, ValueError,
+            FileNotFoundError) as e:
         return _error(args, str(e))
     except OSError as e:  # a full disk, a read-only folder, a path that is a file: one line, no traceback
         where = f": {e.filename}" if e.filename else ""
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(args: argparse.Namespace, message: str) -> int:
-    print(f"dsv2 {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all (RankError carries the others')
+        print(f"dsv2 {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
     return 2
 
 

@@ -1,11 +1,11 @@
 """Files that are either complete or absent: every file dsv2 writes (checkpoints, token files, run records) goes
 through here.
 
-A file is written under a unique hidden name in its target's folder and renamed into place: `os.replace` is
-atomic within one file system, so a crash or a Ctrl-C never leaves a half-written file under the real name, and
-two processes writing the same target never write into each other's temporaries. The file then gets the
-permissions of any other output file (0666 minus the umask): safetensors writes its files owner-only (0600),
-which would make a run's checkpoints unreadable to the group that can read the rest of the run.
+A file is written under a unique hidden name in its target's folder, flushed to the disk and renamed into place:
+`os.replace` is atomic within one file system, so a crash, a Ctrl-C or a power cut never leaves a half-written
+file under the real name, and two processes writing the same target never write into each other's temporaries.
+The file then gets the permissions of any other output file (0666 minus the umask): safetensors writes its files
+owner-only (0600), which would make a run's checkpoints unreadable to the group that can read the rest of the run.
 """
 
 from __future__ import annotations
@@ -40,10 +40,24 @@ def temp_path(directory: Path, name: str) -> Path:
     return tmp
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a file system that cannot sync one: the file itself was synced
+        pass
+    finally:
+        os.close(fd)
+
+
 def finish(tmp: Path, target: Path) -> None:
-    """Give a written temporary the usual permissions and rename it to `target`."""
+    """Give a written temporary the usual permissions, flush it to the disk, rename it to `target` and flush the
+    rename: after a power cut too the target is the old file or the new one."""
     os.chmod(tmp, file_mode())
+    fsync_path(tmp)
     os.replace(tmp, target)
+    fsync_path(Path(target).parent)
 
 
 def atomic_write(target: str | os.PathLike, data: bytes | str | Callable[[str], None]) -> None:

@@ -24,9 +24,10 @@ With dp > 1 each replica drops within its own share of the batch, as separate de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +44,10 @@ T_ = TypeVar("T_")
 
 class ParallelError(ValueError):
     """A parallel setting that cannot work; the message says which and how to fix it."""
+
+
+class RankError(RuntimeError):
+    """Raised on every other rank when one rank fails in a section they run together (Parallel.together)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -277,14 +282,34 @@ class Parallel:
         if self.world > 1:
             dist.barrier()
 
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """A block that may fail on some ranks only (rank 0's file writes, a check one rank makes): it ends in a
+        collective at which every rank learns whether any failed, and the others then raise RankError, so no
+        rank is left waiting in a barrier or an all-to-all for one that has gone."""
+        error: BaseException | None = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            error = e
+        if self.world > 1:
+            said: list[str | None] = [None] * self.world
+            dist.all_gather_object(said, None if error is None else str(error))
+            failed = [(r, msg) for r, msg in enumerate(said) if msg is not None]
+            if failed and error is None:
+                raise RankError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+        if error is not None:
+            raise error
+
     def in_turn(self, fn: Callable[[], T_]) -> T_:
         """fn() on rank 0 first, then on each other machine's first rank, then on the rest: file caches
-        (tokenizer, token files) are built once per filesystem, never by two ranks at the same time."""
+        (tokenizer, token files) are built once per filesystem, never by two ranks at the same time. A failure
+        on any rank raises on all (together)."""
         out = None
         for phase in range(3):
-            if phase == (0 if self.rank == 0 else 1 if self.local_rank == 0 else 2):
-                out = fn()
-            self.barrier()
+            with self.together():
+                if phase == (0 if self.rank == 0 else 1 if self.local_rank == 0 else 2):
+                    out = fn()
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -485,5 +510,5 @@ def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu") 
     return Parallel(world, dist.get_rank(), local_rank, expert_parallel, mesh, owns)
 
 
-__all__ = ["AllToAllDispatcher", "ArrivalTokenDrop", "CommStats", "Parallel", "ParallelError",
+__all__ = ["AllToAllDispatcher", "ArrivalTokenDrop", "CommStats", "Parallel", "ParallelError", "RankError",
            "check_expert_parallel", "init_parallel"]

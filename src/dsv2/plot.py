@@ -39,8 +39,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-METRICS_FILE = "metrics.jsonl"
-PLOTS_DIR = "plots"
+from .files import atomic_write
+from .run_dir import METRICS_FILE, PLOT_FILES, PLOTS_DIR
+
 MAX_HEATMAP_STEPS = 300
 BALANCE_KEYS = (("expert_balance", "expert-level"), ("device_balance", "device-level"),
                 ("comm_balance", "communication"))
@@ -140,8 +141,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     out_dir = run_dir / PLOTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, draw in (("loss.png", _loss_figure), ("balance.png", _balance_figure),
-                       ("expert_load.png", _expert_load_figure), ("lr_throughput.png", _lr_figure)):
+    for name, draw in zip(PLOT_FILES, (_loss_figure, _balance_figure, _expert_load_figure, _lr_figure), strict=True):
         fig = draw(metrics)
         if fig is not None:
             written.append(_save(fig, out_dir / name))
@@ -149,9 +149,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path
 
 

@@ -5,7 +5,9 @@ operands, unless its conditional numerical reproducibility (CNR) mode is set; bu
 process to the next, so without CNR the same step can round differently after a resume (seen on AMD EPYC: the
 7th digit of the loss). MKL reads the MKL_CBWR environment variable once, at its first use, so dsv2 sets it
 when it is imported (the user's own MKL_CBWR wins). AUTO,STRICT keeps the fastest code path of the CPU and only
-pins the summation order; dsv2's few-row decode products do not go through MKL.
+pins the summation order; dsv2's few-row decode products do not go through MKL. Bitwise equality also needs the
+same number of threads in both processes (MKL splits a GEMM by threads), which a resumed run on the same machine
+has.
 
 If MKL ran before dsv2 was imported (a GEMM in the same process), the mode can no longer change:
 `mkl_reproducible()` tells, and training warns.

@@ -11,8 +11,9 @@
       plots/              `dsv2 plot`
 
 The rules: a new run starts only in a directory that holds no run (otherwise: --resume, another --out, or
---overwrite, which removes what dsv2 wrote there and nothing else); one trainer at a time per directory; a
-resumed run keeps its settings (train_config.py) and reads the data it started with.
+--overwrite, which removes the files dsv2 wrote there by name, nothing else, and only once the new run's
+settings have been checked, never what the new run reads); one trainer at a time per directory; a resumed run
+keeps its settings (train_config.py) and reads the data it started with.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,19 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
-OWNED = (SETTINGS_FILE, METRICS_FILE, CHECKPOINTS_DIR, TOKENIZER_DIR, DATA_DIR, "plots")
-"""What dsv2 writes into a run directory: all that --overwrite removes."""
+PLOTS_DIR = "plots"
+PLOT_FILES = ("loss.png", "balance.png", "expert_load.png", "lr_throughput.png")
 STEP_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
+_STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+OWNED = {
+    # what --overwrite removes: the files dsv2 writes, by name (a folder goes only if that leaves it empty)
+    ".": (SETTINGS_FILE, METRICS_FILE),
+    CHECKPOINTS_DIR: (f"{STEP_PREFIX}*", f"damaged-*{STEP_PREFIX}*", f".tmp-{STEP_PREFIX}*"),
+    TOKENIZER_DIR: ("tokenizer.json", "sources.json", ".*.tmp"),
+    DATA_DIR: ("train.bin", "val.bin", "meta.json", "tokenizer.json", ".*.tmp"),
+    PLOTS_DIR: (*PLOT_FILES, ".*.tmp"),
+}
 
 
 def _os_problem(e: OSError, path: Path) -> str:
@@ -71,13 +82,21 @@ class RunDir:
         return self.path / DATA_DIR
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoint directories, oldest first (temporaries and set-aside ones are not listed)."""
+        """Complete checkpoint directories (step_ and digits), by step (temporaries and set-aside ones are not
+        listed)."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(p for p in self.checkpoints_dir.glob(f"{STEP_PREFIX}*") if p.is_dir())
+        found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir()
+                 if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
+    def set_aside_checkpoints(self) -> list[Path]:
+        return sorted(self.checkpoints_dir.glob(f"damaged-*{STEP_PREFIX}*")) if self.checkpoints_dir.is_dir() else []
 
     def holds_run(self) -> bool:
-        return (self.path / SETTINGS_FILE).exists() or self.metrics_path.exists() or bool(self.checkpoints())
+        """Anything a run writes is here (a run killed while it prepared its data counts too)."""
+        return any(next(iter((self.path / folder).glob(pattern)), None) is not None
+                   for folder, patterns in OWNED.items() for pattern in patterns)
 
     def stored_settings(self) -> dict[str, Any] | None:
         """The run's settings: train_config.json, else the newest checkpoint's (a checkpoint copied on its own)."""
@@ -97,7 +116,7 @@ class RunDir:
         ckpts = self.checkpoints()
         if not ckpts:
             return "no checkpoint yet"
-        step = int(ckpts[-1].name.removeprefix(STEP_PREFIX))
+        step = int(_STEP_RE.match(ckpts[-1].name).group(1))
         total = (self.stored_settings() or {}).get("max_steps")
         finished = ", finished" if isinstance(total, int) and step >= total else ""
         return f"checkpoint at step {step}" + (f" of {total}{finished}" if total else "")
@@ -128,7 +147,8 @@ class RunDir:
 
     # -- starting a run --------------------------------------------------------------------------------------------
     def open(self, resume: bool, overwrite: bool) -> None:
-        """Lock the directory and apply the rules for a new run (refuse, or --overwrite) or a resumed one."""
+        """Lock the directory and apply the rules for a new run (refuse it, or let --overwrite replace the one
+        there: the caller calls clear() once the new run's settings are known to work) or a resumed one."""
         if resume and overwrite:
             raise TrainingError("--resume and --overwrite contradict each other: --resume continues the run in "
                                 f"{self.path}, --overwrite replaces it")
@@ -139,23 +159,41 @@ class RunDir:
         self.lock()
         if resume:
             if not self.checkpoints():
+                aside = self.set_aside_checkpoints()
+                if aside:
+                    raise TrainingError(f"--resume: the checkpoints of {self.path} were set aside as damaged "
+                                        f"({', '.join(p.name for p in aside)}); see the warnings of the resume that "
+                                        "set them aside")
                 what = "has no checkpoint yet (it stopped before its first save)" if self.holds_run() else \
                     "holds no run"
                 raise TrainingError(f"--resume: {self.path} {what}; start it again with --overwrite")
-        elif self.holds_run():
-            if not overwrite:
-                raise TrainingError(f"{self.path} already holds a run ({self.describe()}); continue it with "
-                                    "--resume, start a new one with another --out, or replace it with --overwrite")
-            self.clear()
+        elif self.holds_run() and not overwrite:
+            raise TrainingError(f"{self.path} already holds a run ({self.describe()}); continue it with "
+                                "--resume, start a new one with another --out, or replace it with --overwrite")
+
+    def owned_paths(self) -> list[Path]:
+        return [p for folder, patterns in OWNED.items() for pattern in patterns
+                for p in (self.path / folder).glob(pattern)]
+
+    def refuse_reading_from(self, paths: list[Path], what: str) -> None:
+        """--overwrite must not remove what the new run reads (--init-from a checkpoint of this run, say)."""
+        owned = [p.resolve() for p in self.owned_paths()]
+        for path in paths:
+            path = path.resolve()
+            if any(path == o or o in path.parents for o in owned):
+                raise TrainingError(f"--overwrite would delete {path}, which this run reads as its {what}; "
+                                    "copy it elsewhere first, or train into another --out")
 
     def clear(self) -> None:
-        """Remove what dsv2 wrote here (OWNED), nothing else."""
-        for name in OWNED:
-            p = self.path / name
+        """Remove what dsv2 wrote here (OWNED, by name), nothing else; a folder only if that empties it."""
+        for p in self.owned_paths():
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
+            else:
+                p.unlink(missing_ok=True)
+        for folder in OWNED:
+            if folder != "." and (self.path / folder).is_dir() and not any((self.path / folder).iterdir()):
+                (self.path / folder).rmdir()
 
     def write_settings(self, tc: TrainConfig) -> None:
         atomic_write(self.path / SETTINGS_FILE, json.dumps(tc.to_dict(), indent=1) + "\n")
@@ -174,7 +212,8 @@ class RunDir:
         atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def set_aside(self, ckpt: Path) -> Path:
-        """Move a damaged checkpoint out of the checkpoint list (kept for inspection, never deleted)."""
+        """Move a damaged checkpoint out of the checkpoint list (kept for inspection; --overwrite removes it with
+        the rest of the run)."""
         target = ckpt.with_name("damaged-" + ckpt.name)
         n = 1
         while target.exists():

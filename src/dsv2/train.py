@@ -44,7 +44,7 @@ from .parallel import Parallel, init_parallel
 from .reproducibility import MKL_CBWR, mkl_reproducible
 from .router import Routing
 from .run_dir import RunDir
-from .train_config import TrainConfig, TrainingError, load_train_config, refuse_changes
+from .train_config import TrainConfig, TrainingError, absolute_paths, load_train_config, refuse_changes
 from .train_state import ResumePoint, load_resume_point, save_checkpoint
 
 __all__ = ["TrainConfig", "TrainingError", "build_optimizer", "latest_checkpoint", "load_train_config", "lr_at",
@@ -171,6 +171,8 @@ def prepare_data(tc: TrainConfig, run: RunDir, vocab_size: int,
                   "vocab_size": vocab_size}
     if given is not None:
         tok = data_mod.load_tokenizer(given)
+        tok_path = data_mod.save_tokenizer(tok, run.tokenizer_dir)
+        record.unlink(missing_ok=True)  # this copy was not trained here: no data record vouches for it
     elif (run.tokenizer_dir / data_mod.TOKENIZER_FILE).exists():
         try:
             same = json.loads(record.read_text(encoding="utf-8")) == json.loads(json.dumps(trained_on))
@@ -180,14 +182,14 @@ def prepare_data(tc: TrainConfig, run: RunDir, vocab_size: int,
             raise TrainingError(f"{run.tokenizer_dir / data_mod.TOKENIZER_FILE} was trained on other data than "
                                 f"this run's ({', '.join(tc.data)}, max_bytes {tc.max_bytes}) or has no record of "
                                 "it; use another --out, or --overwrite to replace the run")
-        tok = data_mod.load_tokenizer(run.tokenizer_dir)
+        tok_path = run.tokenizer_dir / data_mod.TOKENIZER_FILE
+        tok = data_mod.load_tokenizer(tok_path)
     else:
         print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {', '.join(tc.data)}", flush=True)
         docs = data_mod.iter_documents(tc.data, max_bytes=tc.max_bytes)
         tok = data_mod.train_tokenizer(docs, vocab_size, show_progress=tc.progress)
-        data_mod.save_tokenizer(tok, run.tokenizer_dir)
+        tok_path = data_mod.save_tokenizer(tok, run.tokenizer_dir)
         atomic_write(record, json.dumps(trained_on))
-    tok_path = data_mod.save_tokenizer(tok, run.tokenizer_dir)
     if tok.get_vocab_size() > vocab_size:
         raise TrainingError(f"tokenizer has {tok.get_vocab_size()} tokens but the model only {vocab_size}")
     ds = data_mod.build_token_dataset(tc.data, tok, run.data_dir, val_fraction=tc.val_fraction, seed=tc.seed,
@@ -222,10 +224,10 @@ def _check_resume(point: ResumePoint, tc: TrainConfig, run: RunDir, fingerprint:
     refuse_changes(point.settings, tc, run.path)
     stored = point.state.get("data")
     if stored is not None and stored != fingerprint:
-        raise TrainingError(f"the data of {run.path} changed since it was saved ({stored['files']} source files "
-                            f"then, {fingerprint['files']} now, or some were edited): a resumed run must read the "
-                            "data it started with; restore it, or start a new run with --init-from "
-                            f"{point.path}")
+        raise TrainingError(f"the data of {run.path} changed since {point.path.name} was saved ({stored.get('files')} "
+                            f"source files then, {fingerprint['files']} now; or a file was moved, or changed size "
+                            "or modification time): a resumed run must read the data it started with; restore "
+                            f"it, or start a new run from these weights with --init-from {point.path}")
     if point.settings.max_steps != tc.max_steps and point.step < tc.max_steps:
         say(f"max_steps {point.settings.max_steps} -> {tc.max_steps}: the LR schedule of the remaining steps "
             "follows the new length")
@@ -276,24 +278,28 @@ def evaluate(model: DeepseekV2, ds: data_mod.TokenDataset, tc: TrainConfig, devi
 def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run, resume or (overwrite=True) restart a run; returns a summary: the final validation loss and
     checkpoint, or why it stopped early ("interrupted": the signal's name; "finished_already": True)."""
+    tc = absolute_paths(tc)  # the run resumes from any working directory
     device = _device(tc)
     par = init_parallel(tc.expert_parallel, device)  # torchrun: process groups and the (dp, ep) mesh
     run = RunDir(tc.out)
     try:
-        if par.is_main:
-            run.open(resume=resume, overwrite=overwrite)  # the lock, and the rules of run_dir.py
-        par.barrier()
-        return _train(tc, run, par, device, resume)
+        with par.together():
+            if par.is_main:
+                run.open(resume=resume, overwrite=overwrite)  # the lock, and the rules of run_dir.py
+        return _train(tc, run, par, device, resume, overwrite)
     finally:
         run.release()
         par.close()
 
 
-def _train(tc: TrainConfig, run: RunDir, par: Parallel, device: torch.device, resume: bool) -> dict[str, Any]:
+def _train(tc: TrainConfig, run: RunDir, par: Parallel, device: torch.device, resume: bool,
+           overwrite: bool) -> dict[str, Any]:
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if par.is_main else (lambda msg: None)
     if mkl_reproducible() is False:
-        say(f"warning: MKL ran before dsv2 was imported, so its GEMMs are not reproducible across processes and "
-            f"a resumed run may differ in the last digits; set MKL_CBWR={MKL_CBWR} to make resume exact")
+        why = (f"MKL_CBWR={os.environ['MKL_CBWR']} is not a strict mode" if os.environ.get("MKL_CBWR") != MKL_CBWR
+               else "MKL ran before dsv2 was imported")
+        say(f"warning: {why}, so MKL's GEMMs are not reproducible across processes and a resumed run may differ "
+            f"in the last digits; set MKL_CBWR={MKL_CBWR} before the first GEMM to make resume exact")
     amp = autocast_dtype(tc, device)
     micro, accum = _batch_split(tc, par)
     fingerprint = data_fingerprint(tc)
@@ -307,10 +313,15 @@ def _train(tc: TrainConfig, run: RunDir, par: Parallel, device: torch.device, re
     if tc.seq_len > model.config.max_position_embeddings:
         raise TrainingError(f"seq_len {tc.seq_len} is longer than the model's context (max_position_embeddings="
                             f"{model.config.max_position_embeddings})")
+    with par.together():  # every check above passed: only now may --overwrite remove the old run
+        if par.is_main:
+            if overwrite:
+                run.refuse_reading_from([Path(p) for p in (tc.init_from, tc.tokenizer) if p], "--init-from/--tokenizer")
+                run.refuse_reading_from(data_mod.resolve_sources(tc.data), "data")
+                run.clear()
+            run.write_settings(tc)  # before the data: a run stopped while tokenizing is a run (--overwrite, --resume)
     ds, tok_path = par.in_turn(lambda: prepare_data(tc, run, model.config.vocab_size,
                                                     point.tokenizer if point is not None else None))
-    if par.is_main:
-        run.write_settings(tc)
     dropper = DeviceTokenDrop(model.config, tc.capacity_factor) if tc.capacity_factor else None
     for m in model.modules():
         if isinstance(m, MoE):
@@ -323,8 +334,9 @@ def _train(tc: TrainConfig, run: RunDir, par: Parallel, device: torch.device, re
         start_step, last_ckpt = point.step, point.path
         say(f"resumed from {point.path} at step {start_step}")
         del point  # its model is `model`; drop the optimizer tensors it still holds
-    if par.is_main:
-        run.truncate_metrics(start_step)
+    with par.together():
+        if par.is_main:
+            run.truncate_metrics(start_step)
     metrics = (run.metrics_path if par.is_main else Path(os.devnull)).open("a")  # rank 0 logs global values
 
     model.train()
@@ -346,19 +358,19 @@ def _train(tc: TrainConfig, run: RunDir, par: Parallel, device: torch.device, re
                 bad_in_a_row = 0
                 if done % tc.eval_every == 0 or done == tc.max_steps:
                     last_val = record["val_loss"] = evaluate(model, ds, tc, device, amp)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            stopping = par.any(stop.signal is not None)  # every rank stops after the same step
-            if not record.get("skipped") and (done % tc.save_every == 0 or done == tc.max_steps) or \
-                    (stopping and saved_at != done):
-                last_ckpt = save_checkpoint(run, done, model, opt, tc, tok_path, fingerprint, par)
-                saved_at = done
+            with par.together():  # a full disk on rank 0 stops every rank
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if not record.get("skipped") and (done % tc.save_every == 0 or done == tc.max_steps):
+                last_ckpt, saved_at = save_checkpoint(run, done, model, opt, tc, tok_path, fingerprint, par), done
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}" if record.get("loss") is not None else "nan",
                             lr=f"{record['lr']:.2e}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
                             **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
-            if stopping:
-                stopped = signal.Signals(stop.signal).name if stop.signal is not None else "stop on another rank"
+            if par.any(stop.signal is not None) and done < tc.max_steps:  # every rank stops after the same step
+                if saved_at != done:
+                    last_ckpt, saved_at = save_checkpoint(run, done, model, opt, tc, tok_path, fingerprint, par), done
+                stopped = signal.Signals(stop.signal).name if stop.signal is not None else "a stop on another rank"
                 break
     summary = {"val_loss": last_val, "checkpoint": str(last_ckpt) if last_ckpt else None, "steps": saved_at,
                "tokenizer": str(tok_path), "rank": par.rank, "out": str(run.path)}

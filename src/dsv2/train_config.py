@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, check_field_types
+from .config import PRESETS, ConfigError, check_field_types
 from .data import STDLIB_SOURCE
+
+PRESET_NAMES = frozenset(PRESETS)
 
 LAUNCH = frozenset({"device", "expert_parallel", "progress"})
 """Settings of the launch, not of the run: a resumed run takes them from its own flags (or the defaults), never
@@ -166,10 +168,24 @@ def load_train_config(path: str | os.PathLike | None, **overrides: Any) -> Train
     return TrainConfig.from_dict(train_settings(path, **overrides))
 
 
+def _absolute(path: str) -> str:
+    return path if path == STDLIB_SOURCE else os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(tc: TrainConfig) -> TrainConfig:
+    """tc with its data sources, tokenizer, init_from and a preset given as a file made absolute, so a run's stored
+    settings mean the same files from any working directory (and `corpus/` and `./corpus` are one setting)."""
+    preset = _absolute(tc.preset) if os.path.exists(tc.preset) and tc.preset not in PRESET_NAMES else tc.preset
+    return dataclasses.replace(tc, data=[_absolute(d) for d in tc.data], preset=preset,
+                               tokenizer=tc.tokenizer and _absolute(tc.tokenizer),
+                               init_from=tc.init_from and _absolute(tc.init_from))
+
+
 def changed_settings(old: TrainConfig, new: TrainConfig) -> list[str]:
-    """'name old -> new' for each setting outside RESUMABLE that differs."""
+    """'name old -> new' for each setting outside RESUMABLE that differs (paths compared as absolute paths)."""
+    a, b = absolute_paths(old), absolute_paths(new)
     return [f"{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}" for f in dataclasses.fields(old)
-            if f.name not in RESUMABLE and getattr(old, f.name) != getattr(new, f.name)]
+            if f.name not in RESUMABLE and getattr(a, f.name) != getattr(b, f.name)]
 
 
 def refuse_changes(old: TrainConfig, new: TrainConfig, run: str | os.PathLike) -> None:
@@ -182,10 +198,17 @@ def refuse_changes(old: TrainConfig, new: TrainConfig, run: str | os.PathLike) -
             f"from its weights); only {', '.join(sorted(RESUMABLE - {'out', 'progress'}))} may change on resume")
 
 
+def known_settings(stored: Any) -> Any:
+    """A stored settings dict without the keys this version does not know (written by another dsv2 version)."""
+    if not isinstance(stored, dict):
+        return stored
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in stored.items() if k in known}
+
+
 def resumed_config(stored: dict[str, Any], given: dict[str, Any], run: str | os.PathLike) -> TrainConfig:
     """The run's stored settings with the given ones applied, refusing any that would change the run."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    old = TrainConfig.from_dict({k: v for k, v in stored.items() if k in known}, f"the stored settings of {run}")
+    old = TrainConfig.from_dict(known_settings(stored), f"the stored settings of {run}")
     kept = {k: v for k, v in old.to_dict().items() if k not in LAUNCH}
     new = TrainConfig.from_dict({**kept, **given})
     refuse_changes(old, new, run)

@@ -31,11 +31,11 @@ from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .data import TOKENIZER_FILE, DataError, load_tokenizer
-from .files import atomic_write, write_safetensors
+from .files import atomic_write, fsync_path, write_safetensors
 from .model import DeepseekV2
 from .parallel import Parallel
 from .run_dir import STATE_FILE, STEP_PREFIX, RunDir
-from .train_config import TrainConfig, TrainingError
+from .train_config import TrainConfig, TrainingError, known_settings
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -73,10 +73,11 @@ def save_checkpoint(run: RunDir, step: int, model: DeepseekV2, opt: torch.optim.
     tensors, opt_meta = optimizer_tensors(opt)
     tensors = par.full_optimizer_tensors(opt, tensors)
     final = run.checkpoints_dir / f"{STEP_PREFIX}{step:07d}"
-    if par.is_main:
-        state = {"step": step, "train_config": tc.to_dict(), "optimizer": opt_meta, "data": data, "time": time.time()}
-        _write(run, final, model, params, tensors, state, tokenizer_path, tc.keep_last)
-    par.barrier()
+    with par.together():  # a full disk on rank 0 stops every rank
+        if par.is_main:
+            state = {"step": step, "train_config": tc.to_dict(), "optimizer": opt_meta, "data": data,
+                     "time": time.time()}
+            _write(run, final, model, params, tensors, state, tokenizer_path, tc.keep_last)
     return final
 
 
@@ -97,6 +98,7 @@ def _write(run: RunDir, final: Path, model: DeepseekV2, params: dict[str, torch.
         atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
+        fsync_path(run.checkpoints_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a second Ctrl-C: the older checkpoints stay
         raise
@@ -130,45 +132,70 @@ class ResumePoint:
             raise TrainingError(f"{self.path / OPTIMIZER_FILE} does not fit this run's optimizer ({e})") from None
 
 
+class Damaged(Exception):
+    """A checkpoint file that is missing, truncated or not in its format (set aside, the one before is tried)."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Damaged(f"{path.name} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Damaged(f"{path.name} is not valid JSON ({e})") from None
+
+
 def _read(ckpt: Path, device: torch.device) -> ResumePoint:
-    """Every file of a checkpoint, or a CheckpointError naming the one that does not read back."""
-    path = ckpt / STATE_FILE
+    """Every file of a checkpoint: Damaged naming the one that does not read back; a TrainingError (nothing set
+    aside) for a checkpoint that reads back but this dsv2 cannot use, or a file it may not read (permissions)."""
+    state = _read_json(ckpt / STATE_FILE)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("train_config"), dict)):
+        raise Damaged(f"{STATE_FILE} lacks step, train_config or optimizer")
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        step = state["step"]
-        settings = TrainConfig.from_dict(state["train_config"], str(path))
-        if not isinstance(step, int) or not isinstance(state["optimizer"], dict):
-            raise TypeError("step or optimizer of the wrong type")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
-    path = ckpt / OPTIMIZER_FILE
+        settings = TrainConfig.from_dict(known_settings(state["train_config"]), str(ckpt / STATE_FILE))
+    except ValueError as e:
+        raise TrainingError(f"cannot resume from {ckpt}: {e}") from None
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        tensors = load_file(str(ckpt / OPTIMIZER_FILE))
+    except FileNotFoundError:
+        raise Damaged(f"{OPTIMIZER_FILE} is missing") from None
+    except SafetensorError as e:
+        raise Damaged(f"{OPTIMIZER_FILE}: {e}") from None
     if "rng.cpu" not in tensors:
-        raise CheckpointError(f"{path}: no rng.cpu tensor")
+        raise Damaged(f"{OPTIMIZER_FILE} has no rng.cpu tensor")
     tokenizer = ckpt / TOKENIZER_FILE if (ckpt / TOKENIZER_FILE).exists() else None
     if tokenizer is not None:
         try:
             load_tokenizer(tokenizer)
         except DataError as e:
-            raise CheckpointError(str(e)) from None
-    model = from_pretrained(ckpt, dtype=torch.float32, device=device).train()
-    return ResumePoint(ckpt, step, settings, state, tensors, model, tokenizer)
+            raise Damaged(str(e)) from None
+    _read_json(ckpt / "config.json")  # unreadable JSON is damage; a config this dsv2 refuses is not (below)
+    try:
+        model = from_pretrained(ckpt, dtype=torch.float32, device=device).train()
+    except CheckpointError as e:
+        if str(e).startswith("invalid config"):
+            raise TrainingError(f"cannot resume from {ckpt}: {e}") from None
+        raise Damaged(str(e)) from None
+    return ResumePoint(ckpt, state["step"], settings, state, tensors, model, tokenizer)
 
 
 def load_resume_point(run: RunDir, device: torch.device, warn: Callable[[str], None],
                       set_aside: bool = True) -> ResumePoint:
     """The newest checkpoint of the run that reads back whole. Damaged newer ones are named in a warning and,
-    with set_aside (the rank that owns the directory), moved out of the checkpoint list."""
+    with set_aside (the rank that owns the directory), moved out of the checkpoint list. A file that exists but
+    cannot be read (permissions, an I/O error) stops the resume with nothing moved."""
     problems = []
     for ckpt in reversed(run.checkpoints()):
         try:
             return _read(ckpt, device)
-        except CheckpointError as e:
+        except Damaged as e:
             problems.append(f"{ckpt.name}: {e}")
             moved = f"; set aside as {run.set_aside(ckpt).name}" if set_aside else ""
             warn(f"warning: checkpoint {ckpt.name} is damaged ({e}){moved}; trying the one before")
-    raise TrainingError(f"--resume: no checkpoint of {run.path} reads back whole ({'; '.join(problems)}); start "
-                        "the run again with --overwrite" if problems else f"--resume: {run.path} has no checkpoint")
+        except OSError as e:
+            raise TrainingError(f"cannot read checkpoint {ckpt}: {e.strerror or e}: {e.filename or ''}") from None
+    if not problems:
+        raise TrainingError(f"--resume: {run.path} has no checkpoint")
+    raise TrainingError(f"--resume: no checkpoint of {run.path} reads back whole ({'; '.join(problems)}); they are "
+                        f"kept under {run.checkpoints_dir} as damaged-*; start a new run with another --out")

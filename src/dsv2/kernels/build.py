@@ -67,6 +67,17 @@ def _import(name: str, folder: Path) -> ModuleType:
     return module
 
 
+def _import_built(name: str, folder: Path) -> ModuleType | None:
+    """The library of a finished build, or None (not built, or it does not load: then it is built again)."""
+    if not (folder / DONE).exists():
+        return None
+    try:
+        return _import(name, folder)
+    except ImportError as e:
+        log.warning("dsv2: the built CPU kernels in %s do not load (%s); building them again", folder, e)
+        return None
+
+
 def _wait_for_lock(fd: int, lock_path: Path) -> bool:
     """Take the build lock, waiting up to BUILD_WAIT_S for a build in progress; False if it did not come free."""
     try:
@@ -98,26 +109,26 @@ def load() -> ModuleType | None:
 
         name = _name()
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-        if (folder / DONE).exists():
-            try:
-                return _import(name, folder)
-            except ImportError as e:  # a damaged library: rebuild it below
-                log.warning("dsv2: the built CPU kernels do not load (%s); building them again", e)
+        module = _import_built(name, folder)
+        if module is not None:
+            return module
         lock_path = folder / "dsv2-build.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if not _wait_for_lock(fd, lock_path):
                 return None
-            if (folder / DONE).exists():  # built by the process we waited for
-                return _import(name, folder)
+            module = _import_built(name, folder)  # built (again) by the process we waited for
+            if module is not None:
+                return module
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            (folder / "lock").unlink(missing_ok=True)  # torch's own lock, left by a build that was killed
-            (folder / DONE).unlink(missing_ok=True)
+            for leftover in ("lock", DONE, f"{name}.so"):  # torch's lock of a killed build; a library that failed
+                (folder / leftover).unlink(missing_ok=True)
             src = folder / "src"
             src.mkdir(exist_ok=True)
-            for f in os.listdir(SOURCE_DIR):
-                if f.endswith((".cpp", ".h")):
+            for f in os.listdir(SOURCE_DIR):  # only changed files: ninja keeps the objects of unchanged ones
+                if f.endswith((".cpp", ".h")) and (not (src / f).exists() or
+                                                   (src / f).read_bytes() != (SOURCE_DIR / f).read_bytes()):
                     shutil.copyfile(SOURCE_DIR / f, src / f)
             log.warning("dsv2: building the CPU decode kernels (once per machine and torch install, ~1 min)")
             module = cpp_extension.load(name, [str(src / f) for f in SOURCES], extra_cflags=_flags(),
