@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import train_argv
+from conftest import run_dsv2, train_argv
 
 import dsv2
 from dsv2.cli import main
@@ -48,10 +48,47 @@ def checkpoint(tmp_path_factory):
     (["--seq-len", "4096"], ["seq_len 4096 is longer than the model's context (max_position_embeddings=2048)"]),
     (["--lr", "1e30", "--max-steps", "12"], ["non-finite steps in a row; stopping", "Last good checkpoint"]),
     (["--device", "nonsense"], ["--device 'nonsense'"]),
+    (["--device", "cuda:99"], ["--device cuda:99: no such CUDA device here"]),
+    (["--batch-size", "1000000000000000"], ["out of memory"]),
+    (["--max-bytes", "100"], ["split has", "fewer than one window of seq_len + 1 = 33"]),
+    (["--sample-tokens", "-5"], ["--sample-tokens must be >= 0"]),
+    (["--out", ""], ["out (the run directory) must not be empty"]),
+    (["--preset", "small", "--init-from", "x"], ["--preset and --init-from both choose the model"]),
+    (["--resume", "--overwrite"], ["--resume and --overwrite contradict each other"]),
 ])
 def test_train_flag_mistakes(corpus, tmp_path, capsys, extra, words):
     assert main(train_argv(corpus, tmp_path / "run", *extra)) == 2
     one_error_line(capsys, *words)
+
+
+def test_argument_parser_mistakes_exit_2(corpus, tmp_path, capsys):
+    for argv in (train_argv(corpus, tmp_path / "r", "--seed", "99999999999999999999999"),
+                 ["generate", "--model", "m", "--ids", "0", "--seed", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--seed must be in [0, 2**63)" in err and "Traceback" not in err
+
+
+def test_data_with_no_text(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "utf16.txt").write_bytes("some text".encode("utf-16"))
+    (tmp_path / "d" / "empty.txt").write_text("  \n")
+    assert main(train_argv(tmp_path / "d", tmp_path / "run")) == 2
+    one_error_line(capsys, "no text in the data: 2 file(s)", "utf16.txt")
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1 but not really")
+    assert main(train_argv(tmp_path / "fake.parquet", tmp_path / "run2")) == 2
+    one_error_line(capsys, "fake.parquet is not a readable parquet file")
+
+
+def test_a_last_step_that_is_skipped_still_ends_the_run(corpus, tmp_path, capsys):
+    """--lr 1e30: the first update makes the weights huge, every later step is skipped as non-finite; with the
+    tolerance not exhausted the run still ends with an evaluation and a checkpoint, no traceback."""
+    assert main(train_argv(corpus, tmp_path / "run", "--lr", "1e30", max_steps=3)) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "validation loss" in out.out
+    assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
 
 
 def test_train_run_directory_mistakes(corpus, tmp_path, capsys):
@@ -61,6 +98,10 @@ def test_train_run_directory_mistakes(corpus, tmp_path, capsys):
     (tmp_path / "empty" / "train_config.json").write_text(json.dumps({"max_steps": 5}))
     assert main(["train", "--out", str(tmp_path / "empty"), "--resume"]) == 2
     one_error_line(capsys, "has no checkpoint yet", "--overwrite")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "train_config.json").write_text("[1, 2]")
+    assert main(["train", "--out", str(tmp_path / "odd"), "--resume"]) == 2
+    one_error_line(capsys, "cannot read the settings of", "holds no settings object")
     (tmp_path / "file").write_text("x")
     assert main(train_argv(corpus, tmp_path / "file")) == 2
     one_error_line(capsys, "is a file, not a directory")
@@ -90,6 +131,49 @@ def test_train_config_file_and_tokenizer_mistakes(corpus, tmp_path, capsys):
 def test_generate_flag_mistakes(checkpoint, capsys, extra, words):
     assert main(["generate", "--model", str(checkpoint), "--ids", "0,5", *extra]) == 2
     one_error_line(capsys, *words)
+
+
+def test_generate_ids_outside_the_vocabulary_with_a_tokenizer(checkpoint, capsys):
+    for ids in ("-1", "99999999999999999999", "0,300"):
+        assert main(["generate", "--model", str(checkpoint), "--ids", ids]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and "outside the vocabulary" in out.err  # nothing echoed before the error
+
+
+def test_routing_sim_and_upcycle_mistakes(checkpoint, tmp_path, capsys):
+    base = ["routing-sim", "--out", str(tmp_path / "sim"), "--tokens", "64", "--experts", "16", "--devices", "4"]
+    for extra, words in [(["--tokens", "0"], "tokens must be >= 1"), (["--devices", "1"], "devices must be >= 2"),
+                         (["--experts", "0"], "experts must be >= 1"), (["--top-k", "17"], "top_k must be in [1, 16"),
+                         (["--top-k", "0"], "top_k must be in"), (["--logit-std", "nan"], "logit_std must be"),
+                         (["--devices", "3"], "do not split evenly")]:
+        assert main([*base, *extra]) == 2, extra
+        one_error_line(capsys, words)
+    assert main([*base, "--top-k", "6"]) == 0  # M = 1 holds 4 experts < 6: a row that says so, not NaNs
+    table = (tmp_path / "sim" / "routing_sim.md").read_text()
+    assert "| 1 | n/a" in table and "nan" not in table
+    assert "NaN" not in (tmp_path / "sim" / "routing_sim.json").read_text()
+    dense = tmp_path / "dense"
+    dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2, n_routed_experts=0)).save_pretrained(dense)
+    moe = tmp_path / "moe.json"
+    dsv2.get_config("tiny", num_hidden_layers=2).save(moe)
+    assert main(["upcycle", str(dense), "--config", str(moe), str(tmp_path / "up"), "--routed-scale", "nan"]) == 2
+    one_error_line(capsys, "routed_scale must be a finite number")
+    assert main(["upcycle", str(dense), "--config", str(moe), str(checkpoint)]) == 2  # holds a checkpoint
+    one_error_line(capsys, "is not empty")
+
+
+def test_plot_mistakes(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    r = run_dsv2(["plot", str(run)])  # a process of its own: pytest would capture the warnings
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0] == f"warning: {run / 'metrics.jsonl'}:2: not valid JSON, skipped"
+    assert r.stderr.strip().splitlines()[-1].endswith("metrics.jsonl has no step with a loss")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (run / "plots").write_text("a file")
+    assert main(["plot", str(run)]) == 2
+    one_error_line(capsys, "plots (or a folder above it) is a file, not a folder")
 
 
 def test_generate_checkpoint_mistakes(checkpoint, tmp_path, capsys):

@@ -142,6 +142,9 @@ def test_config_files_and_flag_precedence(tmp_path):
     assert a.max_steps == 7 and a.lr == 0.5 and a.model == {"num_hidden_layers": 2}
     b = load_train_config(tmp_path / "b.toml")
     assert b.max_steps == 9 and b.schedule == "cosine"
+    (tmp_path / "f.yaml").write_text("lr: 1e-3\ndecay_at: [.5, 0.9]\nwarmup_steps: 10\n")  # YAML 1.1 reads 1e-3 as text
+    f = load_train_config(tmp_path / "f.yaml")
+    assert f.lr == 1e-3 and f.decay_at == (0.5, 0.9) and f.warmup_steps == 10
     (tmp_path / "c.yaml").write_text("max_step: 3\n")
     with pytest.raises(ValueError, match="unknown training config keys"):
         load_train_config(tmp_path / "c.yaml")

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63), got {value}")
+    return value
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -20,8 +32,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import get_config
     from .info import describe, format_info
 
-    d = describe(get_config(args.config), context_len=args.context)
+    config = get_config(args.config)
+    if args.context is None:
+        args.context = min(4096, config.max_position_embeddings)
+    d = describe(config, context_len=args.context)
     print(json.dumps(d, indent=2) if args.json else format_info(d))
+    if args.context > config.max_position_embeddings:
+        print(f"note: --context {args.context} is beyond the model's context ({config.max_position_embeddings} "
+              "tokens, max_position_embeddings)", file=sys.stderr)
     return 0
 
 
@@ -29,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import from_pretrained
-    from .generate import check_sampling, generate
+    from .generate import GenerationError, check_prompts, check_sampling, generate
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -42,12 +60,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(tok_path)
     if args.prompt is not None:
         if tokenizer is None:
-            print(f"error: {args.model} has no tokenizer.json; pass token ids with --ids", file=sys.stderr)
-            return 2
+            raise GenerationError(f"{args.model} has no tokenizer.json; pass token ids with --ids")
         bos, _ = special_token_ids(tokenizer, bos_id=model.config.bos_token_id)
         prompt = ([bos] if bos is not None and not args.no_bos else []) + tokenizer.encode(args.prompt).ids
     else:
         prompt = args.ids
+    check_prompts(model, [prompt], args.max_new_tokens)  # before anything is printed
 
     produced: list[int] = []
     if tokenizer is not None:
@@ -96,6 +114,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
     from .train_config import TrainConfig, TrainingError, resumed_config, train_settings
 
+    if args.resume and args.overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                            "--overwrite replaces it")
+    if args.preset and args.init_from:
+        raise TrainingError("--preset and --init-from both choose the model; --init-from brings its own config")
+    if args.sample_tokens < 0:
+        raise TrainingError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+
     given = train_settings(
         args.config, preset=args.preset, data=args.data, out=args.out, max_steps=args.max_steps,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -107,8 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:  # the run's own settings, with only those that may change on resume taken from the flags
         out = given.get("out", TrainConfig.out)
         stored = RunDir(out).stored_settings()
-        if stored is None:
-            raise TrainingError(f"--resume: {out} holds no run to resume (no train_config.json, no checkpoint)")
         tc = resumed_config(stored, given, out)
     else:
         tc = TrainConfig.from_dict(given)
@@ -140,7 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_run
 
-    for path in plot_run(args.run_dir):
+    paths = plot_run(args.run_dir)
+    if not paths:
+        raise ValueError(f"nothing to plot in {args.run_dir}: its metrics.jsonl has no step with a loss")
+    for path in paths:
         print(path)
     return 0
 
@@ -174,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="parameters, activated parameters, KV cache and FLOPs of a config")
     s.add_argument("config", help="preset name (deepseek-v2, deepseek-v2-lite, tiny, small) or config.json path")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and cache size")
+    s.add_argument("--context", type=int, help="context length for attention FLOPs and cache size (default: 4096, "
+                   "or the model's context if shorter)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="stream tokens from a checkpoint directory")
@@ -186,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=_seed)
     s.add_argument("--no-bos", action="store_true", help="do not prepend BOS to a text prompt")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")
     s.set_defaults(func=cmd_generate)
@@ -216,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-from", help="fine-tune from a checkpoint directory (Hugging Face layout)")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     s.add_argument("--device")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=_seed)
     s.add_argument("--expert-parallel", type=int, help="shard routed experts over this many ranks (torchrun)")
     s.add_argument("--sample-tokens", type=int, default=80, help="tokens to sample from the final checkpoint")
     s.add_argument("--sample-prompt", default="def ", help="prompt for the final sample")
@@ -232,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--routed-scale", type=float, default=0.0,
                    help="scale of the routed experts' down projections (0: the MoE computes the dense function)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the balanced gate initialisation")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the balanced gate initialisation")
     s.set_defaults(func=cmd_upcycle)
 
     s = sub.add_parser("routing-sim", help="devices per token and all-to-all traffic of device-limited routing, "
@@ -240,11 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="use this checkpoint's trained router on text (default: a random router)")
     s.add_argument("--data", nargs="+", help="text for --checkpoint (default: the built-in corpus)")
     s.add_argument("--experts", type=int, default=160, help="routed experts of the random router (V2: 160)")
-    s.add_argument("--devices", type=int, default=8, help="devices = device groups D (V2: 8)")
+    s.add_argument("--devices", type=int, help="devices = device groups D (default: 8, V2; or the checkpoint's "
+                   "n_group)")
     s.add_argument("--top-k", type=int, help="experts per token (default: 6, V2; or the checkpoint's)")
     s.add_argument("--tokens", type=int, default=8192, help="tokens to route")
     s.add_argument("--logit-std", type=float, default=1.0, help="std of the random router's gate logits")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--out", default="routing_sim", help="folder for routing_sim.md, .json and .png")
     s.set_defaults(func=cmd_routing_sim)
     return p
@@ -258,14 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     from .train_config import TrainingError
 
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"  # one line, no source excerpt
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, GenerationError, TrainingError, RankError, ValueError,
             FileNotFoundError) as e:
         return _error(args, str(e))
     except OSError as e:  # a full disk, a read-only folder, a path that is a file: one line, no traceback
+        if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename:
+            return _error(args, f"{e.filename} (or a folder above it) is a file, not a folder")
         where = f": {e.filename}" if e.filename else ""
         return _error(args, f"{e.strerror or e}{where}")
+    except MemoryError as e:
+        return _error(args, f"out of memory ({e or 'allocation failed'}); use smaller settings")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -229,6 +229,8 @@ class ModelConfig:
             bad("attention_bias=true is not supported (DeepSeek-V2 has no attention biases)")
         if self.hidden_act not in HIDDEN_ACTS:
             bad(f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
+        if not 0 <= self.attention_dropout < 1:
+            bad(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         if not self.rms_norm_eps > 0:
             bad(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not self.rope_theta > 0:

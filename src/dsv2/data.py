@@ -206,7 +206,10 @@ def _read_parquet(path: Path) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise DataError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError subclasses for a file it can't read
+        raise DataError(f"{path} is not a readable parquet file ({e})") from None
     if "text" not in pf.schema_arrow.names:
         raise DataError(f'{path}: no "text" column (columns: {", ".join(pf.schema_arrow.names)})')
     for batch in pf.iter_batches(columns=["text"]):
@@ -232,8 +235,10 @@ def iter_documents(sources: PathLike | Iterable[PathLike], max_bytes: int | None
     """
     files = resolve_sources(sources)
     budget = max_bytes
+    found = False
     for path in files:
         for doc in _read_file(path):
+            found = True
             if budget is not None:
                 raw = doc.encode("utf-8")
                 if len(raw) >= budget:
@@ -243,6 +248,10 @@ def iter_documents(sources: PathLike | Iterable[PathLike], max_bytes: int | None
                     return
                 budget -= len(raw)
             yield doc
+    if not found:
+        shown = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise DataError(f"no text in the data: {len(files)} file(s), each empty, binary (a NUL byte in its first "
+                        f"{_BINARY_PROBE_BYTES} bytes, as in UTF-16) or without text records: {shown}")
 
 
 def sources_fingerprint(sources: PathLike | Iterable[PathLike]) -> list[list[Any]]:

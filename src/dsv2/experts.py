@@ -20,6 +20,22 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 BLOCK_BYTES = 16 * 2**20  # see RoutedExperts._block_rows
 
 
+def _grouped_mm_layout(t: torch.Tensor) -> bool:
+    """torch._grouped_mm's rule: 16-byte aligned data and strides (a width like 6 or 7 in fp32 breaks it)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride() if st != 1)
+
+
+def grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    """Rows ends_E[e-1]:ends_E[e] of x times w[e], for every expert e: torch._grouped_mm, or one matmul per expert
+    for widths that break its alignment rule, inputs' or output's (unusual configs; same result, slower)."""
+    widths_ok = all(n * x_NK.element_size() % 16 == 0 for n in (x_NK.shape[-1], w_EKM.shape[-1]))
+    if widths_ok and _grouped_mm_layout(x_NK) and _grouped_mm_layout(w_EKM):
+        return torch._grouped_mm(x_NK, w_EKM, offs=ends_E)
+    bounds = [0, *ends_E.tolist()]
+    return torch.cat([x_NK[bounds[e]:bounds[e + 1]] @ w_EKM[e] for e in range(w_EKM.shape[0])])
+
+
 class RoutedExperts(nn.Module):
     def __init__(self, n_experts: int, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
@@ -52,12 +68,12 @@ class RoutedExperts(nn.Module):
         return y_ND
 
     def _swiglu(self, x_ND, w_up_EDX, w_down_EFD, ends_E) -> torch.Tensor:
-        h_N2F = torch._grouped_mm(x_ND, w_up_EDX, offs=ends_E)
+        h_N2F = grouped_mm(x_ND, w_up_EDX, ends_E)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
         a_NF = self.act(gate_NF)
         # in place without autograd: a prefill's [N, F] intermediates are tens of MB (fresh pages each time)
         a_NF = a_NF.mul_(up_NF) if fastpath.no_grad_needed(x_ND, w_up_EDX) else a_NF * up_NF
-        return torch._grouped_mm(a_NF, w_down_EFD, offs=ends_E)
+        return grouped_mm(a_NF, w_down_EFD, ends_E)
 
     def _block_rows(self, x_ND: torch.Tensor, dtype: torch.dtype) -> int:
         """Copies per block: all of them with autograd or off CPU; else as many as keep a block's input, [2F]

@@ -18,7 +18,8 @@ class GenerationError(ValueError):
     pass
 
 
-def _validate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+def check_prompts(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """The prompts as lists of ints, or a GenerationError naming the first problem."""
     cfg = model.config
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
@@ -78,7 +79,7 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
                     ) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of each prompt (None once that prompt has finished). Generation
     stops early at EOS and at the model's context (max_position_embeddings), whichever comes first."""
-    prompts = _validate(model, prompts, max_new_tokens)
+    prompts = check_prompts(model, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     cfg = model.config
     eos = set(cfg.eos_token_ids if eos_token_id is None else

@@ -139,11 +139,11 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / METRICS_FILE)
     out_dir = run_dir / PLOTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in zip(PLOT_FILES, (_loss_figure, _balance_figure, _expert_load_figure, _lr_figure), strict=True):
         fig = draw(metrics)
         if fig is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             written.append(_save(fig, out_dir / name))
     return written
 

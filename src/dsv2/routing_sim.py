@@ -20,6 +20,7 @@ checkpoint's: its tokenizer encodes text, the model runs, and every MoE layer's 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, get_config
+from .files import atomic_write
 from .router import Router
 
 
@@ -48,9 +50,9 @@ def simulate(scores_TE: torch.Tensor, n_devices: int, top_k: int) -> list[dict[s
     source_T = torch.arange(T) % n_devices
     rows = []
     for M in range(1, n_devices + 1):
-        if top_k > M * (E // n_devices):
-            rows.append({"M": M, "devices_per_token": float("nan"), "off_device_copies_per_token": float("nan"),
-                         "affinity": float("nan")})
+        if top_k > M * (E // n_devices):  # M devices hold fewer than K experts: no such routing (None, "n/a")
+            rows.append({"M": M, "devices_per_token": None, "off_device_copies_per_token": None, "affinity": None,
+                         "traffic_vs_topk": None, "affinity_vs_topk": None})
             continue
         experts_TK = group_limited_topk(scores_TE, n_devices, M, top_k)
         visit_TD = torch.zeros(T, n_devices, dtype=torch.bool).scatter_(1, experts_TK // (E // n_devices), True)
@@ -61,8 +63,9 @@ def simulate(scores_TE: torch.Tensor, n_devices: int, top_k: int) -> list[dict[s
                      "affinity": scores_TE.gather(1, experts_TK).double().sum(1).mean().item()})
     full = rows[-1]
     for r in rows:
-        r["traffic_vs_topk"] = r["off_device_copies_per_token"] / full["off_device_copies_per_token"]
-        r["affinity_vs_topk"] = r["affinity"] / full["affinity"]
+        if r["affinity"] is not None:
+            r["traffic_vs_topk"] = r["off_device_copies_per_token"] / full["off_device_copies_per_token"]
+            r["affinity_vs_topk"] = r["affinity"] / full["affinity"]
     return rows
 
 
@@ -107,6 +110,9 @@ def format_table(rows: list[dict[str, float]], title: str) -> str:
     lines = [title, "", "| M | devices / token | off-device copies / token | traffic vs top-K | affinity kept |",
              "|---|---|---|---|---|"]
     for r in rows:
+        if r["affinity"] is None:
+            lines.append(f"| {r['M']} | n/a: {r['M']} devices hold fewer than top-K experts | | | |")
+            continue
         lines.append(f"| {r['M']} | {r['devices_per_token']:.3f} | {r['off_device_copies_per_token']:.3f} | "
                      f"{100 * r['traffic_vs_topk']:.1f}% | {100 * r['affinity_vs_topk']:.1f}% |")
     return "\n".join(lines) + "\n"
@@ -115,6 +121,7 @@ def format_table(rows: list[dict[str, float]], title: str) -> str:
 def plot(rows: list[dict[str, float]], title: str, out: Path) -> None:
     from matplotlib.figure import Figure
 
+    rows = [r for r in rows if r["affinity"] is not None]
     M = [r["M"] for r in rows]
     fig = Figure(figsize=(10, 4))
     ax1, ax2 = fig.subplots(1, 2)
@@ -132,32 +139,44 @@ def plot(rows: list[dict[str, float]], title: str, out: Path) -> None:
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
-def run(out_dir: str | os.PathLike, checkpoint: str | None = None, n_experts: int = 160, n_devices: int = 8,
-        top_k: int | None = None, n_tokens: int = 8192, logit_std: float = 1.0, seed: int = 0,
-        data: list[str] | None = None) -> tuple[list[dict[str, float]], str, dict[str, Path]]:
-    """Simulate, write routing_sim.{md,json,png} under out_dir; returns (rows, table, paths)."""
+def run(out_dir: str | os.PathLike, checkpoint: str | None = None, n_experts: int = 160,
+        n_devices: int | None = None, top_k: int | None = None, n_tokens: int = 8192, logit_std: float = 1.0,
+        seed: int = 0, data: list[str] | None = None) -> tuple[list[dict[str, float]], str, dict[str, Path]]:
+    """Simulate, write routing_sim.{md,json,png} under out_dir; returns (rows, table, paths). n_devices and top_k
+    default to the checkpoint's n_group and num_experts_per_tok, or V2's 8 and 6 for the random router."""
+    if n_tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {n_tokens}")
+    if not (math.isfinite(logit_std) and logit_std > 0):
+        raise ValueError(f"logit_std must be a finite number > 0, got {logit_std}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
     if checkpoint:
         scores, cfg = checkpoint_scores(checkpoint, data, n_tokens)
-        top_k = top_k or cfg.num_experts_per_tok
+        top_k = cfg.num_experts_per_tok if top_k is None else top_k
+        n_devices = cfg.n_group if n_devices is None else n_devices
         source = f"checkpoint {checkpoint} ({scores.shape[0]} token-layers)"
     else:
-        top_k = top_k or 6
+        if n_experts < 1:
+            raise ValueError(f"experts must be >= 1, got {n_experts}")
+        top_k, n_devices = 6 if top_k is None else top_k, 8 if n_devices is None else n_devices
         scores = random_scores(n_tokens, n_experts, logit_std, seed)
         source = f"random router (gate logits ~ N(0, {logit_std:g}^2), {n_tokens} tokens)"
     E = scores.shape[1]
+    if n_devices < 2:
+        raise ValueError(f"devices must be >= 2 (one device has no device limit to simulate), got {n_devices}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E} experts], got {top_k}")
     rows = simulate(scores, n_devices, top_k)
     title = f"{E} experts on {n_devices} devices, top-{top_k}; {source}"
     table = format_table(rows, title)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"table": out / "routing_sim.md", "json": out / "routing_sim.json", "plot": out / "routing_sim.png"}
-    paths["table"].write_text(table)
+    atomic_write(paths["table"], table)
     meta: dict[str, Any] = {"experts": E, "devices": n_devices, "top_k": top_k, "source": source, "rows": rows}
-    paths["json"].write_text(json.dumps(meta, indent=1) + "\n")
+    atomic_write(paths["json"], json.dumps(meta, indent=1) + "\n")
     plot(rows, f"{E} experts / {n_devices} devices / top-{top_k}", paths["plot"])
     return rows, table, paths

@@ -98,18 +98,25 @@ class RunDir:
         return any(next(iter((self.path / folder).glob(pattern)), None) is not None
                    for folder, patterns in OWNED.items() for pattern in patterns)
 
-    def stored_settings(self) -> dict[str, Any] | None:
-        """The run's settings: train_config.json, else the newest checkpoint's (a checkpoint copied on its own)."""
-        candidates = [self.path / SETTINGS_FILE] + [c / STATE_FILE for c in reversed(self.checkpoints())]
-        for path in candidates:
+    def stored_settings(self) -> dict[str, Any]:
+        """The run's settings: train_config.json, else the newest checkpoint's (a checkpoint copied on its own);
+        a TrainingError saying why there are none."""
+        problems = []
+        for path in [self.path / SETTINGS_FILE] + [c / STATE_FILE for c in reversed(self.checkpoints())]:
+            if not path.exists():
+                continue
             try:
                 d = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
+                problems.append(f"{path} is unreadable ({e})")
                 continue
-            d = d.get("train_config", d) if path.name == STATE_FILE and isinstance(d, dict) else d
+            d = d.get("train_config") if path.name == STATE_FILE and isinstance(d, dict) else d
             if isinstance(d, dict):
                 return d
-        return None
+            problems.append(f"{path} holds no settings object")
+        if problems:
+            raise TrainingError(f"--resume: cannot read the settings of {self.path}: {'; '.join(problems)}")
+        raise TrainingError(f"--resume: {self.path} holds no run to resume (no {SETTINGS_FILE}, no checkpoint)")
 
     def describe(self) -> str:
         """Where the run stands, for messages: 'step 300 of 500' (its newest checkpoint) or 'no checkpoint'."""
@@ -117,7 +124,10 @@ class RunDir:
         if not ckpts:
             return "no checkpoint yet"
         step = int(_STEP_RE.match(ckpts[-1].name).group(1))
-        total = (self.stored_settings() or {}).get("max_steps")
+        try:
+            total = self.stored_settings().get("max_steps")
+        except TrainingError:
+            total = None
         finished = ", finished" if isinstance(total, int) and step >= total else ""
         return f"checkpoint at step {step}" + (f" of {total}{finished}" if total else "")
 
@@ -168,6 +178,9 @@ class RunDir:
                     "holds no run"
                 raise TrainingError(f"--resume: {self.path} {what}; start it again with --overwrite")
         elif self.holds_run() and not overwrite:
+            if not self.checkpoints():
+                raise TrainingError(f"{self.path} already holds a run that stopped before its first checkpoint; "
+                                    "start it again with --overwrite, or train into another --out")
             raise TrainingError(f"{self.path} already holds a run ({self.describe()}); continue it with "
                                 "--resume, start a new one with another --out, or replace it with --overwrite")
 

@@ -145,12 +145,18 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def _device(tc: TrainConfig) -> torch.device:
-    if tc.device != "auto":
-        try:
-            return torch.device(tc.device)
-        except RuntimeError as e:
-            raise TrainingError(f"--device {tc.device!r}: {e}") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tc.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(tc.device)
+    except RuntimeError as e:
+        raise TrainingError(f"--device {tc.device!r}: {e}") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise TrainingError(f"--device {tc.device}: no such CUDA device here ({torch.cuda.device_count()} visible; "
+                            f"this torch {'has' if torch.backends.cuda.is_built() else 'has no'} CUDA support)")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {tc.device}: dsv2 trains on cpu or cuda")
+    return device
 
 
 def data_fingerprint(tc: TrainConfig) -> dict[str, Any]:
@@ -194,6 +200,12 @@ def prepare_data(tc: TrainConfig, run: RunDir, vocab_size: int,
         raise TrainingError(f"tokenizer has {tok.get_vocab_size()} tokens but the model only {vocab_size}")
     ds = data_mod.build_token_dataset(tc.data, tok, run.data_dir, val_fraction=tc.val_fraction, seed=tc.seed,
                                       max_bytes=tc.max_bytes, show_progress=tc.progress)
+    docs = ds.meta["n_documents"]
+    for split, tokens in (("train", ds.train), ("val", ds.val)):
+        if len(tokens) < tc.seq_len + 1:  # before any step, not at the first evaluation
+            raise TrainingError(f"the {split} split has {len(tokens)} tokens ({docs[split]} of {sum(docs.values())} "
+                                f"documents, val_fraction {tc.val_fraction}), fewer than one window of seq_len + 1 "
+                                f"= {tc.seq_len + 1}; add text, lower --seq-len, or change val_fraction")
     return ds, tok_path
 
 
@@ -356,12 +368,12 @@ def _train(tc: TrainConfig, run: RunDir, par: Parallel, device: torch.device, re
                                         f"{last_ckpt or 'none'}")
             else:
                 bad_in_a_row = 0
-                if done % tc.eval_every == 0 or done == tc.max_steps:
-                    last_val = record["val_loss"] = evaluate(model, ds, tc, device, amp)
+            if done == tc.max_steps or (done % tc.eval_every == 0 and not record.get("skipped")):
+                last_val = record["val_loss"] = evaluate(model, ds, tc, device, amp)
             with par.together():  # a full disk on rank 0 stops every rank
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            if not record.get("skipped") and (done % tc.save_every == 0 or done == tc.max_steps):
+            if done == tc.max_steps or (done % tc.save_every == 0 and not record.get("skipped")):
                 last_ckpt, saved_at = save_checkpoint(run, done, model, opt, tc, tok_path, fingerprint, par), done
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}" if record.get("loss") is not None else "nan",

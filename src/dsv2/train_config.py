@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,8 @@ class TrainConfig:
             (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be > 0"),
             (self.seq_len > 1, "seq_len must be > 1"),
             (bool(self.data), "data needs at least one source"),
+            (bool(self.out.strip()), "out (the run directory) must not be empty"),
+            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
             (self.max_bytes is None or self.max_bytes > 0, "max_bytes must be > 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.lr > 0, "lr must be > 0"),
@@ -148,12 +151,7 @@ def train_settings(path: str | os.PathLike | None, **flags: Any) -> dict[str, An
             raise ConfigError(f"{p}: training config must be .yaml, .yml or .toml")
         try:
             text = p.read_text(encoding="utf-8")
-            if p.suffix == ".toml":
-                values = tomllib.loads(text)
-            else:
-                import yaml
-
-                values = yaml.safe_load(text) or {}
+            values = tomllib.loads(text) if p.suffix == ".toml" else _yaml_load(text)
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read {p}: {e}") from None
         except Exception as e:  # noqa: BLE001 - yaml.YAMLError, tomllib.TOMLDecodeError: a one-line message
@@ -161,6 +159,19 @@ def train_settings(path: str | os.PathLike | None, **flags: Any) -> dict[str, An
         TrainConfig.from_dict(values, str(p))  # every key known and every value valid, before flags change them
     values.update({k: v for k, v in flags.items() if v is not None})
     return values
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load, reading floats as YAML 1.2 does: PyYAML (YAML 1.1) takes `lr: 1e-3` for a string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader) or {}
 
 
 def load_train_config(path: str | os.PathLike | None, **overrides: Any) -> TrainConfig:

@@ -51,9 +51,9 @@ function at init).
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -62,6 +62,7 @@ from torch import nn
 
 from .checkpoint import from_pretrained
 from .config import ModelConfig, get_config
+from .files import atomic_write
 from .model import DeepseekV2
 from .moe import MLP, MoE
 
@@ -230,6 +231,12 @@ def upcycle_checkpoint(dense_dir: str | os.PathLike, moe_config: ModelConfig | s
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
     if out_dir.exists() and dense_dir.exists() and out_dir.resolve() == dense_dir.resolve():
         raise UpcycleError(f"out_dir {out_dir} is the dense checkpoint directory; write the MoE model elsewhere")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UpcycleError(f"out_dir {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # e.g. a training checkpoint, whose optimizer state would stay
+        raise UpcycleError(f"out_dir {out_dir} is not empty; write the MoE checkpoint into a new folder")
+    if not math.isfinite(routed_scale):
+        raise UpcycleError(f"routed_scale must be a finite number, got {routed_scale}")
     if not isinstance(moe_config, ModelConfig):
         moe_config = get_config(moe_config)
     dense = from_pretrained(dense_dir)
@@ -237,5 +244,5 @@ def upcycle_checkpoint(dense_dir: str | os.PathLike, moe_config: ModelConfig | s
     del dense
     model.save_pretrained(out_dir)
     if (dense_dir / TOKENIZER_FILE).is_file():
-        shutil.copyfile(dense_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+        atomic_write(out_dir / TOKENIZER_FILE, (dense_dir / TOKENIZER_FILE).read_bytes())
     return model
