@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import dsv2
-from dsv2.config import ModelConfig, get_config
+from dsv2.config import ModelConfig
+from dsv2.presets import get_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

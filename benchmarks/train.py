@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from dsv2.config import get_config
+from dsv2.presets import get_config
 
 from .common import DTYPES, checkpoint, free_memory, hf_available, load_dsv2, load_hf, measure_peers, set_hf_experts
 

@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.attention import MLA, BaselineAttention, build_attention
-from dsv2.cache import KVCache
 from dsv2.config import ModelConfig
 from dsv2.model import DeepseekV2
-from dsv2.rope import RotaryEmbedding, apply_rope
+from dsv2.model.attention import MLA, BaselineAttention, build_attention
+from dsv2.model.cache import KVCache
+from dsv2.model.rope import RotaryEmbedding, apply_rope
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dsv2.cache import CacheFullError, KVCache
-from dsv2.config import get_config
 from dsv2.model import DeepseekV2
+from dsv2.model.cache import CacheFullError, KVCache
+from dsv2.presets import get_config
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2}
 

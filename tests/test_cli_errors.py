@@ -28,7 +28,7 @@ def one_error_line(capsys, *words: str) -> str:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny checkpoint with a 24-token context and a valid tokenizer.json."""
-    from dsv2.data import save_tokenizer, train_tokenizer
+    from dsv2.training.data import save_tokenizer, train_tokenizer
 
     path = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)

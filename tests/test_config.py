@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.config import NULL_MEANS, PRESETS, ConfigError, ModelConfig, get_config
+from dsv2.config import NULL_MEANS, ConfigError, ModelConfig
+from dsv2.presets import PRESETS, get_config
 
 REF_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 OFFICIAL = {"deepseek-v2": "deepseek-v2.config.json", "deepseek-v2-lite": "deepseek-v2-lite.config.json"}
@@ -299,7 +300,7 @@ def test_any_json_value_in_any_field_is_accepted_or_a_config_error(changes, yarn
 # tiny preset
 def test_tiny_preset_is_small_and_shaped_like_v2():
     from dsv2.model import DeepseekV2
-    from dsv2.moe import MLP, MoE
+    from dsv2.model.moe import MLP, MoE
 
     cfg = get_config("tiny")
     assert cfg.q_lora_rank is not None

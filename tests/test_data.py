@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsv2 import data
-from dsv2.data import (
+from dsv2.training import data
+from dsv2.training.data import (
     DataError,
     TokenDataset,
     build_token_dataset,
@@ -23,6 +23,7 @@ from dsv2.data import (
     resolve_sources,
     save_tokenizer,
     special_token_ids,
+    token_files,
     train_tokenizer,
     unigram_entropy,
 )
@@ -231,8 +232,8 @@ def test_cache_reused_and_rebuilt(tokenizer, tmp_path: Path, monkeypatch):
     src = write_jsonl(tmp_path / "docs.jsonl", make_docs(20))
     out = tmp_path / "tok"
     calls = []
-    real = data._write_token_files
-    monkeypatch.setattr(data, "_write_token_files", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = token_files._write_token_files
+    monkeypatch.setattr(token_files, "_write_token_files", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     first = build_token_dataset([src], tokenizer, out, val_fraction=0.1, show_progress=False)
     mtime = (out / "train.bin").stat().st_mtime_ns
@@ -265,7 +266,7 @@ def test_crash_leaves_no_valid_cache(tokenizer, tmp_path: Path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_encode_batch", boom)
+    monkeypatch.setattr(token_files, "encode_batch", boom)
     with pytest.raises(KeyboardInterrupt):
         build_token_dataset([src], tokenizer, out, val_fraction=0.5, show_progress=False)
     assert not (out / "meta.json").exists()

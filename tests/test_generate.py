@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv2.config import ModelConfig
-from dsv2.generate import GenerationError, generate, sample_next, stream_generate
+from dsv2.inference.generate import GenerationError, generate, sample_next, stream_generate
 from dsv2.model import DeepseekV2
 
 VOCAB = 96

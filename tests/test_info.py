@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from dsv2.config import get_config
-from dsv2.experts import RoutedExperts
-from dsv2.info import describe, format_info
 from dsv2.model import DeepseekV2
+from dsv2.model.experts import RoutedExperts
+from dsv2.presets import get_config
+from dsv2.tools.info import describe, format_info
 
 
 def activated_from_modules(model: DeepseekV2) -> tuple[int, int, int]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dsv2
-from dsv2.kernels import build
+from dsv2.cpu import build
 
 
 def test_a_build_killed_midway_does_not_hang_the_next_command(tmp_path):
@@ -25,7 +25,7 @@ def test_a_build_killed_midway_does_not_hang_the_next_command(tmp_path):
     env.pop("DSV2_NO_KERNELS", None)
     torch.manual_seed(0)
     dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2)).save_pretrained(tmp_path / "ckpt")
-    first = subprocess.Popen([sys.executable, "-c", "from dsv2 import fastpath; fastpath._kernels()"], env=env,
+    first = subprocess.Popen([sys.executable, "-c", "from dsv2.cpu import fastpath; fastpath._kernels()"], env=env,
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not glob.glob(str(tmp_path / "ext" / "*" / "lock")):  # torch's own lock file: the compiler is running

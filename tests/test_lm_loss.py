@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2 import lm_loss as lm
-from dsv2.config import get_config
 from dsv2.model import DeepseekV2
+from dsv2.model import lm_loss as lm
+from dsv2.presets import get_config
 
 TOL = dict(atol=1e-6, rtol=1e-5)
 

@@ -7,17 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.config import get_config
-from dsv2.losses import (
-    balance_losses,
-    choose_protected,
-    comm_balance_loss,
-    device_balance_loss,
-    device_capacity,
-    device_token_drop,
-    drop_over_capacity,
-    expert_balance_loss,
-)
+from dsv2.model.capacity import device_capacity, drop_over_capacity
+from dsv2.presets import get_config
+from dsv2.training.balance import balance_losses, comm_balance_loss, device_balance_loss, expert_balance_loss
+from dsv2.training.token_drop import choose_protected, device_token_drop
 
 # ---------------------------------------------------------------------------------------------------------------
 # A hand example: T=4 tokens, E=4 experts, K=2, D=2 devices (experts {0,1} | {2,3}), M=2.

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.config import ModelConfig, get_config
+from dsv2.config import ModelConfig
 from dsv2.model import DeepseekV2
-from dsv2.moe import MLP, MoE
-from dsv2.router import Router
+from dsv2.model.moe import MLP, MoE
+from dsv2.model.router import Router
+from dsv2.presets import get_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

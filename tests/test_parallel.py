@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dsv2.cli import main
-from dsv2.config import get_config
+from dsv2.distributed.parallel import Parallel, ParallelError, check_expert_parallel, init_parallel
 from dsv2.model import DeepseekV2
-from dsv2.parallel import Parallel, ParallelError, check_expert_parallel, init_parallel
-from dsv2.routing_sim import group_limited_topk, random_scores, simulate
+from dsv2.presets import get_config
+from dsv2.tools.routing_sim import group_limited_topk, random_scores, simulate
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_parallel_repr():
 
 
 def test_routing_sim_with_a_checkpoint_router(tmp_path, capsys):
-    from dsv2.data import save_tokenizer, train_tokenizer
+    from dsv2.training.data import save_tokenizer, train_tokenizer
 
     cfg = get_config("tiny", num_hidden_layers=2, hidden_size=32, vocab_size=512)
     torch.manual_seed(0)

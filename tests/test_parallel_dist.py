@@ -32,10 +32,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dsv2.config import get_config
-from dsv2.losses import balance_losses
 from dsv2.model import DeepseekV2
-from dsv2.moe import MoE
+from dsv2.model.moe import MoE
+from dsv2.presets import get_config
+from dsv2.training.balance import balance_losses
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PYTHON = sys.executable
@@ -91,8 +91,8 @@ def _rank0_only(model):
 
 
 def _parity_case(par_ep: int, cfg, accum: int, rank0_only: bool = False) -> None:
-    from dsv2.parallel import init_parallel
-    from dsv2.train import DeviceTokenDrop
+    from dsv2.distributed.parallel import init_parallel
+    from dsv2.training.token_drop import DeviceTokenDrop
 
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def test_parity_four_ranks():
 # ------------------------------------------------------------------------------------------------------------
 # dispatch counts: at most M ranks per token
 def _ranks_worker(rank: int, world: int, port: int) -> None:
-    from dsv2.parallel import init_parallel
+    from dsv2.distributed.parallel import init_parallel
 
     _init(rank, world, port)
     for method, M in (("group_limited_greedy", 1), ("group_limited_greedy", 2), ("greedy", 4)):

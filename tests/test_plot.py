@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from dsv2.plot import MAX_HEATMAP_STEPS, plot_run, read_metrics
+from dsv2.tools.plot import MAX_HEATMAP_STEPS, plot_run, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["loss.png", "balance.png", "expert_load.png", "lr_throughput.png"]

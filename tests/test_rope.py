@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.config import get_config, yarn_get_mscale
-from dsv2.rope import RotaryEmbedding, apply_rope, yarn_inv_freq
+from dsv2.config import yarn_get_mscale
+from dsv2.model.rope import RotaryEmbedding, apply_rope, yarn_inv_freq
+from dsv2.presets import get_config
 
 
 # --- reference: the official modeling_deepseek.py YaRN, written out independently (fp64) --------------------------

@@ -14,9 +14,9 @@ import pytest
 from conftest import TRAIN_MODEL, train_argv
 
 from dsv2.cli import main
-from dsv2.run_dir import RunDir
-from dsv2.train import TrainingError, latest_checkpoint, prepare_data, train
-from dsv2.train_config import TrainConfig
+from dsv2.training.config import TrainConfig, TrainingError
+from dsv2.training.run_dir import RunDir
+from dsv2.training.trainer import latest_checkpoint, prepare_data, train
 
 
 def snapshot(run):
@@ -188,7 +188,7 @@ def test_one_trainer_per_run_dir_and_no_stale_lock(corpus, tmp_path, capsys):
     """A trainer holds the directory; a second one is refused naming its PID; once the first is SIGKILLed the
     lock is gone with it (no stale lock) and the run resumes."""
     run = tmp_path / "run"
-    prelude = ("import time\nfrom dsv2 import data\nreal = data.TokenDataset.batch_for_step\n"
+    prelude = ("import time\nfrom dsv2.training import data\nreal = data.TokenDataset.batch_for_step\n"
                "def batch(self, step, *a, **k):\n    if step == 2:\n        print('waiting', flush=True)\n"
                "        time.sleep(120)\n    return real(self, step, *a, **k)\n"
                "data.TokenDataset.batch_for_step = batch\n")
@@ -197,9 +197,7 @@ def test_one_trainer_per_run_dir_and_no_stale_lock(corpus, tmp_path, capsys):
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True)
     try:
-        for line in child.stdout:  # "waiting": step 2 reached, checkpoints 1 and 2 written
-            if line.strip() == "waiting":
-                break
+        assert "waiting" in (line.strip() for line in child.stdout)  # step 2 reached, checkpoints 1, 2 written
         capsys.readouterr()
         assert main(["train", "--out", str(run), "--resume"]) == 2
         err = capsys.readouterr().err.strip()

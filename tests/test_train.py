@@ -10,7 +10,9 @@ import pytest
 from conftest import TRAIN_MODEL, run_dsv2, train_argv
 
 import dsv2
-from dsv2.train import TrainConfig, TrainingError, build_optimizer, latest_checkpoint, load_train_config, lr_at, train
+from dsv2.training.config import TrainConfig, TrainingError, load_train_config
+from dsv2.training.schedule import build_optimizer, lr_at
+from dsv2.training.trainer import latest_checkpoint, train
 
 MODEL = TRAIN_MODEL
 
@@ -78,7 +80,7 @@ def test_keep_last_checkpoints(corpus, tmp_path):
 def signal_at(step: int, sig: int) -> str:
     """A prelude for run_dsv2: the process sends itself `sig` while fetching that (0-based) step's batch. SIGKILL
     leaves nothing a chance to clean up; SIGINT is a Ctrl-C."""
-    return (f"import os\nfrom dsv2 import data\nreal = data.TokenDataset.batch_for_step\n"
+    return (f"import os\nfrom dsv2.training import data\nreal = data.TokenDataset.batch_for_step\n"
             f"def batch(self, step, *a, **k):\n    if step == {step}:\n        os.kill(os.getpid(), {int(sig)})\n"
             f"    return real(self, step, *a, **k)\ndata.TokenDataset.batch_for_step = batch\n")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dsv2 import DeepseekV2, from_pretrained, get_config
-from dsv2.moe import MLP, MoE
-from dsv2.upcycle import UpcycleError, orthonormal_rows, routed_unit_indices, upcycle, upcycle_checkpoint
+from dsv2.model.moe import MLP, MoE
+from dsv2.training.upcycle import UpcycleError, orthonormal_rows, routed_unit_indices, upcycle, upcycle_checkpoint
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
             num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,

@@ -7,9 +7,10 @@ request_reproducible_gemms()  # before torch's first GEMM: MKL reads its mode on
 # ruff: noqa: E402 - the imports below come after that call on purpose
 
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
-from .config import PRESETS, ConfigError, ModelConfig, get_config
-from .generate import GenerationError, generate, stream_generate
+from .config import ConfigError, ModelConfig
+from .inference.generate import GenerationError, generate, stream_generate
 from .model import DeepseekV2
+from .presets import PRESETS, get_config
 
 __all__ = ["PRESETS", "CheckpointError", "ConfigError", "DeepseekV2", "GenerationError", "ModelConfig",
            "from_pretrained", "generate", "get_config", "save_pretrained", "stream_generate"]

@@ -29,8 +29,8 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .config import get_config
-    from .info import describe, format_info
+    from .presets import get_config
+    from .tools.info import describe, format_info
 
     config = get_config(args.config)
     if args.context is None:
@@ -47,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import from_pretrained
-    from .generate import GenerationError, check_prompts, check_sampling, generate
+    from .inference.generate import GenerationError, check_prompts, check_sampling, generate
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -55,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok_path = Path(args.model) / "tokenizer.json"
     tokenizer = None
     if tok_path.exists():
-        from .data import load_tokenizer, special_token_ids
+        from .training.data import load_tokenizer, special_token_ids
 
         tokenizer = load_tokenizer(tok_path)
     if args.prompt is not None:
@@ -110,9 +110,9 @@ def _parse_set(items: list[str] | None) -> dict[str, object] | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .run_dir import RunDir
-    from .train import train
-    from .train_config import TrainConfig, TrainingError, resumed_config, train_settings
+    from .training.config import TrainConfig, TrainingError, resumed_config, train_settings
+    from .training.run_dir import RunDir
+    from .training.trainer import train
 
     if args.resume and args.overwrite:
         raise TrainingError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from .tools.plot import plot_run
 
     paths = plot_run(args.run_dir)
     if not paths:
@@ -173,7 +173,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_routing_sim(args: argparse.Namespace) -> int:
-    from .routing_sim import run
+    from .tools.routing_sim import run
 
     _, table, paths = run(args.out, checkpoint=args.checkpoint, n_experts=args.experts, n_devices=args.devices,
                           top_k=args.top_k, n_tokens=args.tokens, logit_std=args.logit_std, seed=args.seed,
@@ -185,8 +185,8 @@ def cmd_routing_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
-    from .config import get_config
-    from .upcycle import upcycle_checkpoint
+    from .presets import get_config
+    from .training.upcycle import upcycle_checkpoint
 
     model = upcycle_checkpoint(args.dense_dir, get_config(args.config), args.out_dir, seed=args.seed,
                                routed_scale=args.routed_scale)
@@ -282,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .generate import GenerationError
-    from .parallel import RankError
-    from .train_config import TrainingError
+    from .distributed.parallel import RankError
+    from .inference.generate import GenerationError
+    from .training.config import TrainingError
 
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"  # one line, no source excerpt

@@ -22,14 +22,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .field_types import admits_none, check_field_types, default_value, field_types, is_int, is_number
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 SCORING_FUNCS = ("softmax",)
@@ -82,8 +81,6 @@ class ModelConfig:
     """dsv2 extension for the paper's Table 1 ablations: mla | mha | gqa | mqa (same head dims)."""
     attention_bias: bool = False
     """Official field; DeepSeek-V2 has no attention biases and dsv2 supports only False."""
-    attention_dropout: float = 0.0
-    """Official field; kept for round-tripping. Dropout is not applied."""
 
     # --- DeepSeekMoE (Sec. 2.2) -------------------------------------------------------------------------------
     n_routed_experts: int | None = 160
@@ -108,10 +105,6 @@ class ModelConfig:
     """Renormalise the K_r chosen gate weights to sum to one (instead of scaling them)."""
     scoring_func: str = "softmax"
     """Gate affinity function. V2 uses softmax (V3's sigmoid is a different model)."""
-    aux_loss_alpha: float = 0.001
-    """Official field (the released config's single balance coefficient); kept for round-tripping."""
-    seq_aux: bool = True
-    """Official field: balance statistics are per sequence. dsv2's balance losses are always per sequence."""
 
     # --- training-time balance (Sec. 2.2.3, 2.2.4); dsv2 fields ---------------------------------------------
     expert_balance_alpha: float = 0.003
@@ -152,10 +145,10 @@ class ModelConfig:
     """config.json keys dsv2 does not interpret; written back unchanged."""
 
     def __post_init__(self) -> None:
-        hints = _field_types(ModelConfig)
+        hints = field_types(ModelConfig)
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None and not _admits_none(hints[f.name]):
-                setattr(self, f.name, NULL_MEANS.get(f.name, _default(f)))
+            if getattr(self, f.name) is None and not admits_none(hints[f.name]):
+                setattr(self, f.name, NULL_MEANS.get(f.name, default_value(f)))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +195,7 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
-        check_field_types(self)
+        check_field_types(self, ConfigError)
         for key, supported in UNSUPPORTED_EXTRA.items():
             if self.extra.get(key, supported) != supported:
                 bad(f"{key}={self.extra[key]!r} is not supported (dsv2 implements DeepSeek-V2 with {key}={supported})")
@@ -229,16 +222,12 @@ class ModelConfig:
             bad("attention_bias=true is not supported (DeepSeek-V2 has no attention biases)")
         if self.hidden_act not in HIDDEN_ACTS:
             bad(f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
-        if not 0 <= self.attention_dropout < 1:
-            bad(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         if not self.rms_norm_eps > 0:
             bad(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not self.rope_theta > 0:
             bad(f"rope_theta must be > 0, got {self.rope_theta!r}")
-        for tok in ("bos_token_id",):
-            v = getattr(self, tok)
-            if v is not None and not 0 <= v < self.vocab_size:
-                bad(f"{tok}={v} is outside the vocabulary [0, {self.vocab_size})")
+        if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
+            bad(f"bos_token_id={self.bos_token_id} is outside the vocabulary [0, {self.vocab_size})")
         for v in self.eos_token_ids:
             if not 0 <= v < self.vocab_size:
                 bad(f"eos_token_id={v} is outside the vocabulary [0, {self.vocab_size})")
@@ -257,9 +246,9 @@ class ModelConfig:
             raise ConfigError(f"rope_scaling (yarn) is missing {missing}")
         for key in YARN_KEYS:
             v = rs.get(key)
-            if v is not None and not _is_number(v):
+            if v is not None and not is_number(v):
                 raise ConfigError(f"rope_scaling.{key} must be a finite number, got {v!r}")
-        if not _is_int(rs["original_max_position_embeddings"]):
+        if not is_int(rs["original_max_position_embeddings"]):
             raise ConfigError("rope_scaling.original_max_position_embeddings must be an integer, got "
                               f"{rs['original_max_position_embeddings']!r}")
         if not rs["factor"] >= 1:
@@ -380,83 +369,12 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""
-        _check_names(changes)
+        check_field_names(changes)
         return dataclasses.replace(self, **changes)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# field types: checked before the rules above, so no rule ever compares a string with a number
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def check_field_types(obj: Any) -> None:
-    """ConfigError naming the first field of the dataclass `obj` whose value does not have the annotated type."""
-    hints = _field_types(type(obj))
-    for f in dataclasses.fields(obj):
-        _check_type(f.name, getattr(obj, f.name), hints[f.name])
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def _admits_none(hint: Any) -> bool:
-    return hint is type(None) or (isinstance(hint, types.UnionType) and type(None) in hint.__args__)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def _matches(v: Any, hint: Any) -> bool:
-    if isinstance(hint, types.UnionType):
-        return any(_matches(v, h) for h in hint.__args__)
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(v, list) and all(_matches(x, item) for x in v)
-    if origin is tuple:  # JSON, YAML and TOML give lists
-        items = typing.get_args(hint)
-        if not isinstance(v, list | tuple):
-            return False
-        if len(items) == 2 and items[1] is Ellipsis:
-            return all(_matches(x, items[0]) for x in v)
-        return len(v) == len(items) and all(_matches(x, h) for x, h in zip(v, items, strict=True))
-    if origin is dict or hint is dict:
-        return isinstance(v, dict)
-    return {type(None): v is None, int: _is_int(v), float: _is_number(v), bool: isinstance(v, bool),
-            str: isinstance(v, str)}[hint]
-
-
-_TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-               type(None): "null"}
-
-
-def _type_words(hint: Any) -> str:
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_type_words(h) for h in hint.__args__)
-    if typing.get_origin(hint) in (list, tuple):
-        items = typing.get_args(hint)
-        if typing.get_origin(hint) is tuple and items[-1] is not Ellipsis:
-            return f"a list of {len(items)} values ({', '.join(_type_words(h) for h in items)})"
-        return f"a list of {_type_words(items[0]).removeprefix('an ').removeprefix('a ')}s"
-    if typing.get_origin(hint) is dict or hint is dict:
-        return "an object"
-    return _TYPE_WORDS[hint]
-
-
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    if not _matches(value, hint):
-        raise ConfigError(f"{name} must be {_type_words(hint)}, got {value!r} ({type(value).__name__})")
-
-
-def _check_names(fields: dict[str, Any]) -> None:
+def check_field_names(fields: dict[str, Any]) -> None:
+    """ConfigError naming each key of `fields` that is not a ModelConfig field (with the closest one)."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(fields) - names)
     if unknown:
@@ -468,63 +386,3 @@ def _check_names(fields: dict[str, Any]) -> None:
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature: 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# presets
-_REFERENCE = {
-    # Exactly the released config.json of deepseek-ai/DeepSeek-V2 and DeepSeek-V2-Lite.
-    "deepseek-v2": dict(
-        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
-        topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
-        norm_topk_prob=False,
-    ),
-    "deepseek-v2-lite": dict(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
-        topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
-    ),
-}
-_SMALL_COMMON = dict(
-    # Shaped like V2: query compression, device groups with M < D, fine-grained + shared experts, first layer
-    # dense, decoupled RoPE; no YaRN (short contexts), bos/eos at the bottom of a BPE vocabulary.
-    topk_method="group_limited_greedy", first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
-    rope_scaling=None, bos_token_id=0, eos_token_id=1, extra={},
-)
-PRESETS: dict[str, dict[str, Any]] = {
-    **_REFERENCE,
-    # ~3M parameters: tests and CPU demos.
-    "tiny": dict(
-        _SMALL_COMMON, vocab_size=4096, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=2,
-        num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.0,
-        max_position_embeddings=2048,
-    ),
-    # ~97M parameters (~35M activated): a real CPU/GPU training run.
-    "small": dict(
-        _SMALL_COMMON, vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=192,
-        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=128,
-        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=2,
-        num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=4.0,
-        max_position_embeddings=4096,
-    ),
-}
-
-
-def get_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
-    """A preset by name (see PRESETS), or a config.json / checkpoint directory, with field overrides."""
-    _check_names(overrides)
-    key = str(name_or_path)
-    if key in PRESETS:
-        return ModelConfig(**{**PRESETS[key], **overrides})
-    p = Path(key)
-    if p.exists():
-        cfg = ModelConfig.from_json(p)
-        return cfg.replace(**overrides) if overrides else cfg
-    raise ConfigError(f"unknown preset or config path {key!r}; presets: {', '.join(PRESETS)}")

@@ -1,0 +1,237 @@
+"""Checkpoints in the official Hugging Face layout, both directions (safetensors only, nothing unpickled).
+
+A checkpoint directory holds config.json plus model.safetensors, or shards named in
+model.safetensors.index.json. Tensor names are the official ones; inside dsv2 only the routed experts differ:
+`experts.{j}.{gate,up,down}_proj.weight` are stacked into `experts.gate_up_proj` [E, 2F, D] and
+`experts.down_proj` [E, D, F]. This file is the only place that knows the mapping. The stacked form written by
+some tools (`experts.gate_up_proj` / `experts.down_proj`) is accepted on load too.
+
+Loading builds the model on the meta device and copies tensor by tensor from memory-mapped files into the
+allocated parameters, so peak memory is one model plus one tensor, never two models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ConfigError, ModelConfig
+from ..files import atomic_write, write_safetensors
+from ..model import DeepseekV2
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 4 << 30
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor at fault."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# name mapping
+def _slot(param: torch.Tensor, part: str | None, j: int | None) -> torch.Tensor:
+    """The part of an internal parameter an official tensor maps to (a view)."""
+    if part is None:
+        return param
+    if part == "down_proj":
+        return param[j]
+    F = param.shape[1] // 2
+    return param[j, :F] if part == "gate_proj" else param[j, F:]
+
+
+def official_names(model: DeepseekV2, params: dict[str, torch.Tensor] | None = None,
+                   ) -> dict[str, tuple[str, str | None, int | None]]:
+    """official tensor name -> (internal parameter name, expert part or None, expert index or None).
+
+    params: the tensors to name instead of model.named_parameters() (e.g. experts gathered from expert-parallel
+    ranks, see parallel.py)."""
+    out: dict[str, tuple[str, str | None, int | None]] = {}
+    items = params.items() if params is not None else model.named_parameters()
+    for name, p in items:  # tied lm_head is listed once, as the embedding
+        if name.endswith(".experts.gate_up_proj"):
+            base = name[: -len(".gate_up_proj")]
+            for j in range(p.shape[0]):
+                out[f"{base}.{j}.gate_proj.weight"] = (name, "gate_proj", j)
+                out[f"{base}.{j}.up_proj.weight"] = (name, "up_proj", j)
+        elif name.endswith(".experts.down_proj"):
+            base = name[: -len(".down_proj")]
+            for j in range(p.shape[0]):
+                out[f"{base}.{j}.down_proj.weight"] = (name, "down_proj", j)
+        else:
+            out[name] = (name, None, None)
+    return out
+
+
+def iter_official_tensors(model: DeepseekV2, params: dict[str, torch.Tensor] | None = None,
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    params = dict(model.named_parameters()) if params is None else params
+    for official, (name, part, j) in official_names(model, params).items():
+        yield official, _slot(params[name].detach(), part, j)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save
+def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes: int | None = None,
+                    params: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + model.safetensors (or shards + index above max_shard_bytes), written atomically per file.
+
+    params: the tensors to write instead of the model's own (see official_names)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = total = 0
+    for name, t in iter_official_tensors(model, params):
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+        total += nbytes
+    for stale in path.glob("model*.safetensors*"):  # never mix shards of an older save with this one
+        stale.unlink()
+    n = len(shards)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for fname, shard in zip(files, shards, strict=True):
+        tensors = {name: t.contiguous().cpu() for name, t in shard}
+        write_safetensors(path / fname, tensors, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write(path / INDEX_FILE, json.dumps(index, indent=2))
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    atomic_write(path / "config.json", json.dumps(cfg, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards its index names, or model.safetensors."""
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+        names = sorted(set(weight_map.values()))
+        for name in names:  # lexically inside the folder (symlinked shards, as in hub caches, are fine)
+            parts = PurePosixPath(name.replace("\\", "/")).parts
+            if not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                raise CheckpointError(f"{index} names shard {name!r}, which is outside the checkpoint folder")
+        files = [path / f for f in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"shards named in {INDEX_FILE} are missing: {', '.join(missing)}")
+        return files
+    if (path / SINGLE_FILE).exists():
+        return [path / SINGLE_FILE]
+    raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype of the first floating-point tensor stored."""
+    with _open(files[0]) as f:
+        for key in f.keys():
+            if f.get_slice(key).get_dtype() in _FLOAT_DTYPES:
+                return _FLOAT_DTYPES[f.get_slice(key).get_dtype()]
+    raise CheckpointError(f"{files[0]} holds no floating-point tensors")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, allow_non_finite: bool = False) -> DeepseekV2:
+    """Load a checkpoint directory in the official layout. dtype None keeps the checkpoint's dtype.
+
+    A tensor holding NaN or infinity is an error naming it (a diverged run's weights), unless allow_non_finite."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    try:
+        config = ModelConfig.from_json(path / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"invalid config: {e}") from None
+    files = checkpoint_files(path)
+    dtype = dtype or _checkpoint_dtype(files)
+    with torch.device("meta"):
+        model = DeepseekV2(config)
+    model = model.to(dtype).to_empty(device=device or "cpu")
+    if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties the two
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, files, allow_non_finite=allow_non_finite)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = False) -> None:
+    """Copy every stored tensor into its parameter slot; error on missing, unexpected, duplicated, misshapen,
+    non-float or (unless allow_non_finite) non-finite tensors."""
+    names = official_names(model)
+    params = dict(model.named_parameters())
+    stacked: dict[str, list[str]] = {}  # internal stacked expert tensor -> the official names it covers
+    for official, (name, part, _) in names.items():
+        if part is not None:
+            stacked.setdefault(name, []).append(official)
+    seen: set[str] = set()
+    stored_in: dict[str, str] = {}  # tensor name -> the file that held it
+    unexpected: list[str] = []
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                if key in stored_in:
+                    raise CheckpointError(f"tensor {key!r} is stored twice, in {stored_in[key]} and {file.name}")
+                stored_in[key] = file.name
+                if key in names:
+                    name, part, j = names[key]
+                    dst, covered = _slot(params[name], part, j), [key]
+                elif key in stacked:  # the stacked expert form
+                    dst, covered = params[key], stacked[key]
+                elif key == "lm_head.weight" and model.config.tie_word_embeddings:
+                    continue  # tied: the embedding already holds it
+                else:
+                    unexpected.append(key)
+                    continue
+                info = f.get_slice(key)
+                shape = tuple(info.get_shape())
+                if shape != tuple(dst.shape):
+                    raise CheckpointError(f"tensor {key!r} in {file.name} has shape {shape}, the config "
+                                          f"expects {tuple(dst.shape)}")
+                if info.get_dtype() not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"tensor {key!r} in {file.name} is {info.get_dtype()}; a model weight "
+                                          f"must be floating-point ({', '.join(_FLOAT_DTYPES)})")
+                try:
+                    dst.copy_(f.get_tensor(key))
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"cannot read tensor {key!r} from {file} (truncated or corrupt?): "
+                                          f"{e}") from None
+                if not allow_non_finite and not bool(torch.isfinite(dst).all()):
+                    raise CheckpointError(f"tensor {key!r} in {file.name} holds NaN or infinite values (a diverged "
+                                          "run?); pass allow_non_finite=True to load it anyway")
+                seen.update(covered)
+    problems = []
+    for label, items in (("missing", [n for n in names if n not in seen]), ("unexpected", unexpected)):
+        if items:
+            more = " ..." if len(items) > 8 else ""
+            problems.append(f"{label} tensors ({len(items)}): {', '.join(items[:8])}{more}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))

@@ -1,0 +1,1 @@
+"""Inference on the model: sampling and batched generation over the latent cache."""

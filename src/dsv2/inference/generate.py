@@ -1,0 +1,137 @@
+"""Batched generation over the latent cache: prefill with the naive MLA path, decode with weight absorption.
+
+Prompts of different lengths are left-padded into one batch; padding slots are masked out of attention and each
+row's RoPE positions start at 0 at its first real token, so a padded row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..model import DeepseekV2
+
+
+class GenerationError(ValueError):
+    pass
+
+
+def check_prompts(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """The prompts as lists of ints, or a GenerationError naming the first problem."""
+    cfg = model.config
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if not prompts:
+        raise GenerationError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+        if len(p) > cfg.max_position_embeddings:
+            raise GenerationError(f"prompt {i} has {len(p)} tokens, longer than the model's context "
+                                  f"({cfg.max_position_embeddings})")
+        out.append(p)
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return out
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """GenerationError for settings that cannot sample, whatever the temperature (a greedy call with a bad top_p
+    is still a mistake)."""
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise GenerationError(f"top_k must be >= 1 (or 0 / None for no top-k cut), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:  # NaN fails this too
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy when temperature == 0; otherwise sample from softmax(logits / T) restricted to top-k / top-p."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+                    ) -> Iterator[list[int | None]]:
+    """Yield, per decode step, the new token of each prompt (None once that prompt has finished). Generation
+    stops early at EOS and at the model's context (max_position_embeddings), whichever comes first."""
+    prompts = check_prompts(model, prompts, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    cfg = model.config
+    eos = set(cfg.eos_token_ids if eos_token_id is None else
+              ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+    device = model.model.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    max_new = min(max_new_tokens, cfg.max_position_embeddings - P)  # never run past the context
+    if max_new <= 0:
+        return
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    pad_mask = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p)
+        pad_mask[b, P - len(p):] = True
+    positions = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, P + max_new)
+        logits = model(ids, positions=positions, cache=cache, pad_mask=pad_mask, logits_to_keep=1)[:, -1]
+        pos = positions[:, -1:]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist(), strict=True)]
+            done |= torch.tensor([int(t) in eos for t in nxt.tolist()], device=device)
+            if bool(done.all()) or step == max_new - 1:
+                break
+            pos = pos + 1
+            logits = model(nxt[:, None], positions=pos, cache=cache, logits_to_keep=1)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+             callback: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Generate for a batch of token-id prompts; returns the new tokens of each (EOS included when hit).
+
+    callback(prompt_index, token) is called as each token is produced (streaming).
+    """
+    outs: list[list[int]] = [[] for _ in prompts]
+    for step_tokens in stream_generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, eos_token_id=eos_token_id):
+        for i, t in enumerate(step_tokens):
+            if t is not None:
+                outs[i].append(t)
+                if callback is not None:
+                    callback(i, t)
+    return outs

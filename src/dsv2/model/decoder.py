@@ -1,0 +1,153 @@
+"""The DeepSeek-V2 causal language model: embedding, pre-norm decoder blocks (MLA + MoE/dense FFN), final norm,
+LM head. Module names follow the official checkpoints (model.layers.{i}.self_attn.*, .mlp.*, lm_head), so the
+Hugging Face layout maps onto the state dict directly; only the routed experts are stacked (see experts.py).
+
+    h = x + Attn(RMSNorm(x));  out = h + FFN(RMSNorm(h))       FFN = MoE or dense SwiGLU (config.is_moe_layer)
+
+`model(input_ids)` returns logits [B, S, vocab]. `return_routing=True` also returns each MoE layer's Routing
+(affinities and choices) for the balance losses and metrics. With a KVCache the forward appends to it;
+`absorb=None` picks the absorbed MLA path for single-token decode steps and the naive path otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..cpu.fastpath import Linear
+from .attention import build_attention
+from .cache import KVCache
+from .lm_loss import lm_loss
+from .moe import MoE, dense_or_moe
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+from .router import Routing
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = build_attention(config, layer_idx)
+        self.mlp = dense_or_moe(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope, mask, cache, absorb) -> tuple[torch.Tensor, Routing | None]:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, absorb)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, routing = self.mlp(h)
+            return x + y, routing
+        return x + self.mlp(h), None
+
+
+class Decoder(nn.Module):
+    """`model.*` in the checkpoints."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekV2(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix (experts and gate included), ones for norms."""
+        std = self.config.initializer_range
+        for p in self.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    # -------------------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """A preallocated cache for `max_len` tokens (MLA: the latent only)."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"cache length {max_len} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        w = self.model.embed_tokens.weight
+        widths = self.model.layers[0].self_attn.cache_widths()
+        return KVCache(widths, self.config.num_hidden_layers, batch_size, max_len, dtype or w.dtype,
+                       device or w.device)
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
+                absorb: bool | None = None, return_routing: bool = False, logits_to_keep: int = 0,
+                targets: torch.Tensor | None = None):
+        """input_ids [B, S] -> logits [B, S, V] (and the MoE layers' routings when return_routing).
+
+        positions [B, S]: RoPE positions (default: the cache length onwards). pad_mask [B, S] bool: False marks
+        padding (left padding in generation); padded keys are masked out. logits_to_keep > 0: only the last that
+        many positions go through the final norm and LM head (generation needs the last one). targets [B, S]
+        (the next token at each position; lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an
+        fp32 scalar, in place of the logits, by lm_loss (fused with the LM head; no [B, S, V] logits in memory).
+        """
+        B, S = input_ids.shape
+        if targets is not None and (targets.shape != input_ids.shape or logits_to_keep):
+            raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)} (got "
+                             f"{tuple(targets.shape)}) and need logits_to_keep=0")
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+        mask = None
+        if cache is not None:
+            cache.begin(S, pad_mask)
+            # no padding in the cache: a fresh prefill is plain causal and a single new token sees every slot, so
+            # attention takes no mask (SDPA's causal kernel; no [B, 1, S, T] tensor built per step)
+            if cache.padded or (start > 0 and S > 1):
+                mask = self._mask(cache.valid[:, : start + S], start)
+        elif pad_mask is not None:
+            mask = self._mask(pad_mask, 0)
+        if absorb is None:
+            absorb = cache is not None and S == 1
+        rope = self.rotary(positions)
+        x = self.model.embed_tokens(input_ids)
+        routings = []
+        for layer in self.model.layers:
+            x, routing = layer(x, rope, mask, cache, absorb)
+            if routing is not None:
+                routings.append(routing)
+        if cache is not None:
+            cache.advance(S)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        if targets is not None:
+            out = lm_loss(self.model.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
+        else:
+            out = self.lm_head(self.model.norm(x))
+        return (out, routings) if return_routing else out
+
+    @staticmethod
+    def _mask(valid_BT: torch.Tensor, start: int) -> torch.Tensor:
+        """[B, 1, S, T] bool: query i (slot start+i) sees valid keys at slots <= its own, and always itself
+        (so a padding query has a finite softmax; its output is never used)."""
+        T = valid_BT.shape[1]
+        q_S = torch.arange(start, T, device=valid_BT.device)[:, None]
+        k_T = torch.arange(T, device=valid_BT.device)[None, :]
+        return (valid_BT[:, None, None, :] & (k_T <= q_S)) | (k_T == q_S)
+
+    # -------------------------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
+        """Write config.json + safetensors in the official Hugging Face layout (see checkpoint.py)."""
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,44 @@
+"""The optimizer and its schedule (DeepSeek-V2 Sec. 3.2.1): AdamW (0.9, 0.95) with weight decay 0.1 on matrices
+only, a linear warm-up, then the LR multiplied by 0.316 at 60% and 90% of the run (cosine as an option); and the
+autocast dtype a run computes in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+# ------------------------------------------------------------------------------------------------------------
+# schedule and optimizer
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up, then V2's step decay (or cosine). A pure function of the step: nothing to checkpoint."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.schedule == "cosine":
+        progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+        floor = tc.lr * tc.min_lr_ratio
+        return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return tc.lr * tc.decay_factor ** sum(step >= frac * tc.max_steps for frac in tc.decay_at)
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (and stacked expert matrices) only, never on norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=1e-8)
+
+
+def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if tc.dtype == "fp32":
+        return None
+    if tc.dtype == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    # CPUs without native bf16 matmul (AVX2-only) run bf16 several times SLOWER than fp32
+    native = getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else None
