@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv2
+from dsv2.checkpoint import save_pretrained
 from dsv2.config import ModelConfig
 from dsv2.presets import get_config
 
@@ -166,7 +167,7 @@ def checkpoint(workdir: Path, name: str, cfg: ModelConfig, seed: int = 0) -> Pat
             return path
     torch.manual_seed(seed)
     model = dsv2.DeepseekV2(cfg)
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     del model
     free_memory()
     return path

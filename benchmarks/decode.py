@@ -197,7 +197,7 @@ def settle(model, hf, lat, ctx: int, dtype, seconds: float = 3.0) -> None:
 
 @torch.inference_mode()
 def warm_up(model, batches) -> None:
-    """One short decode per batch size: builds the C++ decode kernels (fastpath.py) outside the timings."""
+    """One short decode per batch size: builds the C++ decode kernels (dsv2.cpu) outside the timings."""
     for batch in batches:
         cache = model.new_cache(batch, 8)
         model(torch.randint(2, 100, (batch, 4)), cache=cache)

@@ -34,7 +34,7 @@ def run(path, *, tokens=(2048, 8, 1), dtypes=("fp32", "bf16"), peers=None, max_t
         ours = model.model.layers[i].mlp
         hf = load_hf(path, dtype) if any(p.startswith("hf") for p in peers) else None
         theirs = hf.model.layers[i].mlp if hf is not None else None
-        with torch.inference_mode():  # build the C++ few-row kernels (fastpath.py) outside the timings
+        with torch.inference_mode():  # build the C++ few-row kernels (dsv2.cpu) outside the timings
             ours(torch.randn(1, 1, cfg.hidden_size).to(dtype))
         for T in tokens:
             x = torch.randn(1, T, cfg.hidden_size, generator=torch.Generator().manual_seed(T)).to(dtype)

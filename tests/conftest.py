@@ -13,6 +13,16 @@ import torch
 
 torch.set_num_threads(1)
 
+@pytest.fixture(scope="session")
+def kernels():
+    """The CPU kernels, built (or loaded) once per session; tests that need them are skipped where they cannot
+    be built (no compiler: dsv2 then runs the ops' reference implementations, which other tests cover)."""
+    from dsv2.cpu import ops
+
+    if not ops.kernels_loaded():
+        pytest.skip("the C++ kernels do not build here")
+
+
 TRAIN_MODEL = dict(vocab_size=384, hidden_size=48, intermediate_size=96, moe_intermediate_size=16,
                    num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
                    qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2,

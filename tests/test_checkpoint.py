@@ -17,8 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dsv2
-from dsv2.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, from_pretrained
+from dsv2.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, from_pretrained, save_pretrained
 from dsv2.config import ModelConfig
+from dsv2.cpu import optimize
 from dsv2.model import DeepseekV2
 
 SRC = Path(dsv2.__file__).resolve().parent
@@ -39,13 +40,14 @@ def make_config(q_lora_rank=24, yarn=True, tie=False, topk_method="group_limited
 
 
 def make_model(seed=0, **kw):
+    """A random model with the CPU fast paths on, as from_pretrained returns them: round trips compare bits."""
     torch.manual_seed(seed)
     model = DeepseekV2(make_config(**kw)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)  # norms away from 1 so a dropped norm weight shows
-    return model
+    return optimize(model)
 
 
 IDS = torch.randint(2, 128, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -61,7 +63,7 @@ def saved(tmp_path_factory):
     """One saved fp32 checkpoint, copied by tests that corrupt it."""
     path = tmp_path_factory.mktemp("ckpt")
     model = make_model()
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path, model
 
 
@@ -110,7 +112,7 @@ def test_saved_file_uses_official_names_and_layout(saved):
 
 def test_sharded_save_writes_index_and_loads(tmp_path, saved):
     _, model = saved
-    model.save_pretrained(tmp_path, max_shard_bytes=64 * 1024)
+    save_pretrained(model, tmp_path, max_shard_bytes=64 * 1024)
     shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (tmp_path / SINGLE_FILE).exists()
     assert all(re.fullmatch(rf"model-\d{{5}}-of-{len(shards):05d}\.safetensors", s.name) for s in shards)
@@ -125,7 +127,7 @@ def test_sharded_save_writes_index_and_loads(tmp_path, saved):
     assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.parameters())
     torch.testing.assert_close(logits(from_pretrained(tmp_path)), logits(model), atol=0, rtol=0)
     # saving again unsharded into the same directory leaves no stale shards behind
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", SINGLE_FILE]
     torch.testing.assert_close(logits(from_pretrained(tmp_path)), logits(model), atol=0, rtol=0)
 
@@ -133,7 +135,7 @@ def test_sharded_save_writes_index_and_loads(tmp_path, saved):
 def test_tied_embeddings(tmp_path):
     model = make_model(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert "lm_head.weight" not in load_file(tmp_path / SINGLE_FILE)
     loaded = from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -153,7 +155,7 @@ def test_dtype_argument_and_stored_dtype(tmp_path, saved):
                                rtol=0)
     assert (logits(bf).float() - logits(model)).abs().max() < 0.1
     # a bf16 checkpoint loads as bf16 by default, and as fp32 when asked
-    bf.save_pretrained(tmp_path)
+    save_pretrained(bf, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / SINGLE_FILE).values())
     again = from_pretrained(tmp_path)
@@ -252,7 +254,7 @@ def test_directory_without_weights(tmp_path, saved):
 
 def test_index_naming_missing_shard(tmp_path, saved):
     _, model = saved
-    model.save_pretrained(tmp_path, max_shard_bytes=64 * 1024)
+    save_pretrained(model, tmp_path, max_shard_bytes=64 * 1024)
     victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(CheckpointError, match=re.escape(victim.name)):
@@ -263,7 +265,7 @@ def test_index_naming_missing_shard(tmp_path, saved):
 
 
 def _sharded(tmp_path: Path, saved) -> tuple[Path, dict]:
-    saved[1].save_pretrained(tmp_path, max_shard_bytes=64 * 1024)
+    save_pretrained(saved[1], tmp_path, max_shard_bytes=64 * 1024)
     return tmp_path, json.loads((tmp_path / INDEX_FILE).read_text())
 
 
@@ -332,8 +334,8 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path, saved):
         from dsv2.files import file_mode
 
         file_mode.cache_clear()
-        saved[1].save_pretrained(tmp_path / "one")
-        saved[1].save_pretrained(tmp_path / "sharded", max_shard_bytes=64 * 1024)
+        save_pretrained(saved[1], tmp_path / "one")
+        save_pretrained(saved[1], tmp_path / "sharded", max_shard_bytes=64 * 1024)
     finally:
         os.umask(old)
         file_mode.cache_clear()
@@ -349,7 +351,7 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path, saved):
 def test_transformers_loads_dsv2_checkpoint(tmp_path, q_lora_rank, yarn, topk_method, first_dense):
     transformers = pytest.importorskip("transformers")
     model = make_model(seed=7, q_lora_rank=q_lora_rank, yarn=yarn, topk_method=topk_method, first_dense=first_dense)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     ref = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     hf_sd = ref.state_dict()
     assert hf_sd["model.layers.1.mlp.gate.weight"].shape == (8, 48)

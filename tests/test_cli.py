@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dsv2
+from dsv2.checkpoint import save_pretrained
 from dsv2.cli import main
 
 
@@ -42,7 +43,7 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
 
 def test_generate_ids_streams_token_ids_and_rejects_bad_ids(tmp_path):
     torch.manual_seed(0)
-    dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2)).save_pretrained(tmp_path)
+    save_pretrained(dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2)), tmp_path)
     ok = subprocess.run([sys.executable, "-m", "dsv2", "generate", "--model", str(tmp_path), "--ids", "0,5,6",
                          "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1"],
                         capture_output=True, text=True)

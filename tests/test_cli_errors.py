@@ -12,6 +12,7 @@ import torch
 from conftest import run_dsv2, train_argv
 
 import dsv2
+from dsv2.checkpoint import save_pretrained
 from dsv2.cli import main
 
 
@@ -32,8 +33,8 @@ def checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2, vocab_size=300,
-                                    max_position_embeddings=24)).save_pretrained(path)
+    save_pretrained(dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2, vocab_size=300,
+                                    max_position_embeddings=24)), path)
     save_tokenizer(train_tokenizer(["some text to train on " * 20], 300), path)
     return path
 
@@ -153,7 +154,7 @@ def test_routing_sim_and_upcycle_mistakes(checkpoint, tmp_path, capsys):
     assert "| 1 | n/a" in table and "nan" not in table
     assert "NaN" not in (tmp_path / "sim" / "routing_sim.json").read_text()
     dense = tmp_path / "dense"
-    dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2, n_routed_experts=0)).save_pretrained(dense)
+    save_pretrained(dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2, n_routed_experts=0)), dense)
     moe = tmp_path / "moe.json"
     dsv2.get_config("tiny", num_hidden_layers=2).save(moe)
     assert main(["upcycle", str(dense), "--config", str(moe), str(tmp_path / "up"), "--routed-scale", "nan"]) == 2

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from dsv2.checkpoint import save_pretrained
 from dsv2.cli import main
 from dsv2.distributed.parallel import Parallel, ParallelError, check_expert_parallel, init_parallel
 from dsv2.model import DeepseekV2
@@ -108,7 +109,7 @@ def test_routing_sim_with_a_checkpoint_router(tmp_path, capsys):
 
     cfg = get_config("tiny", num_hidden_layers=2, hidden_size=32, vocab_size=512)
     torch.manual_seed(0)
-    DeepseekV2(cfg).save_pretrained(tmp_path / "ckpt")
+    save_pretrained(DeepseekV2(cfg), tmp_path / "ckpt")
     text = ["def f(x):\n    return x + 1\n" * 20, "class A:\n    pass\n" * 20]
     tok = train_tokenizer(text, 300)
     save_tokenizer(tok, tmp_path / "ckpt")

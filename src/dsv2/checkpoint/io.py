@@ -1,10 +1,8 @@
-"""Checkpoints in the official Hugging Face layout, both directions (safetensors only, nothing unpickled).
+"""Checkpoint files in the official Hugging Face layout, both directions (safetensors only, nothing unpickled).
 
 A checkpoint directory holds config.json plus model.safetensors, or shards named in
-model.safetensors.index.json. Tensor names are the official ones; inside dsv2 only the routed experts differ:
-`experts.{j}.{gate,up,down}_proj.weight` are stacked into `experts.gate_up_proj` [E, 2F, D] and
-`experts.down_proj` [E, D, F]. This file is the only place that knows the mapping. The stacked form written by
-some tools (`experts.gate_up_proj` / `experts.down_proj`) is accepted on load too.
+model.safetensors.index.json. The names are mapped by hf_names.py; this file handles the files: sharding,
+atomic writes, and checks that name the file or tensor at fault.
 
 Loading builds the model on the meta device and copies tensor by tensor from memory-mapped files into the
 allocated parameters, so peak memory is one model plus one tensor, never two models.
@@ -14,68 +12,25 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import ConfigError, ModelConfig
+from ..cpu import optimize
 from ..files import atomic_write, write_safetensors
 from ..model import DeepseekV2
+from .hf_names import official_names, official_tensors, slot
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensor at fault."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# name mapping
-def _slot(param: torch.Tensor, part: str | None, j: int | None) -> torch.Tensor:
-    """The part of an internal parameter an official tensor maps to (a view)."""
-    if part is None:
-        return param
-    if part == "down_proj":
-        return param[j]
-    F = param.shape[1] // 2
-    return param[j, :F] if part == "gate_proj" else param[j, F:]
-
-
-def official_names(model: DeepseekV2, params: dict[str, torch.Tensor] | None = None,
-                   ) -> dict[str, tuple[str, str | None, int | None]]:
-    """official tensor name -> (internal parameter name, expert part or None, expert index or None).
-
-    params: the tensors to name instead of model.named_parameters() (e.g. experts gathered from expert-parallel
-    ranks, see parallel.py)."""
-    out: dict[str, tuple[str, str | None, int | None]] = {}
-    items = params.items() if params is not None else model.named_parameters()
-    for name, p in items:  # tied lm_head is listed once, as the embedding
-        if name.endswith(".experts.gate_up_proj"):
-            base = name[: -len(".gate_up_proj")]
-            for j in range(p.shape[0]):
-                out[f"{base}.{j}.gate_proj.weight"] = (name, "gate_proj", j)
-                out[f"{base}.{j}.up_proj.weight"] = (name, "up_proj", j)
-        elif name.endswith(".experts.down_proj"):
-            base = name[: -len(".down_proj")]
-            for j in range(p.shape[0]):
-                out[f"{base}.{j}.down_proj.weight"] = (name, "down_proj", j)
-        else:
-            out[name] = (name, None, None)
-    return out
-
-
-def iter_official_tensors(model: DeepseekV2, params: dict[str, torch.Tensor] | None = None,
-                          ) -> Iterator[tuple[str, torch.Tensor]]:
-    params = dict(model.named_parameters()) if params is None else params
-    for official, (name, part, j) in official_names(model, params).items():
-        yield official, _slot(params[name].detach(), part, j)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,13 +39,13 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
                     params: dict[str, torch.Tensor] | None = None) -> None:
     """config.json + model.safetensors (or shards + index above max_shard_bytes), written atomically per file.
 
-    params: the tensors to write instead of the model's own (see official_names)."""
+    params: the tensors to write instead of the model's own (the experts gathered from expert-parallel ranks)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = total = 0
-    for name, t in iter_official_tensors(model, params):
+    for name, t in official_tensors(dict(model.named_parameters()) if params is None else params):
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -160,7 +115,8 @@ def _open(file: Path):
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, allow_non_finite: bool = False) -> DeepseekV2:
-    """Load a checkpoint directory in the official layout. dtype None keeps the checkpoint's dtype.
+    """Load a checkpoint directory in the official layout, in eval mode with the CPU fast paths on
+    (dsv2.cpu.optimize). dtype None keeps the checkpoint's dtype.
 
     A tensor holding NaN or infinity is an error naming it (a diverged run's weights), unless allow_non_finite."""
     path = Path(path)
@@ -178,16 +134,15 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties the two
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, files, allow_non_finite=allow_non_finite)
-    model.eval()
-    return model
+    return optimize(model.eval())
 
 
 @torch.no_grad()
 def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = False) -> None:
     """Copy every stored tensor into its parameter slot; error on missing, unexpected, duplicated, misshapen,
     non-float or (unless allow_non_finite) non-finite tensors."""
-    names = official_names(model)
     params = dict(model.named_parameters())
+    names = official_names(params)
     stacked: dict[str, list[str]] = {}  # internal stacked expert tensor -> the official names it covers
     for official, (name, part, _) in names.items():
         if part is not None:
@@ -203,7 +158,7 @@ def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = 
                 stored_in[key] = file.name
                 if key in names:
                     name, part, j = names[key]
-                    dst, covered = _slot(params[name], part, j), [key]
+                    dst, covered = slot(params[name], part, j), [key]
                 elif key in stacked:  # the stacked expert form
                     dst, covered = params[key], stacked[key]
                 elif key == "lm_head.weight" and model.config.tie_word_embeddings:

@@ -1,1 +1,30 @@
-"""CPU fast paths: the C++ kernels (kernels/, compiled at first use by build.py) and the code that calls them."""
+"""CPU fast paths, switched on in one place: `dsv2.cpu.optimize(model)`.
+
+The model (dsv2.model) is plain PyTorch. optimize() gives its modules the CPU classes of modules.py (subclasses
+with the same parameters, so state dicts, checkpoints and optimizers see no difference), which run the C++
+kernels registered as torch.library custom ops (ops.py, kernels/, built at first use by build.py) where they
+apply and the plain method everywhere else: under autograd, on other devices, for shapes the kernels do not take.
+from_pretrained, generate and the trainer call it, so users get the fast paths without asking.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..model.moe import LocalDispatcher, MoE
+from .modules import SWAPS, CpuLocalDispatcher
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Swap in the CPU classes, in place (idempotent); returns the model. Outputs stay those of the plain model
+    (up to float summation order; tests/test_cpu.py)."""
+    for module in model.modules():
+        cls = SWAPS.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+        if isinstance(module, MoE) and type(module.dispatcher) is LocalDispatcher:
+            module.dispatcher.__class__ = CpuLocalDispatcher
+    return model
+
+
+__all__ = ["optimize"]

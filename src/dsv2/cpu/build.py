@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import logging
 import os
 import platform
@@ -25,7 +24,6 @@ import shutil
 import sysconfig
 import time
 from pathlib import Path
-from types import ModuleType
 
 log = logging.getLogger("dsv2")
 
@@ -60,20 +58,21 @@ def _name() -> str:
     return "dsv2_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _import(name: str, folder: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.so")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _import(name: str, folder: Path) -> Path:
+    """Load the library into this process: its TORCH_LIBRARY_IMPL registers the kernels with torch.ops.dsv2."""
+    import torch
+
+    torch.ops.load_library(str(folder / f"{name}.so"))
+    return folder / f"{name}.so"
 
 
-def _import_built(name: str, folder: Path) -> ModuleType | None:
+def _import_built(name: str, folder: Path) -> Path | None:
     """The library of a finished build, or None (not built, or it does not load: then it is built again)."""
     if not (folder / DONE).exists():
         return None
     try:
         return _import(name, folder)
-    except ImportError as e:
+    except (ImportError, OSError, RuntimeError) as e:
         log.warning("dsv2: the built CPU kernels in %s do not load (%s); building them again", folder, e)
         return None
 
@@ -99,9 +98,11 @@ def _wait_for_lock(fd: int, lock_path: Path) -> bool:
     return False
 
 
-def load() -> ModuleType | None:
-    """The compiled kernels, building them first if this machine has not; None where they cannot be had (no
-    compiler, DSV2_NO_KERNELS=1, another build still running after BUILD_WAIT_S), with the reason logged."""
+def load() -> Path | None:
+    """Load the compiled kernels (registering them as the CPU implementation of torch.ops.dsv2, see ops.py),
+    building them first if this machine has not; returns the library's path, or None where they cannot be had
+    (no compiler, DSV2_NO_KERNELS=1, another build still running after BUILD_WAIT_S), with the reason logged.
+    Call it once per process (ops.kernels_loaded)."""
     if os.environ.get("DSV2_NO_KERNELS"):
         return None
     try:
@@ -109,17 +110,17 @@ def load() -> ModuleType | None:
 
         name = _name()
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-        module = _import_built(name, folder)
-        if module is not None:
-            return module
+        library = _import_built(name, folder)
+        if library is not None:
+            return library
         lock_path = folder / "dsv2-build.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if not _wait_for_lock(fd, lock_path):
                 return None
-            module = _import_built(name, folder)  # built (again) by the process we waited for
-            if module is not None:
-                return module
+            library = _import_built(name, folder)  # built (again) by the process we waited for
+            if library is not None:
+                return library
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             for leftover in ("lock", DONE, f"{name}.so"):  # torch's lock of a killed build; a library that failed
@@ -131,10 +132,11 @@ def load() -> ModuleType | None:
                                                    (src / f).read_bytes() != (SOURCE_DIR / f).read_bytes()):
                     shutil.copyfile(SOURCE_DIR / f, src / f)
             log.warning("dsv2: building the CPU decode kernels (once per machine and torch install, ~1 min)")
-            module = cpp_extension.load(name, [str(src / f) for f in SOURCES], extra_cflags=_flags(),
-                                        extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+            cpp_extension.load(name, [str(src / f) for f in SOURCES], extra_cflags=_flags(),
+                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False,
+                               is_python_module=False)
             (folder / DONE).write_text(f"{name}\n")
-            return module
+            return folder / f"{name}.so"
         finally:
             os.close(fd)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, unsupported platform: keep the PyTorch ops

@@ -8,7 +8,6 @@ applies the device capacity rule (model/capacity.py) where the tokens arrive.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..model.capacity import device_capacity, drop_over_capacity
+from ..model.moe import LocalDispatcher
 from ..model.router import Routing
 from .comm import AllToAll, CommStats, Exchange
 
@@ -41,8 +41,8 @@ class AllToAllDispatched:
     overlapped: Tensor | None = None  # the result of dispatch(overlap=...), computed while tokens were in flight
 
 
-class AllToAllDispatcher:
-    """Expert-parallel dispatch: same interface as moe.LocalDispatcher, over the ranks of one process group.
+class AllToAllDispatcher(LocalDispatcher):
+    """Expert-parallel dispatch: LocalDispatcher's interface and sort, over the ranks of one process group.
 
     dispatch: sort kept assignments by expert; send ONE copy of a token to each rank holding any of its experts
     (so a token costs at most M copies under device-limited routing, however many of its K experts share a
@@ -53,21 +53,17 @@ class AllToAllDispatcher:
     """
 
     def __init__(self, n_experts: int, group: dist.ProcessGroup, stats: CommStats):
+        super().__init__(n_experts)
         self.ex = Exchange(group, stats)
         self.stats = stats
-        self.n_experts, self.n_local = n_experts, n_experts // self.ex.size
-        self.last: AllToAllDispatched | None = None
+        self.n_local = n_experts // self.ex.size
 
     def dispatch(self, x_TD: Tensor, routing: Routing, overlap: Callable[[], Tensor] | None = None,
                  ) -> tuple[Tensor, Tensor, AllToAllDispatched]:
         ex, L = self.ex, self.n_local
         T, K = routing.experts_TK.shape
-        expert_A = routing.experts_TK.flatten()
-        if routing.keep_TK is not None:  # dropped assignments sort past the last expert and are cut off
-            expert_A = expert_A.masked_fill(~routing.keep_TK.flatten(), self.n_experts)
-        slot_A = torch.argsort(expert_A, stable=True)
-        slot_N = slot_A if routing.keep_TK is None else slot_A[: int(routing.keep_TK.sum())]
-        expert_N, token_N = expert_A[slot_N], slot_N // K
+        slot_N, _ = self.sort(routing)
+        expert_N, token_N = routing.experts_TK.flatten()[slot_N], slot_N // K
         dest_N = expert_N // L
         # one copy per (token, destination rank), ordered by rank then token
         pair_P, copy_N = torch.unique(dest_N * T + token_N, sorted=True, return_inverse=True)
@@ -105,7 +101,6 @@ class AllToAllDispatcher:
         self.stats.copies_off_rank += sum(send_rows) - send_rows[ex.me]
         ctx = AllToAllDispatched(slot_N, token_P, send_assign, recv_assign, send_rows, recv_rows, row_N, order_N,
                                  T, torch.bincount(token_P, minlength=T), overlapped)
-        self.last = dataclasses.replace(ctx, overlapped=None)  # for inspection, without holding activations
         return x_ND, counts_E, ctx
 
     def combine(self, y_ND: Tensor, weights_TK: Tensor, d: AllToAllDispatched) -> Tensor:

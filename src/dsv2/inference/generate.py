@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from ..cpu import optimize
 from ..model import DeepseekV2
 
 
@@ -81,6 +82,7 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
     stops early at EOS and at the model's context (max_position_embeddings), whichever comes first."""
     prompts = check_prompts(model, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
+    optimize(model)  # the CPU fast paths (a no-op for a model already optimized)
     cfg = model.config
     eos = set(cfg.eos_token_ids if eos_token_id is None else
               ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))

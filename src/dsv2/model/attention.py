@@ -1,7 +1,6 @@
 """Multi-head Latent Attention (DeepSeek-V2 Sec. 2.1), and the MHA/GQA/MQA baselines of Table 1.
 
-Shape legend: B batch, S new tokens, T attended tokens (cache + new), H heads, D hidden size,
-C kv_lora_rank (d_c), N qk_nope_head_dim (d_h), R qk_rope_head_dim (d_h^R), V v_head_dim, G kv heads.
+Shapes follow the legend of dsv2.model.
 
 MLA has ONE module with two paths over the same weights:
 - naive (training, prefill): decompress the latent into per-head keys and values with kv_b_proj, then run
@@ -10,6 +9,10 @@ MLA has ONE module with two paths over the same weights:
   space) and W_UV is applied after the attention-weighted sum of latents, so per-head keys and values are never
   materialised and each decode step reads only the (C + R)-wide cache.
 Both paths give the same outputs (tests/test_attention.py holds them equal).
+
+The module is plain PyTorch. The few methods a device may run faster (`attend`, and the absorbed path's
+`absorb_query`, `latent_attention`, `apply_w_uv`, `matmul_dtype`, `scores`) are the seam: dsv2.cpu overrides them
+in subclasses that it swaps in from outside (dsv2.cpu.optimize).
 """
 
 from __future__ import annotations
@@ -19,30 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..cpu import fastpath
-from ..cpu.fastpath import Linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
 
-def _attend(q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale) -> torch.Tensor:
-    """Softmax attention; mask None means causal over S == T. Returns [B, S, H, V].
-
-    The CPU flash-attention kernel (blocked, causal blocks skipped, no [S, T] score matrix in memory) needs equal
-    q/k and v head dims; MLA's differ (qk_nope + qk_rope vs v_head_dim), so on CPU the narrower side is zero-padded
-    (zero value dims give zero outputs, zero q/k dims add nothing to the scores) and the padding cut off again.
-    Under a dispatch mode (e.g. FlopCounterMode, which has no formula for that kernel) SDPA keeps its own choice.
-    """
+def attend(q_BHSK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTV: torch.Tensor, mask_B1ST: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """Softmax attention by SDPA (its own kernel choice); mask None means causal over S == T. Returns [B, S, H, V]."""
     causal = mask_B1ST is None and q_BHSK.shape[2] > 1
-    K, V = q_BHSK.shape[-1], v_BHTV.shape[-1]
-    if K != V and q_BHSK.device.type == "cpu" and fastpath.plain_eager():
-        if V < K:
-            v_BHTV = F.pad(v_BHTV, (0, K - V))
-        else:
-            q_BHSK, k_BHTK = F.pad(q_BHSK, (0, V - K)), F.pad(k_BHTK, (0, V - K))
     o = F.scaled_dot_product_attention(q_BHSK, k_BHTK, v_BHTV, attn_mask=mask_B1ST, is_causal=causal,
                                        scale=scale)
-    return o[..., :V].transpose(1, 2)
+    return o.transpose(1, 2)
 
 
 class MLA(nn.Module):
@@ -58,16 +48,16 @@ class MLA(nn.Module):
         self.scale = c.softmax_scale
         H, qk = self.n_heads, c.qk_head_dim
         if c.q_lora_rank is None:  # V2-Lite: no query compression
-            self.q_proj = Linear(c.hidden_size, H * qk, bias=False)
+            self.q_proj = nn.Linear(c.hidden_size, H * qk, bias=False)
         else:  # c_Q = W_DQ h -> RMSNorm -> [W_UQ; W_QR] c_Q
-            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank)
-            self.q_b_proj = Linear(c.q_lora_rank, H * qk, bias=False)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * qk, bias=False)
         # [W_DKV; W_KR] h: the joint KV latent and the one shared RoPE key, in one matmul
-        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)  # on c_KV only: k_R is never normalised
-        self.kv_b_proj = Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W_UK; W_UV]
-        self.o_proj = Linear(H * c.v_head_dim, c.hidden_size, bias=False)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W_UK; W_UV]
+        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=False)
 
     def cache_widths(self) -> dict[str, int]:
         """Cached streams in this order: KVCache.joint() rows are [c_KV | k_R], what the absorbed path scores."""
@@ -105,41 +95,57 @@ class MLA(nn.Module):
         k_nope_BTHN, v_BTHV = self.kv_b_proj(c_kv_BTC).view(B, T, H, -1).split([self.nope, self.v_dim], dim=-1)
         q_BHSK = torch.cat((q_nope_BSHN, q_pe_BSHR), dim=-1).transpose(1, 2)
         k_BHTK = torch.cat((k_nope_BTHN, k_pe_BTR[:, :, None].expand(B, T, H, self.rope)), dim=-1).transpose(1, 2)
-        return _attend(q_BHSK, k_BHTK, v_BTHV.transpose(1, 2), mask_B1ST, self.scale)
+        return self.attend(q_BHSK, k_BHTK, v_BTHV.transpose(1, 2), mask_B1ST, self.scale)
 
     def _absorbed(self, q_nope_BSHN, q_pe_BSHR, kv_BTX, mask_B1ST) -> torch.Tensor:
-        """kv_BTX: [c_KV | k_R] rows of the attended tokens (X = C + R). M = B*S query rows per head."""
+        """kv_BTX: [c_KV | k_R] rows of the attended tokens (X = C + R). M = B*S query rows per head; each batch
+        row's Q = S*H query rows ordered (s, h)."""
         B, S, H, N = q_nope_BSHN.shape
         C = self.kv_rank
         w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + self.v_dim, C).split([N, self.v_dim], 1)
         # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: map each head's query into the latent space, then score
         # [q_lat ; q_R] against [c_KV ; k_R] in one matmul (the softmax scale folded into the query)
-        q_lat_HMC = fastpath.heads_xw(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
+        q_lat_HMC = self.absorb_query(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
         q_pe_HMR = q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1).to(q_lat_HMC.dtype)
         q_HMX = torch.cat((q_lat_HMC, q_pe_HMR), dim=-1) * self.scale
-        q_BKX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # K = S*H rows (s, h)
-        o_lat_BKC = None
-        if S == 1:  # decode: one pass over the cache (fastpath.latent_attention) where the CPU kernel applies
-            valid_BT = None if mask_B1ST is None else mask_B1ST[:, 0, 0, :]
-            o_lat_BKC = fastpath.latent_attention(q_BKX, kv_BTX, valid_BT, C)
-        if o_lat_BKC is None:
-            o_lat_BKC = self._latent_gemm(q_BKX, kv_BTX, mask_B1ST, S, H)
-        o_HMV = fastpath.heads_xwt(o_lat_BKC.view(B * S, H, C).transpose(0, 1), w_uv_HVC)
+        q_BQX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)
+        o_lat_BQC = self.latent_attention(q_BQX, kv_BTX, mask_B1ST, S, H)
+        o_HMV = self.apply_w_uv(o_lat_BQC.view(B * S, H, C).transpose(0, 1), w_uv_HVC)
         return o_HMV.transpose(0, 1).reshape(B, S, H, -1).to(q_nope_BSHN.dtype)
 
-    def _latent_gemm(self, q_BKX, kv_BTX, mask_B1ST, S, H) -> torch.Tensor:
+    # -- the seam (see the module docstring): plain PyTorch here -------------------------------------------------
+    def attend(self, q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale) -> torch.Tensor:
+        return attend(q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale)
+
+    def absorb_query(self, q_nope_HMN: torch.Tensor, w_uk_HNC: torch.Tensor) -> torch.Tensor:
+        """W_UK^T q per head: [H, M, N] x [H, N, C] -> [H, M, C] (the caller casts once)."""
+        return torch.bmm(q_nope_HMN, w_uk_HNC.to(q_nope_HMN.dtype))
+
+    def apply_w_uv(self, o_lat_HMC: torch.Tensor, w_uv_HVC: torch.Tensor) -> torch.Tensor:
+        """W_UV o per head: [H, M, C] x [H, V, C]^T -> [H, M, V] (the caller casts once)."""
+        return torch.bmm(o_lat_HMC, w_uv_HVC.to(o_lat_HMC.dtype).transpose(1, 2))
+
+    def matmul_dtype(self, t: torch.Tensor) -> torch.dtype:
+        """The dtype the latent GEMMs compute in: the cache's own here."""
+        return t.dtype
+
+    def scores(self, q_BQX: torch.Tensor, kv_BTX: torch.Tensor) -> torch.Tensor:
+        """q kv^T per batch row: [B, Q, X] x [B, T, X] -> [B, Q, T]."""
+        return torch.bmm(q_BQX, kv_BTX.transpose(1, 2))
+
+    def latent_attention(self, q_BQX, kv_BTX, mask_B1ST, S, H) -> torch.Tensor:
         """softmax(q kv^T) kv[..., :C] by two batched GEMMs (any S: causal over the new tokens when unmasked), in the
         dtype they compute in (the caller casts once)."""
         B, T, C = kv_BTX.shape[0], kv_BTX.shape[1], self.kv_rank
-        kv_BTX = kv_BTX.to(fastpath.matmul_dtype(kv_BTX))  # fp32 where bf16 is emulated
-        scores_BSHT = fastpath.scores(q_BKX.to(kv_BTX.dtype), kv_BTX).unflatten(1, (S, H)).float()
+        kv_BTX = kv_BTX.to(self.matmul_dtype(kv_BTX))
+        scores_BSHT = self.scores(q_BQX.to(kv_BTX.dtype), kv_BTX).unflatten(1, (S, H)).float()
         if mask_B1ST is not None:
             scores_BSHT = scores_BSHT.masked_fill(~mask_B1ST.transpose(1, 2), float("-inf"))
         elif S > 1:  # causal over the new tokens (no cache)
             causal = torch.ones(S, T, dtype=torch.bool, device=scores_BSHT.device).tril(T - S)
             scores_BSHT = scores_BSHT.masked_fill(~causal[:, None], float("-inf"))
-        p_BKT = scores_BSHT.softmax(dim=-1).to(kv_BTX.dtype).view(B, S * H, T)
-        return torch.bmm(p_BKT, kv_BTX[..., :C])
+        p_BQT = scores_BSHT.softmax(dim=-1).to(kv_BTX.dtype).view(B, S * H, T)
+        return torch.bmm(p_BQT, kv_BTX[..., :C])
 
 
 class BaselineAttention(nn.Module):
@@ -156,13 +162,16 @@ class BaselineAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim, self.rope, self.v_dim = (
             c.num_attention_heads, c.kv_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
         self.scale = c.softmax_scale
-        self.q_proj = Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = Linear(c.hidden_size, self.n_kv * self.v_dim, bias=False)
-        self.o_proj = Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.v_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
 
     def cache_widths(self) -> dict[str, int]:
         return {"k": self.n_kv * self.head_dim, "v": self.n_kv * self.v_dim}
+
+    def attend(self, q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale) -> torch.Tensor:
+        return attend(q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale)
 
     def _rope(self, x_BSHK, cos_BSr, sin_BSr) -> torch.Tensor:
         split = self.head_dim - self.rope
@@ -181,7 +190,7 @@ class BaselineAttention(nn.Module):
         rep = self.n_heads // self.n_kv
         k_BHTK = k_flat.view(B, T, self.n_kv, self.head_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
         v_BHTV = v_flat.view(B, T, self.n_kv, self.v_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
-        o_BSHV = _attend(q_BSHK.transpose(1, 2), k_BHTK, v_BHTV, mask_B1ST, self.scale)
+        o_BSHV = self.attend(q_BSHK.transpose(1, 2), k_BHTK, v_BHTV, mask_B1ST, self.scale)
         return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
 
 

@@ -15,8 +15,6 @@ import torch
 from torch import Tensor
 
 
-# ------------------------------------------------------------------------------------------------------------
-# device-level token dropping
 def device_capacity(n_assignments: int | Tensor, n_group: int, capacity_factor: float = 1.0) -> int | Tensor:
     """ceil(capacity_factor * n_assignments / n_group): a group's share of the assignments, times the factor.
 

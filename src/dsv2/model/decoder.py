@@ -1,6 +1,7 @@
 """The DeepSeek-V2 causal language model: embedding, pre-norm decoder blocks (MLA + MoE/dense FFN), final norm,
 LM head. Module names follow the official checkpoints (model.layers.{i}.self_attn.*, .mlp.*, lm_head), so the
-Hugging Face layout maps onto the state dict directly; only the routed experts are stacked (see experts.py).
+Hugging Face layout maps onto the state dict directly; only the routed experts are stacked (see experts.py;
+dsv2.checkpoint maps the names, the model never sees a file).
 
     h = x + Attn(RMSNorm(x));  out = h + FFN(RMSNorm(h))       FFN = MoE or dense SwiGLU (config.is_moe_layer)
 
@@ -15,7 +16,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..cpu.fastpath import Linear
 from .attention import build_attention
 from .cache import KVCache
 from .lm_loss import lm_loss
@@ -57,7 +57,7 @@ class DeepseekV2(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
@@ -145,9 +145,3 @@ class DeepseekV2(nn.Module):
     # -------------------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
-        """Write config.json + safetensors in the official Hugging Face layout (see checkpoint.py)."""
-        from ..checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..cpu.fastpath import Linear, no_grad_needed
 from .experts import ACTIVATIONS, RoutedExperts
 from .router import Router, Routing
 
@@ -27,9 +26,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,25 +51,31 @@ class LocalDispatcher:
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing, overlap: Callable[[], torch.Tensor] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
-        """`overlap`: work to run while the token copies are in flight (nothing is here: it runs first)."""
-        overlapped = overlap() if overlap is not None else None
-        K = routing.experts_TK.shape[1]
+    def sort(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept assignments in expert order, by token within an expert: slot_N (index into the flat [T*K]
+        assignments) and counts_E (how many each expert got)."""
         expert_A = routing.experts_TK.flatten()  # A = T*K assignments
         if routing.keep_TK is not None:  # dropped assignments sort past the last expert and are cut off
             expert_A = expert_A.masked_fill(~routing.keep_TK.flatten(), self.n_experts)
         slot_A = torch.argsort(expert_A, stable=True)
         counts_E = torch.bincount(expert_A, minlength=self.n_experts + 1)[: self.n_experts]
-        slot_N = slot_A if routing.keep_TK is None else slot_A[: int(counts_E.sum())]
-        token_N = slot_N // K
+        return (slot_A if routing.keep_TK is None else slot_A[: int(counts_E.sum())]), counts_E
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, overlap: Callable[[], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+        """`overlap`: work to run while the token copies are in flight (nothing is here: it runs first)."""
+        overlapped = overlap() if overlap is not None else None
+        slot_N, counts_E = self.sort(routing)
+        token_N = slot_N // routing.experts_TK.shape[1]
         return x_TD[token_N], counts_E, Dispatched(token_N, slot_N, x_TD.shape[0], overlapped)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
-        w_N = weights_TK.flatten()[d.slot_N]
-        # in place without autograd: a prefill's [N, D] copies are tens of MB (fresh pages each time)
-        y_ND = y_ND.mul_(w_N[:, None]) if no_grad_needed(y_ND, w_N) else (y_ND * w_N[:, None]).to(y_ND.dtype)
+        y_ND = self.weigh(y_ND, weights_TK.flatten()[d.slot_N])
         return y_ND.new_zeros(d.n_tokens, y_ND.shape[-1]).index_add_(0, d.token_N, y_ND)
+
+    def weigh(self, y_ND: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
+        """Each expert output times its gate weight, in the outputs' dtype."""
+        return (y_ND * w_N[:, None]).to(y_ND.dtype)
 
 
 TokenDropPolicy = Callable[[Routing, int], torch.Tensor]

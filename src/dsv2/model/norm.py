@@ -6,11 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cpu import fastpath
-
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm in fp32, scaled by a learned weight (as the official checkpoints)."""
+    """x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, then scaled by a learned weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -18,7 +16,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fastpath.rms_norm(x, self.weight, self.eps)  # decode: one C++ call
-        if y is None:  # x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, then scaled
-            y = self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-        return y
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)

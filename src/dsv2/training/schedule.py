@@ -9,11 +9,10 @@ import math
 
 import torch
 
+from ..cpu.ops import native_bf16
 from .config import TrainConfig
 
 
-# ------------------------------------------------------------------------------------------------------------
-# schedule and optimizer
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Linear warm-up, then V2's step decay (or cosine). A pure function of the step: nothing to checkpoint."""
     if step < tc.warmup_steps:
@@ -34,11 +33,10 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Adam
 
 
 def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast, or None for fp32: dtype=auto takes bf16 on CUDA and on CPUs with native bf16 matmul only (on
+    AVX2-only CPUs bf16 is emulated and several times slower than fp32)."""
     if tc.dtype == "fp32":
         return None
     if tc.dtype == "bf16" or device.type == "cuda":
         return torch.bfloat16
-    # CPUs without native bf16 matmul (AVX2-only) run bf16 several times SLOWER than fp32
-    native = getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
-        torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if native else None
+    return torch.bfloat16 if native_bf16() else None

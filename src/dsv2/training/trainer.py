@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import from_pretrained
+from ..cpu import optimize
 from ..distributed.parallel import Parallel, init_parallel
 from ..files import atomic_write
 from ..model import DeepseekV2
@@ -124,13 +125,14 @@ def prepare_data(tc: TrainConfig, run: RunDir, vocab_size: int,
 
 
 def build_model(tc: TrainConfig, device: torch.device) -> DeepseekV2:
+    """The model to train (fp32 master weights) with the CPU fast paths on (dsv2.cpu.optimize: on the CPU, SDPA's
+    flash kernel for MLA, fp32 GEMMs where bf16 is emulated; they step aside under autograd where they must)."""
     if tc.init_from:
         if tc.model:
             raise TrainingError("model overrides cannot change a checkpoint given with init_from")
         return from_pretrained(tc.init_from, dtype=torch.float32, device=device).train()
     torch.manual_seed(tc.seed)
-    model = DeepseekV2(get_config(tc.preset, **tc.model))
-    return model.to(device)
+    return optimize(DeepseekV2(get_config(tc.preset, **tc.model)).to(device))
 
 
 def _batch_split(tc: TrainConfig, par: Parallel) -> tuple[int, int]:

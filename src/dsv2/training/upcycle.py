@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import from_pretrained
+from ..checkpoint import from_pretrained, save_pretrained
 from ..config import ModelConfig
 from ..files import atomic_write
 from ..model import DeepseekV2
@@ -243,7 +243,7 @@ def upcycle_checkpoint(dense_dir: str | os.PathLike, moe_config: ModelConfig | s
     dense = from_pretrained(dense_dir)
     model = upcycle(dense, moe_config, seed, routed_scale=routed_scale, gate_scale=gate_scale)
     del dense
-    model.save_pretrained(out_dir)
+    save_pretrained(model, out_dir)
     if (dense_dir / TOKENIZER_FILE).is_file():
         atomic_write(out_dir / TOKENIZER_FILE, (dense_dir / TOKENIZER_FILE).read_bytes())
     return model

@@ -1,5 +1,9 @@
-"""The inference fast paths (src/dsv2/fastpath.py) equal the paths they replace; the joint cache layout; masks
-skipped only where they are no-ops; logits_to_keep."""
+"""The CPU fast paths (dsv2.cpu): each custom op equals its reference, each CPU module equals the plain module it
+replaces, and a whole model gives the same outputs with optimize() and without; the joint cache layout; masks
+skipped only where they are no-ops; logits_to_keep. Tests that need the C++ kernels take the `kernels` fixture
+(conftest.py), which builds them once per session."""
+
+import copy
 
 import pytest
 import torch
@@ -8,37 +12,53 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv2.cpu import build as kernel_build
-from dsv2.cpu import fastpath
-from dsv2.model import DeepseekV2, experts
+from dsv2.cpu import modules, ops, optimize
+from dsv2.cpu.modules import SMALL_ROWS, CpuLinear, CpuRMSNorm, CpuRoutedExperts
+from dsv2.model import DeepseekV2
+from dsv2.model.attention import MLA
 from dsv2.model.cache import KVCache
 from dsv2.model.experts import RoutedExperts
+from dsv2.model.norm import RMSNorm
 from dsv2.presets import get_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-requires_kernel = pytest.mark.skipif(fastpath._kernels() is None,
-                                     reason="no C++ toolchain: PyTorch ops are used (tested elsewhere)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # few-row linears and experts (kernels/few_rows.cpp)
 
 
+def cpu_linear(D_in, D_out, bias):
+    lin = torch.nn.Linear(D_in, D_out, bias=bias)
+    lin.__class__ = CpuLinear
+    return lin
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_f_linear(rows, bias):
+def test_cpu_linear_equals_an_fp64_product(rows, bias):
+    """Every path of CpuLinear (the few-row op up to SMALL_ROWS rows, oneDNN or F.linear beyond), any layout of x,
+    against x W^T + b in fp64 (1e-5); bf16 within one bf16 rounding of the fp64 product of the same values."""
     torch.manual_seed(rows)
-    lin = fastpath.Linear(48, 80, bias=bias)
+    lin = cpu_linear(48, 80, bias)
     x = torch.randn(rows, 48)
+
+    def want(x, lin):
+        y = x.double() @ lin.weight.double().T
+        return y + lin.bias.double() if bias else y
+
     with torch.no_grad():
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), **TOL)
-        torch.testing.assert_close(lin(x.view(1, rows, 48)), F.linear(x, lin.weight, lin.bias)[None], **TOL)
+        torch.testing.assert_close(lin(x).double(), want(x, lin), **TOL)
+        torch.testing.assert_close(lin(x.view(1, rows, 48)).double(), want(x, lin)[None], **TOL)
         xt = torch.randn(48, rows).t()  # non-contiguous rows
-        torch.testing.assert_close(lin(xt), F.linear(xt, lin.weight, lin.bias), **TOL)
-        lin16 = lin.to(torch.bfloat16)  # bf16: F.linear, or fp32 on the same values where bf16 is emulated
-        torch.testing.assert_close(lin16(x.bfloat16()), F.linear(x.bfloat16(), lin16.weight, lin16.bias))
+        torch.testing.assert_close(lin(xt).double(), want(xt, lin), **TOL)
+        lin16 = lin.to(torch.bfloat16)
+        got = lin16(x.bfloat16())
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want(x.bfloat16(), lin16), atol=2e-2, rtol=2**-7)
 
 
-@requires_kernel
+@pytest.mark.usefixtures("kernels")
 @settings(max_examples=60, deadline=None)
 @given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=5), R=st.integers(1, 100),
        K=st.sampled_from([1, 7, 8, 20, 64, 72, 130]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
@@ -52,39 +72,45 @@ def test_rows_dot_equals_reference(counts, R, K, dtype, seed):
     w = torch.randn(G, R + 3, K, generator=g).to(dtype)[:, 2:R + 2]  # group stride != R * K
     x = torch.randn(N, K, generator=g)
     ends = torch.tensor(counts).cumsum(0)
-    got = fastpath._kernels().rows_dot(x, w, ends)
+    got = ops.rows_dot(x, w, ends)
     group_N = torch.repeat_interleave(torch.arange(G), torch.tensor(counts))
     want = torch.einsum("nk,nrk->nr", x.double(), w.double()[group_N])
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     # bf16 rows in any layout: widened, accumulated in fp32, rounded once to bf16 (relative error <= 2^-8)
     x16 = torch.randn(K, N, generator=g).bfloat16().t()
-    got16 = fastpath._kernels().rows_dot(x16, w, ends)
+    got16 = ops.rows_dot(x16, w, ends)
     want16 = torch.einsum("nk,nrk->nr", x16.double(), w.double()[group_N])
     assert got16.dtype == torch.bfloat16
     torch.testing.assert_close(got16.double(), want16, atol=1e-4, rtol=2**-8)
 
 
-@requires_kernel
+@pytest.mark.usefixtures("kernels")
 @settings(max_examples=40, deadline=None)
 @given(G=st.integers(1, 4), N=st.integers(1, 40), M=st.integers(1, 9), C=st.sampled_from([1, 8, 23, 24, 100, 200]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 999))
-def test_heads_xw_equals_reference(G, N, M, C, dtype, seed):
-    """x @ w per group by rows_combine (4-query x 24/16/8-column tiles, single columns, 96-column task blocks),
-    through fastpath.heads_xw's transposed input: within 1e-5 of fp64; heads_xwt (rows_dot per head) too."""
+def test_per_head_products_equal_reference(G, N, M, C, dtype, seed):
+    """x @ w per head by rows_combine (4-query x 24/16/8-column tiles, single columns, 96-column task blocks),
+    through CpuMLA.absorb_query's transposed input: within 1e-5 of fp64; apply_w_uv (rows_dot per head) too."""
     g = torch.Generator().manual_seed(seed)
+    mla = _cpu_mla()
     x = torch.randn(G, M, N, generator=g)
     w = torch.randn(G, N, C + 1, generator=g).to(dtype)[..., :C]
     with torch.no_grad():
-        got = fastpath.heads_xw(x, w)
+        got = mla.absorb_query(x, w)
         torch.testing.assert_close(got.double(), x.double() @ w.double(), atol=1e-5, rtol=1e-5)
         y = torch.randn(G, M, C, generator=g)
-        got = fastpath.heads_xwt(y, w)  # w as [G, R, K]: strided rows (C of C + 1)
+        got = mla.apply_w_uv(y, w)  # w as [G, R, K]: strided rows (C of C + 1)
         torch.testing.assert_close(got.double(), y.double() @ w.double().transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
-@requires_kernel
+def _cpu_mla():
+    model = optimize(DeepseekV2(get_config("tiny", num_hidden_layers=1)))
+    return model.model.layers[0].self_attn
+
+
+@pytest.mark.usefixtures("kernels")
 def test_few_row_kernels_reject_bad_input():
-    k = fastpath._kernels()
+    k = ops
     x, w = torch.randn(3, 8), torch.randn(2, 5, 8)
     for ends, msg in [(torch.tensor([1, 2]), "must equal the number of rows"),
                       (torch.tensor([2, 1]), "non-decreasing"), (torch.tensor([1]), "int64 \\[G\\]"),
@@ -101,10 +127,10 @@ def test_few_row_kernels_reject_bad_input():
         k.rows_combine(torch.randn(2, 4, 3), torch.randn(2, 5, 8))
 
 
-@requires_kernel
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_dot_one_matrix_keeps_the_leading_shape(dtype):
-    k = fastpath._kernels()
+    k = ops
     x, w = torch.randn(2, 3, 20).to(dtype), torch.randn(7, 20).to(dtype)
     got = k.rows_dot(x, w)
     assert got.shape == (2, 3, 7) and got.dtype == dtype
@@ -113,15 +139,13 @@ def test_rows_dot_one_matrix_keeps_the_leading_shape(dtype):
         k.rows_dot(x, w[None], torch.tensor([6]))
 
 
-@requires_kernel
+@pytest.mark.usefixtures("kernels")
 @settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, fastpath.SMALL_ROWS), D=st.sampled_from([1, 7, 64, 1024]),
+@given(rows=st.integers(1, SMALL_ROWS), D=st.sampled_from([1, 7, 64, 1024]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 999))
 def test_rms_norm_kernel_equals_module(rows, D, dtype, seed):
     """The decode RMSNorm kernel == RMSNorm's PyTorch formula (fp32 normalisation, rounded to the dtype, then
     scaled): fp32 within 1e-5; bf16 within one bf16 rounding of the scale-and-round steps."""
-    from dsv2.model.norm import RMSNorm
-
     g = torch.Generator().manual_seed(seed)
     norm = RMSNorm(D, eps=1e-6).to(dtype)
     with torch.no_grad():
@@ -129,41 +153,49 @@ def test_rms_norm_kernel_equals_module(rows, D, dtype, seed):
     x = (torch.randn(D, rows, generator=g) * 3).to(dtype).t()[None]  # [1, rows, D], strided rows
     want = norm.weight * F.rms_norm(x.float(), (D,), eps=1e-6).to(dtype)
     with torch.no_grad():
-        got = fastpath.rms_norm(x, norm.weight, 1e-6)
-        torch.testing.assert_close(norm(x), got, atol=0, rtol=0)  # the module takes it
-    assert got is not None and got.dtype == dtype and got.shape == x.shape
+        got = ops.rms_norm(x, norm.weight, 1e-6)
+        plain = norm(x)
+        norm.__class__ = CpuRMSNorm
+        torch.testing.assert_close(norm(x), got, atol=0, rtol=0)  # the CPU module takes it
+    assert got.dtype == dtype and got.shape == x.shape
     tol = TOL if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-7)
     torch.testing.assert_close(got.float(), want.float(), **tol)
-    assert fastpath.rms_norm(torch.randn(fastpath.SMALL_ROWS + 1, D).to(dtype), norm.weight, 1e-6) is None
-    assert fastpath.rms_norm(x, norm.weight.detach().requires_grad_(), 1e-6) is None  # autograd
+    torch.testing.assert_close(plain.float(), want.float(), **tol)
 
 
-def test_few_row_products_keep_autograd_and_many_rows_on_pytorch():
-    """Under autograd, and with more than SMALL_ROWS rows per weight, the PyTorch ops run (gradients flow)."""
+def test_cpu_modules_keep_autograd_and_many_rows_on_pytorch():
+    """Under autograd, and with more than SMALL_ROWS rows per weight, the plain PyTorch paths run (gradients
+    flow to inputs and weights)."""
+    mla = _cpu_mla()
     x = torch.randn(2, 3, 4, requires_grad=True)
     w = torch.randn(2, 4, 5, requires_grad=True)
-    fastpath.heads_xw(x, w).sum().backward()
-    fastpath.heads_xwt(x, w.transpose(1, 2)).sum().backward()
+    mla.absorb_query(x, w).sum().backward()
+    mla.apply_w_uv(x, w.transpose(1, 2)).sum().backward()
     assert x.grad is not None and w.grad is not None
     with torch.no_grad():
-        many = torch.randn(2, fastpath.SMALL_ROWS + 1, 4)
-        torch.testing.assert_close(fastpath.heads_xw(many, w), many @ w, **TOL)
-
-
-def test_linear_keeps_autograd():
-    lin = fastpath.Linear(8, 4)
+        many = torch.randn(2, SMALL_ROWS + 1, 4)
+        torch.testing.assert_close(mla.absorb_query(many, w), many @ w, **TOL)
+    lin = cpu_linear(8, 4, True)
     x = torch.randn(2, 8, requires_grad=True)
     lin(x).sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
 
 
-def make_experts(E, D, F_, seed, dtype=torch.float32):
+def make_experts(E, D, F_, seed, dtype=torch.float32, cpu=True):
+    """Routed experts with random weights: the CPU class (cpu=True) or the plain one."""
     torch.manual_seed(seed)
     ex = RoutedExperts(E, D, F_)
     with torch.no_grad():
         ex.gate_up_proj.normal_(0, 0.3)
         ex.down_proj.normal_(0, 0.3)
+    if cpu:
+        ex.__class__ = CpuRoutedExperts
     return ex.to(dtype)
+
+
+def plain_experts(ex, x, counts):
+    """The plain module's forward on the same weights: the one-pass grouped GEMMs."""
+    return RoutedExperts.forward(ex, x, counts)
 
 
 def sorted_copies(E, D, N, seed, dtype=torch.float32):
@@ -173,7 +205,7 @@ def sorted_copies(E, D, N, seed, dtype=torch.float32):
     return torch.randn(N, D, generator=g).to(dtype), counts_E
 
 
-@requires_kernel
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [1, 6, 13, 40])
 def test_small_batch_experts_equal_grouped(N, dtype):
@@ -183,31 +215,35 @@ def test_small_batch_experts_equal_grouped(N, dtype):
     ex = make_experts(8, 32, 24, N, dtype)
     x, counts = sorted_copies(8, 32, N, N, dtype)
     with torch.no_grad():
-        got = fastpath.small_batch_swiglu(x, counts, ex.gate_up_proj, ex.down_proj, F.silu)
-        assert got is not None and got.dtype == dtype
-        want = ex.grouped(x, counts)
+        got = ex(x, counts)
+        assert got.dtype == dtype
+        want = plain_experts(ex, x, counts)
         tol = TOL if dtype == torch.float32 else dict(atol=0.02 * want.abs().max().item(), rtol=0.02)
         torch.testing.assert_close(got, want, **tol)
-        torch.testing.assert_close(ex(x, counts), got, atol=0, rtol=0)  # forward picks it
 
 
-@requires_kernel
-def test_small_batch_experts_only_for_few_copies_per_expert():
+@pytest.mark.usefixtures("kernels")
+def test_small_batch_experts_only_for_few_copies_per_expert(monkeypatch):
     ex = make_experts(8, 32, 24, 0)
     x, counts = sorted_copies(8, 32, 4, 0)
+    calls = []
+    real = ops.rows_dot
+    monkeypatch.setattr(ops, "rows_dot", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        assert fastpath.small_batch_swiglu(x, counts, ex.gate_up_proj, ex.down_proj, F.silu) is not None
-        many = torch.randn(17 * 8, 32)  # 17 copies per expert: a GEMM's reuse of the weights wins
-        assert fastpath.small_batch_swiglu(many, torch.tensor([17] * 8), ex.gate_up_proj, ex.down_proj, F.silu) is None
-    assert fastpath.small_batch_swiglu(x, counts, ex.gate_up_proj, ex.down_proj, F.silu) is None  # autograd
+        ex(x, counts)
+        assert len(calls) == 2  # the few-row op for both projections
+        ex(torch.randn(17 * 8, 32), torch.tensor([17] * 8))  # 17 copies per expert: a GEMM's reuse wins
+        assert len(calls) == 2
+    ex(x, counts)  # autograd: the grouped GEMMs
+    assert len(calls) == 2
 
 
-def test_grouped_in_place_without_grad_equals_with_grad():
+def test_in_place_without_grad_equals_with_grad():
     ex = make_experts(4, 16, 8, 1)
     x, counts = sorted_copies(4, 16, 20, 1)
-    with_grad = ex.grouped(x, counts)
+    with_grad = ex(x, counts)
     with torch.no_grad():
-        torch.testing.assert_close(ex.grouped(x, counts), with_grad.detach())
+        torch.testing.assert_close(ex(x, counts), with_grad.detach())
 
 
 @settings(max_examples=15, deadline=None)
@@ -220,12 +256,12 @@ def test_grouped_in_blocks_equals_one_pass(N, E, seed, bf16):
     ex = make_experts(E, 16, 8, seed, dtype)
     x, counts = sorted_copies(E, 16, N, seed, dtype)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(experts, "BLOCK_BYTES", 1)
+        mp.setattr(modules, "BLOCK_BYTES", 1)
         assert ex._block_rows(x, dtype) == N  # autograd: one pass
-        one_pass = ex.grouped(x, counts).detach()
+        one_pass = ex(x, counts).detach()
         with torch.no_grad():
             assert ex._block_rows(x, dtype) == 256
-            blocked = ex.grouped(x, counts)
+            blocked = ex(x, counts)
     tol = TOL if not bf16 else dict(atol=1e-2 * one_pass.abs().max().item(), rtol=1e-2)
     torch.testing.assert_close(blocked, one_pass, **tol)
 
@@ -282,10 +318,15 @@ def test_logits_to_keep():
 
 
 def test_cache_writable_with_grad_mode_on():
+    """Writes into the cache's stream views reach its storage with grad mode on (plain slices, not split()'s
+    multi-output views, which autograd forbids writing)."""
     cache = KVCache({"c_kv": 3, "k_pe": 2}, num_layers=1, batch_size=1, max_len=4, dtype=torch.float32)
     cache.begin(1)
-    cache.update(0, c_kv=torch.randn(1, 1, 3), k_pe=torch.randn(1, 1, 2))
+    c, k = torch.randn(1, 1, 3), torch.randn(1, 1, 2)
+    cache.update(0, c_kv=c, k_pe=k)
+    torch.testing.assert_close(cache.storage[0, :, :1], torch.cat((c, k), dim=-1))
     cache.buffers["c_kv"][:, :, :1] = 0.0
+    assert cache.storage[0, :, :1, :3].abs().sum() == 0 and cache.storage[0, :, :1, 3:].equal(k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +340,7 @@ def _latent_reference(q_BKX, kv_BTX, valid_BT, C):
 
 
 
-@requires_kernel
+@pytest.mark.usefixtures("kernels")
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 3), T=st.integers(1, 300), K=st.integers(1, 9), X=st.sampled_from([7, 20, 40, 72]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), masked=st.booleans(),
@@ -318,21 +359,27 @@ def test_latent_attention_kernel_equals_reference(B, T, K, X, dtype, masked, see
     if masked:
         valid = torch.rand(B, T + 5, generator=g) > 0.6
         valid[:, T - 1] = True  # the new token always sees itself
-    got = fastpath.latent_attention(q, kv, valid, C)
+    got = ops.mla_decode(q, kv, torch.empty(0, dtype=torch.bool) if valid is None else valid, C)
     torch.testing.assert_close(got.double(), _latent_reference(q, kv.float(), valid, C), atol=1e-5, rtol=1e-5)
 
 
-@requires_kernel
-def test_latent_attention_falls_back_under_autograd_and_other_devices():
-    q = torch.randn(1, 2, 8, requires_grad=True)
-    kv = torch.randn(1, 4, 8)
-    assert fastpath.latent_attention(q, kv, None, 8) is None  # autograd: the differentiable GEMM path
+@pytest.mark.usefixtures("kernels")
+def test_latent_attention_falls_back_under_autograd(monkeypatch):
+    mla = _cpu_mla()
+    calls = []
+    real = ops.mla_decode
+    monkeypatch.setattr(ops, "mla_decode", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 4, mla.kv_rank + mla.rope, requires_grad=True)
+    kv = torch.randn(1, 6, mla.kv_rank + mla.rope)
+    mla.latent_attention(q, kv, None, 1, 4).sum().backward()  # autograd: the differentiable GEMM path
+    assert not calls and q.grad is not None
     with torch.no_grad():
-        assert fastpath.latent_attention(q, kv, None, 8) is not None
-        assert fastpath.latent_attention(q.to("meta"), kv.to("meta"), None, 8) is None
+        got = mla.latent_attention(q, kv, None, 1, 4)
+        assert calls == [1]
+        torch.testing.assert_close(got, MLA.latent_attention(mla, q, kv, None, 1, 4), **TOL)
 
 
-@requires_kernel
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("padded", [False, True])
 def test_decode_with_kernel_equals_gemm_path(padded, monkeypatch):
     """A whole model's decode steps, kernel vs the batched-GEMM path: same logits (fp32, 1e-5)."""
@@ -345,8 +392,10 @@ def test_decode_with_kernel_equals_gemm_path(padded, monkeypatch):
         pad[0, :7] = False
     outs = []
     for use_kernel in (True, False):
-        if not use_kernel:
-            monkeypatch.setattr(fastpath, "latent_attention", lambda *a: None)
+        if use_kernel:
+            optimize(model)
+        else:
+            monkeypatch.setattr(ops, "kernels_loaded", lambda: False)
         cache = model.new_cache(2, 48)
         with torch.no_grad():
             model(ids, cache=cache, pad_mask=pad)
@@ -359,13 +408,12 @@ def test_many_row_bf16_gemms_widen_only_where_bf16_is_emulated(native, monkeypat
     """Prefill-sized bf16 linears and grouped experts compute in fp32 on CPUs without native bf16 matmul: the
     result is the fp32 product of the same bf16 values, rounded once to bf16 (what a bf16 GEMM with fp32
     accumulation returns, up to summation order); decode-sized calls and native CPUs keep bf16."""
-    fastpath._cpu_native_low_precision.cache_clear()
-    monkeypatch.setattr(fastpath, "_cpu_native_low_precision", lambda: native)
+    monkeypatch.setattr(ops, "native_bf16", lambda: native)
     torch.manual_seed(0)
-    lin = fastpath.Linear(64, 48).to(torch.bfloat16)
+    lin = cpu_linear(64, 48, True).to(torch.bfloat16)
     x = torch.randn(40, 64).bfloat16()
-    assert fastpath.gemm_dtype(x, 40) == (torch.bfloat16 if native else torch.float32)
-    assert fastpath.gemm_dtype(x, 1) == torch.bfloat16
+    assert modules.gemm_dtype(x, 40) == (torch.bfloat16 if native else torch.float32)
+    assert modules.gemm_dtype(x, 1) == torch.bfloat16
     exact = F.linear(x.float(), lin.weight.float(), lin.bias.float())
     with torch.no_grad():
         got = lin(x)
@@ -376,8 +424,8 @@ def test_many_row_bf16_gemms_widen_only_where_bf16_is_emulated(native, monkeypat
     ex = make_experts(4, 32, 24, 0, torch.bfloat16)
     xs, counts = sorted_copies(4, 32, 200, 1, torch.bfloat16)
     with torch.no_grad():
-        y = ex.grouped(xs, counts)
-    ref = make_experts(4, 32, 24, 0).grouped(xs.float(), counts)
+        y = ex(xs, counts)
+    ref = make_experts(4, 32, 24, 0)(xs.float(), counts)
     torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)
 
 
@@ -387,3 +435,80 @@ def test_kernel_build_key_ignores_the_clock():
     sig = kernel_build.cpu_signature()
     assert "MHz" not in sig and "bogomips" not in sig
     assert sig == kernel_build.cpu_signature()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model with the fast paths on and off; the ops as torch.library custom ops
+def _pair(**cfg_overrides):
+    torch.manual_seed(0)
+    plain = DeepseekV2(get_config("tiny", num_hidden_layers=3, **cfg_overrides)).eval()
+    fast = optimize(copy.deepcopy(plain))
+    return plain, fast
+
+
+@pytest.mark.parametrize("attention_type", ["mla", "mha"])
+def test_model_gives_the_same_outputs_with_fast_paths_on_and_off(attention_type):
+    """Prefill logits, absorbed decode steps over the cache, greedy generation and a training step's loss and
+    gradients: the optimized model (kernels where they build) equals the plain one (fp32, 1e-5)."""
+    plain, fast = _pair(attention_type=attention_type)
+    assert type(fast.lm_head) is CpuLinear and type(plain.lm_head) is torch.nn.Linear
+    assert list(fast.state_dict()) == list(plain.state_dict())  # same parameters, same names
+    ids = torch.randint(2, 4096, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), plain(ids), **TOL)
+        caches = [m.new_cache(2, 16) for m in (plain, fast)]
+        steps = []
+        for m, cache in zip((plain, fast), caches, strict=True):
+            m(ids[:, :8], cache=cache)
+            steps.append(torch.stack([m(ids[:, i:i + 1], cache=cache) for i in range(8, 12)]))
+        torch.testing.assert_close(steps[1], steps[0], **TOL)
+    from dsv2 import generate
+
+    prompts = [[0, 5, 6, 7], [0, 9]]
+    assert generate(copy.deepcopy(plain), prompts, max_new_tokens=8) == generate(fast, prompts, max_new_tokens=8)
+    grads = []
+    for m in (plain, fast):
+        m.train().zero_grad()
+        m(ids[:, :-1], targets=ids[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **TOL)
+
+
+def test_model_in_bf16_with_fast_paths_on_and_off():
+    """bf16 weights and cache: the fast paths round in different places (fp32 accumulation, one rounding), so the
+    logits agree within bf16's resolution of their scale."""
+    plain, fast = _pair()
+    plain, fast = plain.to(torch.bfloat16), fast.to(torch.bfloat16)
+    ids = torch.randint(2, 4096, (1, 10))
+    with torch.no_grad():
+        a, b = plain(ids).float(), fast(ids).float()
+        torch.testing.assert_close(b, a, atol=0.05 * a.abs().max().item(), rtol=0.05)
+
+
+def test_optimize_is_idempotent():
+    _, fast = _pair()
+    kinds = [type(m) for m in fast.modules()]
+    assert [type(m) for m in optimize(fast).modules()] == kinds
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("op,args", [
+    ("rows_dot", lambda: (torch.randn(3, 8), torch.randn(5, 8))),
+    ("rows_dot", lambda: (torch.randn(4, 8), torch.randn(2, 5, 8), torch.tensor([1, 4]))),
+    ("rows_combine", lambda: (torch.randn(2, 6, 3), torch.randn(2, 6, 7))),
+    ("rms_norm", lambda: (torch.randn(2, 16), torch.rand(16) + 0.5, 1e-6)),
+    ("mla_decode", lambda: (torch.randn(2, 4, 12), torch.randn(2, 9, 12), torch.ones(2, 9, dtype=torch.bool), 8)),
+])
+def test_ops_are_custom_ops_with_fake_implementations(op, args):
+    """Each op's schema, its fake (meta) implementation against the kernel, and the reference implementation
+    (what runs where the kernels do not build) against the kernel's result."""
+    a = args()
+    overload = getattr(torch.ops.dsv2, op).default
+    torch.library.opcheck(overload, a, test_utils=("test_schema", "test_faketensor"))
+    meta = overload(*[t.to("meta") if torch.is_tensor(t) else t for t in a])
+    got = overload(*a)
+    assert meta.shape == got.shape and meta.dtype == got.dtype
+    reference = getattr(ops, f"_{op}")
+    torch.testing.assert_close(got, reference(*a), atol=1e-5, rtol=1e-5)
