@@ -23,6 +23,29 @@ def kernels():
         pytest.skip("the C++ kernels do not build here")
 
 
+def tiny_config(**overrides):
+    """The tests' model configs, all of them: the tiny preset with the fields a test sets."""
+    from dsv2.presets import get_config
+
+    return get_config("tiny", **overrides)
+
+
+def random_model(cfg, seed: int, std: float = 0.2, norms: bool = False):
+    """A DeepseekV2 in eval mode whose matrices are N(0, std) (larger than the init, so that paths differ visibly)
+    and, with norms, whose norm weights are U(0.5, 1.5) (so a dropped or misplaced norm shows)."""
+    from dsv2.model import DeepseekV2
+
+    torch.manual_seed(seed)
+    model = DeepseekV2(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, std)
+            elif norms:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 TRAIN_MODEL = dict(vocab_size=384, hidden_size=48, intermediate_size=96, moe_intermediate_size=16,
                    num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
                    qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2,

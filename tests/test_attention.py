@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_model, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,7 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "
 
 def make_config(heads=2, kv_rank=8, q_rank=None, nope=8, rope=4, v=6, yarn=False, attention_type="mla",
                 kv_heads=None, hidden=24, layers=1, experts=0) -> ModelConfig:
-    return ModelConfig(
+    return tiny_config(
         vocab_size=64, hidden_size=hidden, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=64,
         q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v,
@@ -194,15 +195,7 @@ def test_cache_holds_only_normalised_latent_and_roped_key():
 # ---------------------------------------------------------------------------------------------------------------
 # left padding (model level: pad_mask is a model argument)
 def make_model(cfg, seed):
-    torch.manual_seed(seed)
-    model = DeepseekV2(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.2)
-            else:
-                p.uniform_(0.5, 1.5)
-    return model
+    return random_model(cfg, seed, norms=True)
 
 
 def left_pad(prompts):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from dsv2.model import DeepseekV2
 from dsv2.model.cache import CacheFullError, KVCache
@@ -36,18 +37,18 @@ def test_paper_element_counts():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind,kv_heads", [("mha", 4), ("gqa", 2), ("mqa", 1)])
 def test_baseline_bytes_per_token(kind, kv_heads, dtype):
-    cfg = get_config("tiny", attention_type=kind, num_key_value_heads=2)
+    cfg = tiny_config(attention_type=kind, num_key_value_heads=2)
     d_h, layers = cfg.qk_nope_head_dim, cfg.num_hidden_layers
     assert cfg.v_head_dim == d_h and cfg.num_attention_heads == 4
     cache = meta_model(cfg).new_cache(1, 4, dtype=dtype)
     # Table 1: MHA 2 n_h d_h l, GQA 2 n_g d_h l, MQA 2 d_h l elements
     assert cache.bytes_per_token() == 2 * kv_heads * d_h * layers * DTYPE_BYTES[dtype]
-    mla = meta_model(get_config("tiny")).new_cache(1, 4, dtype=dtype)
+    mla = meta_model(tiny_config()).new_cache(1, 4, dtype=dtype)
     assert mla.bytes_per_token() == (64 + 16) * layers * DTYPE_BYTES[dtype]
 
 
 def test_default_cache_dtype_follows_model():
-    model = DeepseekV2(get_config("tiny")).bfloat16()
+    model = DeepseekV2(tiny_config()).bfloat16()
     cache = model.new_cache(1, 4)
     assert all(b.dtype == torch.bfloat16 for b in cache.buffers.values())
     assert cache.bytes_per_token() == 80 * 4 * 2
@@ -55,7 +56,7 @@ def test_default_cache_dtype_follows_model():
 
 def test_cache_full_error_via_model():
     torch.manual_seed(0)
-    model = DeepseekV2(get_config("tiny")).eval()
+    model = DeepseekV2(tiny_config()).eval()
     cache = model.new_cache(2, 6)
     ids = torch.randint(0, 100, (2, 4))
     with torch.no_grad():
@@ -79,7 +80,7 @@ def test_cache_full_error_on_begin():
 
 
 def test_new_cache_beyond_context_errors():
-    model = meta_model(get_config("tiny"))
+    model = meta_model(tiny_config())
     assert model.config.max_position_embeddings == 2048
     model.new_cache(1, 2048)
     with pytest.raises(ValueError, match="cache length 2049 exceeds max_position_embeddings 2048"):

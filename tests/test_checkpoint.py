@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dsv2
 from dsv2.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, from_pretrained, save_pretrained
-from dsv2.config import ModelConfig
 from dsv2.cpu import optimize
 from dsv2.model import DeepseekV2
 
@@ -29,7 +29,7 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "
 
 def make_config(q_lora_rank=24, yarn=True, tie=False, topk_method="group_limited_greedy", first_dense=1):
     n_group = 4 if topk_method == "group_limited_greedy" else 1
-    return ModelConfig(
+    return tiny_config(
         vocab_size=128, hidden_size=48, intermediate_size=80, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=3, num_key_value_heads=3, q_lora_rank=q_lora_rank, kv_lora_rank=24,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, n_routed_experts=8, n_shared_experts=2,

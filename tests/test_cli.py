@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import dsv2
 from dsv2.checkpoint import save_pretrained
@@ -25,14 +26,14 @@ def test_info_json_reproduces_the_paper(capsys):
 
 
 def test_info_text_and_config_file(tmp_path, capsys):
-    dsv2.get_config("tiny").save(tmp_path)
+    tiny_config().save(tmp_path)
     assert main(["info", str(tmp_path / "config.json")]) == 0
     out = capsys.readouterr().out
     assert "KV cache" in out and "MLA" in out
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
-    cfg = dsv2.get_config("tiny").to_dict()
+    cfg = tiny_config().to_dict()
     cfg["n_group"] = 3  # 16 experts cannot split into 3 groups
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert main(["info", str(tmp_path / "config.json")]) == 2
@@ -43,7 +44,7 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
 
 def test_generate_ids_streams_token_ids_and_rejects_bad_ids(tmp_path):
     torch.manual_seed(0)
-    save_pretrained(dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2)), tmp_path)
+    save_pretrained(dsv2.DeepseekV2(tiny_config(num_hidden_layers=2)), tmp_path)
     ok = subprocess.run([sys.executable, "-m", "dsv2", "generate", "--model", str(tmp_path), "--ids", "0,5,6",
                          "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1"],
                         capture_output=True, text=True)

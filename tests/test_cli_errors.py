@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_dsv2, train_argv
+from conftest import run_dsv2, tiny_config, train_argv
 
 import dsv2
 from dsv2.checkpoint import save_pretrained
@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    save_pretrained(dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2, vocab_size=300,
+    save_pretrained(dsv2.DeepseekV2(tiny_config(num_hidden_layers=2, vocab_size=300,
                                     max_position_embeddings=24)), path)
     save_tokenizer(train_tokenizer(["some text to train on " * 20], 300), path)
     return path
@@ -154,9 +154,9 @@ def test_routing_sim_and_upcycle_mistakes(checkpoint, tmp_path, capsys):
     assert "| 1 | n/a" in table and "nan" not in table
     assert "NaN" not in (tmp_path / "sim" / "routing_sim.json").read_text()
     dense = tmp_path / "dense"
-    save_pretrained(dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2, n_routed_experts=0)), dense)
+    save_pretrained(dsv2.DeepseekV2(tiny_config(num_hidden_layers=2, n_routed_experts=0)), dense)
     moe = tmp_path / "moe.json"
-    dsv2.get_config("tiny", num_hidden_layers=2).save(moe)
+    tiny_config(num_hidden_layers=2).save(moe)
     assert main(["upcycle", str(dense), "--config", str(moe), str(tmp_path / "up"), "--routed-scale", "nan"]) == 2
     one_error_line(capsys, "routed_scale must be a finite number")
     assert main(["upcycle", str(dense), "--config", str(moe), str(checkpoint)]) == 2  # holds a checkpoint

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,11 +22,6 @@ def official_json(name: str) -> dict:
     if not path.exists():
         pytest.skip(f"reference config {path} not present")
     return json.loads(path.read_text())
-
-
-def small(**kw) -> ModelConfig:
-    """A tiny valid config to mutate in the validation tests."""
-    return get_config("tiny", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,7 +64,7 @@ def test_presets_round_trip_to_dict_from_dict(name):
 
 
 def test_save_and_from_json_round_trip(tmp_path):
-    cfg = get_config("tiny", tie_word_embeddings=True, eos_token_id=[1, 2], extra={"foo": {"bar": [1, 2]}})
+    cfg = tiny_config(tie_word_embeddings=True, eos_token_id=[1, 2], extra={"foo": {"bar": [1, 2]}})
     cfg.save(tmp_path / "ckpt")
     again = ModelConfig.from_json(tmp_path / "ckpt")
     for f in FIELDS:
@@ -90,7 +86,7 @@ def test_rope_parameters_form_reads_like_original():
         assert "rope_parameters" not in b.to_dict()  # the original form is written
         assert b.to_dict()["rope_scaling"]["type"] == "yarn"
     # plain RoPE in the new form
-    d = get_config("tiny").to_dict()
+    d = tiny_config().to_dict()
     del d["rope_theta"], d["rope_scaling"]
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000.0}
     cfg = ModelConfig.from_dict(d)
@@ -108,7 +104,7 @@ def test_transformers_written_config_reads_like_original(tmp_path):
 
 
 def test_rope_scaling_default_type_means_none():
-    d = get_config("tiny").to_dict()
+    d = tiny_config().to_dict()
     d["rope_scaling"] = {"rope_type": "default"}
     assert ModelConfig.from_dict(d).rope_scaling is None
     del d["rope_scaling"]
@@ -116,7 +112,7 @@ def test_rope_scaling_default_type_means_none():
 
 
 def test_unknown_keys_kept_and_written_back():
-    d = get_config("tiny").to_dict()
+    d = tiny_config().to_dict()
     d.update({"auto_map": {"AutoConfig": "x.Y"}, "use_cache": True, "my_flag": [1, 2, 3]})
     cfg = ModelConfig.from_dict(d)
     assert cfg.extra["auto_map"] == {"AutoConfig": "x.Y"} and cfg.extra["my_flag"] == [1, 2, 3]
@@ -181,9 +177,9 @@ def test_from_json_errors(tmp_path):
 ])
 def test_validation_rules(changes, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        small(**changes)
+        tiny_config(**changes)
     # the same through from_dict (the config.json path)
-    d = get_config("tiny").to_dict()
+    d = tiny_config().to_dict()
     d.update(changes)
     with pytest.raises(ConfigError, match=pattern):
         ModelConfig.from_dict(d)
@@ -191,19 +187,19 @@ def test_validation_rules(changes, pattern):
 
 def test_validation_rule_boundaries_are_accepted():
     # exactly the experts available in topk_group groups, topk_group == n_group, greedy ignores groups
-    small(num_experts_per_tok=8, topk_group=2)
-    small(topk_group=4, num_experts_per_tok=16)
-    small(topk_method="greedy", n_group=1, topk_group=1, num_experts_per_tok=16)
-    small(n_routed_experts=None, n_group=3)  # dense model: MoE rules do not apply
-    small(attention_type="gqa", num_key_value_heads=2)
-    small(q_lora_rank=None)
-    cfg = small()
+    tiny_config(num_experts_per_tok=8, topk_group=2)
+    tiny_config(topk_group=4, num_experts_per_tok=16)
+    tiny_config(topk_method="greedy", n_group=1, topk_group=1, num_experts_per_tok=16)
+    tiny_config(n_routed_experts=None, n_group=3)  # dense model: MoE rules do not apply
+    tiny_config(attention_type="gqa", num_key_value_heads=2)
+    tiny_config(q_lora_rank=None)
+    cfg = tiny_config()
     with pytest.raises(ConfigError):
         cfg.replace(topk_group=7)  # replace() validates too
 
 
 def test_from_json_wraps_errors_with_path(tmp_path):
-    d = get_config("tiny").to_dict()
+    d = tiny_config().to_dict()
     d["qk_rope_head_dim"] = 7
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=r"config\.json: qk_rope_head_dim must be even"):
@@ -229,7 +225,7 @@ def test_transformers_greedy_config_with_null_groups_loads(tmp_path):
 
 
 def test_null_means_the_default():
-    d = get_config("tiny").to_dict()
+    d = tiny_config().to_dict()
     d.update(num_experts_per_tok=None, rms_norm_eps=None, hidden_act=None, n_group=None, topk_group=None)
     cfg = ModelConfig.from_dict(d)
     assert cfg.num_experts_per_tok == 6 and cfg.rms_norm_eps == 1e-6 and cfg.hidden_act == "silu"
@@ -250,7 +246,7 @@ def test_null_means_the_default():
     ("eos_token_id", "1", r"eos_token_id must be an integer or a list of integers or null"),
 ])
 def test_wrong_types_name_the_file_and_field(tmp_path, field, value, pattern):
-    d = get_config("tiny").to_dict()
+    d = tiny_config().to_dict()
     d[field] = value
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=r"config\.json: " + pattern):
@@ -268,9 +264,9 @@ def test_files_that_are_not_a_json_object(tmp_path):
 
 def test_unknown_override_is_a_config_error():
     with pytest.raises(ConfigError, match=r"unknown model config field 'nosuchfield'"):
-        get_config("tiny", nosuchfield=3)
+        tiny_config(nosuchfield=3)
     with pytest.raises(ConfigError, match=r"did you mean 'hidden_size'"):
-        get_config("tiny").replace(hiden_size=3)
+        tiny_config().replace(hiden_size=3)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
@@ -282,7 +278,7 @@ FIELD_NAMES = st.sampled_from(sorted(FIELDS + ["rope_parameters", "extra"]))
 @settings(max_examples=400, deadline=None)
 @given(changes=st.dictionaries(FIELD_NAMES, JSON, min_size=1, max_size=3), yarn=st.booleans())
 def test_any_json_value_in_any_field_is_accepted_or_a_config_error(changes, yarn):
-    base = get_config("tiny").to_dict()
+    base = tiny_config().to_dict()
     if yarn:
         base["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
                                 "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
@@ -302,7 +298,7 @@ def test_tiny_preset_is_small_and_shaped_like_v2():
     from dsv2.model import DeepseekV2
     from dsv2.model.moe import MLP, MoE
 
-    cfg = get_config("tiny")
+    cfg = tiny_config()
     assert cfg.q_lora_rank is not None
     assert cfg.n_group > 1 and 1 <= cfg.topk_group < cfg.n_group and cfg.topk_method == "group_limited_greedy"
     assert cfg.n_shared_experts and cfg.n_shared_experts >= 1

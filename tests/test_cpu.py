@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from dsv2.model.attention import MLA
 from dsv2.model.cache import KVCache
 from dsv2.model.experts import RoutedExperts
 from dsv2.model.norm import RMSNorm
-from dsv2.presets import get_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -104,7 +104,7 @@ def test_per_head_products_equal_reference(G, N, M, C, dtype, seed):
 
 
 def _cpu_mla():
-    model = optimize(DeepseekV2(get_config("tiny", num_hidden_layers=1)))
+    model = optimize(DeepseekV2(tiny_config(num_hidden_layers=1)))
     return model.model.layers[0].self_attn
 
 
@@ -290,7 +290,7 @@ def test_unmasked_cached_forward_equals_masked(absorb):
     """Without padding the model skips the attention mask (causal prefill, single-token decode): same outputs as
     with the explicit mask it used to build."""
     torch.manual_seed(0)
-    cfg = get_config("tiny", num_hidden_layers=2)
+    cfg = tiny_config(num_hidden_layers=2)
     model = DeepseekV2(cfg).eval()
     ids = torch.randint(2, 100, (2, 9))
     with torch.no_grad():
@@ -309,7 +309,7 @@ def test_unmasked_cached_forward_equals_masked(absorb):
 
 def test_logits_to_keep():
     torch.manual_seed(0)
-    model = DeepseekV2(get_config("tiny", num_hidden_layers=2)).eval()
+    model = DeepseekV2(tiny_config(num_hidden_layers=2)).eval()
     ids = torch.randint(2, 100, (2, 7))
     with torch.no_grad():
         full = model(ids)
@@ -383,7 +383,7 @@ def test_latent_attention_falls_back_under_autograd(monkeypatch):
 @pytest.mark.parametrize("padded", [False, True])
 def test_decode_with_kernel_equals_gemm_path(padded, monkeypatch):
     """A whole model's decode steps, kernel vs the batched-GEMM path: same logits (fp32, 1e-5)."""
-    cfg = get_config("tiny", num_hidden_layers=2)
+    cfg = tiny_config(num_hidden_layers=2)
     torch.manual_seed(0)
     model = DeepseekV2(cfg).eval()
     ids = torch.randint(2, cfg.vocab_size, (2, 40))
@@ -441,7 +441,7 @@ def test_kernel_build_key_ignores_the_clock():
 # the model with the fast paths on and off; the ops as torch.library custom ops
 def _pair(**cfg_overrides):
     torch.manual_seed(0)
-    plain = DeepseekV2(get_config("tiny", num_hidden_layers=3, **cfg_overrides)).eval()
+    plain = DeepseekV2(tiny_config(num_hidden_layers=3, **cfg_overrides)).eval()
     fast = optimize(copy.deepcopy(plain))
     return plain, fast
 

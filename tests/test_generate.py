@@ -6,12 +6,11 @@ fp32 differences between padded/cached and unpadded/uncached computation (~1e-6)
 
 import pytest
 import torch
+from conftest import random_model, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.config import ModelConfig
 from dsv2.inference.generate import GenerationError, generate, sample_next, stream_generate
-from dsv2.model import DeepseekV2
 
 VOCAB = 96
 
@@ -19,19 +18,13 @@ VOCAB = 96
 def make_model(seed=0, q_lora_rank=16, yarn=False, attention_type="mla", max_pos=64):
     rs = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
           "mscale": 0.707, "mscale_all_dim": 0.707} if yarn else None
-    cfg = ModelConfig(
+    cfg = tiny_config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=12, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_pos, q_lora_rank=q_lora_rank,
         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, attention_type=attention_type,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
         first_k_dense_replace=1, routed_scaling_factor=1.0, rope_scaling=rs, bos_token_id=0, eos_token_id=1)
-    torch.manual_seed(seed)
-    model = DeepseekV2(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.2)
-    return model
+    return random_model(cfg, seed)
 
 
 @pytest.fixture(scope="module")

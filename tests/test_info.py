@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
@@ -103,7 +104,7 @@ def check_against_model(cfg) -> None:
 
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "tiny")
 def test_tiny_variants_match_the_model(overrides):
-    check_against_model(get_config("tiny", **overrides))
+    check_against_model(tiny_config(**overrides))
 
 
 @settings(max_examples=25, deadline=None)
@@ -133,7 +134,7 @@ def test_random_configs_match_the_model(data):
 
 @pytest.mark.parametrize("overrides", [{"n_routed_experts": 0}, {}, {"q_lora_rank": None}])
 def test_prefill_flops_match_the_flop_counter(overrides):
-    cfg, S = get_config("tiny", **overrides), 12
+    cfg, S = tiny_config(**overrides), 12
     model = DeepseekV2(cfg)
     with FlopCounterMode(display=False) as counter:
         model(torch.randint(0, cfg.vocab_size, (1, S)))
@@ -144,7 +145,7 @@ def test_prefill_flops_match_the_flop_counter(overrides):
 
 @pytest.mark.parametrize("absorb", [True, False])
 def test_decode_flops_match_the_flop_counter(absorb):
-    cfg, T = get_config("tiny"), 10
+    cfg, T = tiny_config(), 10
     model = DeepseekV2(cfg)
     cache = model.new_cache(1, T)
     with torch.no_grad():
@@ -160,7 +161,7 @@ def test_decode_flops_match_the_flop_counter(absorb):
 # options, report
 
 def test_gqa_groups_and_dtype_bytes():
-    d = describe(get_config("tiny", attention_type="gqa", num_key_value_heads=2), dtype_bytes=1, context_len=100)
+    d = describe(tiny_config(attention_type="gqa", num_key_value_heads=2), dtype_bytes=1, context_len=100)
     kv = d["kv_cache"]
     assert kv["gqa"]["groups"] == 2
     assert kv["config"]["elements_per_token"] == 2 * (32 + 32) * 4 == kv["gqa"]["elements_per_token"]
@@ -171,9 +172,9 @@ def test_gqa_groups_and_dtype_bytes():
     v2_gqa16 = describe(get_config("deepseek-v2"), gqa_groups=16)["kv_cache"]["gqa"]
     assert v2_gqa16["elements_per_token"] == 2 * 16 * 128 * 60
     with pytest.raises(ValueError):
-        describe(get_config("tiny"), context_len=0)
+        describe(tiny_config(), context_len=0)
     with pytest.raises(ValueError):
-        describe(get_config("tiny"), dtype_bytes=0)
+        describe(tiny_config(), dtype_bytes=0)
 
 
 def test_format_info_report():
@@ -183,6 +184,6 @@ def test_format_info_report():
         assert s in text, s
     lite = format_info(describe(get_config("deepseek-v2-lite")))
     assert "15.7B" in lite and "2.45B" in lite and "15,552" in lite
-    dense_cfg = get_config("tiny", n_routed_experts=0, attention_type="mha", tie_word_embeddings=True)
+    dense_cfg = tiny_config(n_routed_experts=0, attention_type="mha", tie_word_embeddings=True)
     dense = format_info(describe(dense_cfg))
     assert "dense" in dense and "tied" in dense and "absorbed" not in dense

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import dsv2
 from dsv2.checkpoint import save_pretrained
@@ -25,7 +26,7 @@ def test_a_build_killed_midway_does_not_hang_the_next_command(tmp_path):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     env.pop("DSV2_NO_KERNELS", None)
     torch.manual_seed(0)
-    save_pretrained(dsv2.DeepseekV2(dsv2.get_config("tiny", num_hidden_layers=2)), tmp_path / "ckpt")
+    save_pretrained(dsv2.DeepseekV2(tiny_config(num_hidden_layers=2)), tmp_path / "ckpt")
     first = subprocess.Popen([sys.executable, "-c", "from dsv2.cpu import ops; ops.kernels_loaded()"], env=env,
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

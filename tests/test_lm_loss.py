@@ -4,12 +4,12 @@ gradients, fp32 within 1e-5 relative (chunk sums in a different order)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv2.model import DeepseekV2
 from dsv2.model import lm_loss as lm
-from dsv2.presets import get_config
 
 TOL = dict(atol=1e-6, rtol=1e-5)
 
@@ -51,7 +51,7 @@ def test_bad_shapes_are_errors():
         lm.lm_loss(torch.randn(4, 3), torch.randn(5, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="targets of shape"):
         lm.lm_loss(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
-    model = DeepseekV2(get_config("tiny", num_hidden_layers=2))
+    model = DeepseekV2(tiny_config(num_hidden_layers=2))
     with pytest.raises(ValueError, match="targets must have"):
         model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 3, dtype=torch.long))
 
@@ -61,7 +61,7 @@ def test_model_targets_equal_cross_entropy_of_its_logits(tied):
     """model(x, targets=y), the trainer's path, == F.cross_entropy(model(x), y): loss and every parameter's grad
     (the tied case adds the head's gradient into the embedding's)."""
     torch.manual_seed(0)
-    model = DeepseekV2(get_config("tiny", num_hidden_layers=2, vocab_size=300, tie_word_embeddings=tied))
+    model = DeepseekV2(tiny_config(num_hidden_layers=2, vocab_size=300, tie_word_embeddings=tied))
     x, y = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
     want = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     want_g = torch.autograd.grad(want, list(model.parameters()))

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,7 +75,7 @@ def test_padding_is_ignored():
 
 
 def test_balance_losses_weights_and_keys():
-    cfg = get_config("tiny", n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=2)
+    cfg = tiny_config(n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=2)
     out = balance_losses(SCORES_A[None], EXPERTS_A[None], cfg)
     assert out["expert_balance"].item() == pytest.approx(EXP_A)
     assert out["device_balance"].item() == pytest.approx(DEV_A)
@@ -176,7 +177,7 @@ def test_gradients_reach_the_gate_weight():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16)
     W = torch.randn(16, 8, requires_grad=True)
-    cfg = get_config("tiny", n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)
+    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)
     for key in ("expert_balance", "device_balance", "comm_balance", "total"):
         W.grad = None
         scores = (x @ W).softmax(-1)

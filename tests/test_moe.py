@@ -8,6 +8,7 @@ Python-loop reference; bf16 vs fp32 logits within 0.1 absolute on logits of magn
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ from dsv2.config import ModelConfig
 from dsv2.model import DeepseekV2
 from dsv2.model.moe import MLP, MoE
 from dsv2.model.router import Router
-from dsv2.presets import get_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -29,7 +29,7 @@ def moe_config(E=8, n_group=4, topk_group=2, K=3, method="group_limited_greedy",
                 topk_group=topk_group, topk_method=method, norm_topk_prob=norm, routed_scaling_factor=scaling,
                 first_k_dense_replace=1, hidden_act=act, rope_scaling=None, bos_token_id=0, eos_token_id=1)
     base.update(kw)
-    return ModelConfig(**base)
+    return tiny_config(**base)
 
 
 def make_moe(cfg, seed, gate_std=1.0):
@@ -355,7 +355,7 @@ def test_layer_placement_examples_and_routings():
 
 # ---------------------------------------------------------------------------------------------------------------
 def test_bf16_forward():
-    cfg = get_config("tiny")
+    cfg = tiny_config()
     torch.manual_seed(0)
     model = DeepseekV2(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 12))

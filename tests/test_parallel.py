@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from dsv2.checkpoint import save_pretrained
 from dsv2.cli import main
 from dsv2.distributed.parallel import Parallel, ParallelError, check_expert_parallel, init_parallel
 from dsv2.model import DeepseekV2
-from dsv2.presets import get_config
 from dsv2.tools.routing_sim import group_limited_topk, random_scores, simulate
 
 
@@ -31,12 +31,12 @@ def _no_torchrun_env(monkeypatch):
 ])
 def test_bad_expert_parallel_settings(overrides, ep, world, match):
     with pytest.raises(ParallelError, match=match):
-        check_expert_parallel(get_config("tiny", **overrides), ep, world)
+        check_expert_parallel(tiny_config(**overrides), ep, world)
 
 
 def test_good_settings_pass():
-    check_expert_parallel(get_config("tiny", n_group=8, topk_group=3), 4, 8)  # two groups per rank, dp = 2
-    check_expert_parallel(get_config("tiny"), 1, 3)
+    check_expert_parallel(tiny_config(n_group=8, topk_group=3), 4, 8)  # two groups per rank, dp = 2
+    check_expert_parallel(tiny_config(), 1, 3)
 
 
 def test_expert_parallel_needs_torchrun(tmp_path, capsys):
@@ -51,7 +51,7 @@ def test_one_process_parallel_is_the_identity():
     par = init_parallel(1)
     assert (par.world, par.rank, par.ep, par.dp, par.is_main) == (1, 0, 1, 1, True)
     torch.manual_seed(0)
-    cfg = get_config("tiny", num_hidden_layers=2, hidden_size=32, vocab_size=64)
+    cfg = tiny_config(num_hidden_layers=2, hidden_size=32, vocab_size=64)
     model, ref = DeepseekV2(cfg), DeepseekV2(cfg)
     ref.load_state_dict(model.state_dict())
     assert par.wrap(model) is model
@@ -69,7 +69,7 @@ def test_one_process_parallel_is_the_identity():
 
 
 def test_group_limited_topk_matches_the_model_router():
-    cfg = get_config("tiny")
+    cfg = tiny_config()
     router = DeepseekV2(cfg).model.layers[1].mlp.gate
     x = torch.randn(64, cfg.hidden_size)
     r = router(x)
@@ -107,7 +107,7 @@ def test_parallel_repr():
 def test_routing_sim_with_a_checkpoint_router(tmp_path, capsys):
     from dsv2.training.data import save_tokenizer, train_tokenizer
 
-    cfg = get_config("tiny", num_hidden_layers=2, hidden_size=32, vocab_size=512)
+    cfg = tiny_config(num_hidden_layers=2, hidden_size=32, vocab_size=512)
     torch.manual_seed(0)
     save_pretrained(DeepseekV2(cfg), tmp_path / "ckpt")
     text = ["def f(x):\n    return x + 1\n" * 20, "class A:\n    pass\n" * 20]

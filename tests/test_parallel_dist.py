@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from dsv2.model import DeepseekV2
 from dsv2.model.moe import MoE
-from dsv2.presets import get_config
 from dsv2.training.balance import balance_losses
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -63,7 +63,7 @@ def _config(**overrides):
                 vocab_size=96, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=24, kv_lora_rank=16,
                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=16, n_shared_experts=1,
                 num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=64)
-    return get_config("tiny", **{**base, **overrides})
+    return tiny_config(**{**base, **overrides})
 
 
 def _recorded(par) -> dict:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,7 +79,7 @@ def test_yarn_inv_freq_matches_reference(dim, base, factor, orig, beta_fast, bet
                                                           (1.0, 0.707, 0.707), (16, 0.5, 1.0)])
 def test_mscale(factor, mscale, mscale_all_dim):
     assert yarn_get_mscale(factor, mscale) == pytest.approx(ref_mscale(factor, mscale), rel=1e-12)
-    cfg = get_config("tiny", max_position_embeddings=4096, rope_scaling={
+    cfg = tiny_config(max_position_embeddings=4096, rope_scaling={
         "type": "yarn", "factor": factor, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": mscale, "mscale_all_dim": mscale_all_dim})
     rot = RotaryEmbedding(cfg)
@@ -92,7 +93,7 @@ def test_mscale(factor, mscale, mscale_all_dim):
 
 
 def test_plain_rope_frequencies_and_cos_sin():
-    cfg = get_config("tiny", rope_theta=500.0)
+    cfg = tiny_config(rope_theta=500.0)
     rot = RotaryEmbedding(cfg)
     d = cfg.qk_rope_head_dim
     inv = torch.tensor([500.0 ** (-2 * i / d) for i in range(d // 2)], dtype=torch.float64)
@@ -107,7 +108,7 @@ def test_plain_rope_frequencies_and_cos_sin():
 
 # ---------------------------------------------------------------------------------------------------------------
 def _rot(dim, theta=10000.0):
-    return RotaryEmbedding(get_config("tiny", qk_rope_head_dim=dim, rope_theta=theta))
+    return RotaryEmbedding(tiny_config(qk_rope_head_dim=dim, rope_theta=theta))
 
 
 @settings(max_examples=40, deadline=None)
@@ -155,7 +156,7 @@ def test_interleaved_pairs_equal_complex_multiplication(dim, seed, yarn):
     g = torch.Generator().manual_seed(seed)
     rs = {"type": "yarn", "factor": 8, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
           "mscale": 1.0, "mscale_all_dim": 0.5} if yarn else None
-    rot = RotaryEmbedding(get_config("tiny", qk_rope_head_dim=dim, rope_scaling=rs, max_position_embeddings=256))
+    rot = RotaryEmbedding(tiny_config(qk_rope_head_dim=dim, rope_scaling=rs, max_position_embeddings=256))
     pos = torch.randint(0, 256, (2, 5), generator=g)
     x = torch.randn(2, 5, 3, dim, generator=g)  # [B, S, H, R]
     cos, sin = rot(pos)

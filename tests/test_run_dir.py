@@ -16,7 +16,8 @@ from conftest import TRAIN_MODEL, train_argv
 from dsv2.cli import main
 from dsv2.training.config import TrainConfig, TrainingError
 from dsv2.training.run_dir import RunDir
-from dsv2.training.trainer import latest_checkpoint, prepare_data, train
+from dsv2.training.setup import latest_checkpoint, prepare_data
+from dsv2.training.trainer import train
 
 
 def snapshot(run):

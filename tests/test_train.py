@@ -7,12 +7,13 @@ import math
 import signal
 
 import pytest
-from conftest import TRAIN_MODEL, run_dsv2, train_argv
+from conftest import TRAIN_MODEL, run_dsv2, tiny_config, train_argv
 
 import dsv2
 from dsv2.training.config import TrainConfig, TrainingError, load_train_config
 from dsv2.training.schedule import build_optimizer, lr_at
-from dsv2.training.trainer import latest_checkpoint, train
+from dsv2.training.setup import latest_checkpoint
+from dsv2.training.trainer import train
 
 MODEL = TRAIN_MODEL
 
@@ -40,7 +41,7 @@ def test_schedule_warmup_then_v2_step_decay_and_cosine():
 
 
 def test_weight_decay_on_matrices_only():
-    model = dsv2.DeepseekV2(dsv2.get_config("tiny", **MODEL))
+    model = dsv2.DeepseekV2(tiny_config(**MODEL))
     opt = build_optimizer(model, TrainConfig())
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from dsv2 import DeepseekV2, from_pretrained, get_config
+from dsv2 import DeepseekV2, from_pretrained
 from dsv2.checkpoint import save_pretrained
 from dsv2.cpu import optimize
 from dsv2.model.moe import MLP, MoE
@@ -22,13 +23,13 @@ I = BASE["intermediate_size"]
 
 
 def dense_config(**kw):
-    return get_config("tiny", **{**BASE, "n_routed_experts": 0, **kw})
+    return tiny_config(**{**BASE, "n_routed_experts": 0, **kw})
 
 
 def moe_config(**kw):
     moe = dict(n_routed_experts=E, n_shared_experts=2, moe_intermediate_size=64, num_experts_per_tok=K, n_group=4,
                topk_group=2, first_k_dense_replace=1)  # shared width 2 * 64 = I: the whole dense FFN
-    return get_config("tiny", **{**BASE, **moe, **kw})
+    return tiny_config(**{**BASE, **moe, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,9 @@ from ..files import atomic_write
 from ..model.router import Router
 from ..presets import get_config
 
+SEQUENCES_PER_FORWARD = 8
+"""Windows of text per forward of a checkpoint's model (bounds the activations it holds)."""
+
 
 def group_limited_topk(scores_TE: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
     """[T, K] experts chosen by V2's device-limited rule (router.Router, the same code the model runs)."""
@@ -80,13 +83,13 @@ def checkpoint_scores(path: str | os.PathLike, data: list[str] | None = None, n_
                       seq_len: int = 256) -> tuple[torch.Tensor, ModelConfig]:
     """Affinities [L*T, E] of every MoE layer of a checkpoint on ~n_tokens tokens of text, and its config."""
     from ..checkpoint import from_pretrained
-    from ..training.data import STDLIB_SOURCE, iter_documents, load_tokenizer
+    from ..training.data import STDLIB_SOURCE, TOKENIZER_FILE, iter_documents, load_tokenizer
 
     path = Path(path)
     model = from_pretrained(path, dtype=torch.float32)
     if not model.config.num_routed:
         raise ValueError(f"{path} has no routed experts")
-    tok_file = path / "tokenizer.json"
+    tok_file = path / TOKENIZER_FILE
     if not tok_file.exists():
         raise FileNotFoundError(f"{tok_file} not found: the checkpoint's router needs its tokenizer")
     tokenizer = load_tokenizer(tok_file)
@@ -101,8 +104,8 @@ def checkpoint_scores(path: str | os.PathLike, data: list[str] | None = None, n_
         raise ValueError(f"the text gave {len(ids)} tokens, fewer than one window of {seq_len}")
     x = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
     scores = []
-    for i in range(0, n, 8):
-        _, routings = model(x[i:i + 8], return_routing=True)
+    for i in range(0, n, SEQUENCES_PER_FORWARD):
+        _, routings = model(x[i:i + SEQUENCES_PER_FORWARD], return_routing=True)
         scores.extend(r.scores_TE for r in routings)
     return torch.cat(scores), model.config
 

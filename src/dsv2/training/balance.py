@@ -1,7 +1,5 @@
-"""DeepSeek-V2's auxiliary balance losses and device-level token dropping.
-
-DeepSeek-V2 report (arXiv 2405.04434), Sec. 2.2.3 "Auxiliary Loss for Load Balance" and Sec. 2.2.4
-"Token-Dropping Strategy" (PAPER.md: "Auxiliary balance losses", "Token dropping").
+"""DeepSeek-V2's auxiliary balance losses (report, arXiv 2405.04434, Sec. 2.2.3 "Auxiliary Loss for Load
+Balance"), and the per-step MoE statistics of a run (MoEStats).
 
 Notation, per sequence of T tokens: E (= N_r) routed experts, K (= K_r) chosen per token, D device groups of
 E/D contiguous experts (group d holds experts d*E/D ... (d+1)*E/D - 1), each token sent to at most M groups.

@@ -29,6 +29,8 @@ from typing import Any
 
 from ..files import atomic_write, file_mode
 from .config import TrainConfig, TrainingError
+from .data import TOKENIZER_FILE
+from .data.token_files import META_FILE, SPLITS
 
 LOCK_FILE = ".lock"
 SETTINGS_FILE = "train_config.json"
@@ -38,6 +40,8 @@ TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 PLOTS_DIR = "plots"
 PLOT_FILES = ("loss.png", "balance.png", "expert_load.png", "lr_throughput.png")
+SOURCES_FILE = "sources.json"
+"""In tokenizer/: the data a tokenizer dsv2 trained was trained on (trainer.prepare_data)."""
 STEP_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
@@ -45,8 +49,8 @@ OWNED = {
     # what --overwrite removes: the files dsv2 writes, by name (a folder goes only if that leaves it empty)
     ".": (SETTINGS_FILE, METRICS_FILE),
     CHECKPOINTS_DIR: (f"{STEP_PREFIX}*", f"damaged-*{STEP_PREFIX}*", f".tmp-{STEP_PREFIX}*"),
-    TOKENIZER_DIR: ("tokenizer.json", "sources.json", ".*.tmp"),
-    DATA_DIR: ("train.bin", "val.bin", "meta.json", "tokenizer.json", ".*.tmp"),
+    TOKENIZER_DIR: (TOKENIZER_FILE, SOURCES_FILE, ".*.tmp"),
+    DATA_DIR: (*(f"{split}.bin" for split in SPLITS), META_FILE, TOKENIZER_FILE, ".*.tmp"),
     PLOTS_DIR: (*PLOT_FILES, ".*.tmp"),
 }
 

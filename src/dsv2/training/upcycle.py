@@ -1,6 +1,6 @@
 """Dense -> MoE initialisation ("upcycling"): start a DeepSeekMoE model from a trained dense DeepSeek-V2-shaped model.
 
-Why (PAPER.md "Upcycling", from the seed article): MoE training is slow, so a dense checkpoint is a cheap head
+Why (the article dsv2 started from): MoE training is slow, so a dense checkpoint is a cheap head
 start. Fine-grained experts are too narrow to hold a whole dense FFN each, and finding a semantic split of the
 FFN's units is hard; the SHARED expert is what makes upcycling work well: it takes the dense FFN whole, keeping
 the dense model's ability, while the routed experts take partitions of it and specialise from there.
@@ -66,9 +66,9 @@ from ..files import atomic_write
 from ..model import DeepseekV2
 from ..model.moe import MLP, MoE
 from ..presets import get_config
+from .data import TOKENIZER_FILE
 
 DEFAULT_GATE_SCALE = 0.1
-TOKENIZER_FILE = "tokenizer.json"
 
 # Fields that decide the shape or the function of everything outside the FFNs: they must match the dense model.
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "attention_type", "num_attention_heads",

@@ -1,6 +1,6 @@
 // Products of a few rows x (decode: one token per sequence) with weight matrices, streaming each weight once with
 // all threads. oneDNN's and MKL's few-row kernels reach a fraction of the memory bandwidth (MKL's from one thread;
-// on CPUs without native bf16 both emulate bf16: ~2 GB/s of weights at 8 rows); these are the tiles of tiles.h:
+// on CPUs without native bf16 both emulate bf16); these are the tiles of tiles.h:
 //     rows_dot:     y[n, :] = w[g] x[n, :]  for the rows n of group g    x W^T: linears, routed experts, MLA's W_UV
 //     rows_combine: y[g, m, :] = sum_n x[g, n, m] w[g, n, :]            x W:   MLA's W_UK absorbed into the query
 // rows_dot's groups are the routed experts of expert-sorted token copies (one GEMV per chosen expert, all in one

@@ -17,7 +17,7 @@
 #include <cstring>
 
 // Internal linkage: each kernel file gets its own copy that the compiler may inline (as shared-library symbols the
-// tiles were called through the PLT, not inlined: bf16 decode attention ran ~30% slower).
+// tiles would be called through the PLT, never inlined into the loops that call them).
 namespace dsv2_kernels {
 namespace {
 
@@ -38,7 +38,7 @@ inline v8 load8(const c10::BFloat16* p) {
 }
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 typedef float v4 __attribute__((vector_size(16)));
-// the 8 lanes' sum in three vector adds (lane extracts and scalar adds were ~20% of a score tile)
+// the 8 lanes' sum in three vector adds (lane extracts and scalar adds cost a sizeable share of a score tile)
 inline float hsum(v8 v) {
   v4 s = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   s += __builtin_shufflevector(s, s, 2, 3, 0, 1);
@@ -102,8 +102,8 @@ void score_rows(const float* q, int64_t K, const E* r, int64_t rs, int64_t X, fl
 }
 
 // s[t*st] = r_t . q for n rows and one query (a GEMV): a row at a time, 8 accumulators along it, so that a core
-// reads one sequential stream (the 3-row tiles interleave three: 13-15 instead of 16-20 GB/s of bf16 weights on two
-// Zen 3 cores). Streamed rows are fetched ~8 KB ahead.
+// reads one sequential stream (the 3-row tiles interleave three, which the prefetchers follow less well). Streamed
+// rows are fetched ~8 KB ahead.
 template <typename E>
 void score_single(const float* q, const E* r, int64_t rs, int64_t n, int64_t X, float* s, int64_t st, bool stream) {
   constexpr int U = 8;

@@ -136,14 +136,6 @@ class TokenDataset:
             raise DataError(f"the {split} split has {n} tokens; a window of seq_len={seq_len} needs {seq_len + 1}")
         return n - seq_len
 
-    def get_batch(
-        self, split: str, batch_size: int, seq_len: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both int64 [batch_size, seq_len], from windows at uniformly random starts."""
-        n_starts = self._n_starts(split, seq_len)
-        starts = torch.randint(0, n_starts, (batch_size,), generator=generator).numpy()
-        return self._windows(split, starts, seq_len)
-
     def batch_for_step(
         self,
         step: int,
