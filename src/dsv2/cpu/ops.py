@@ -46,7 +46,8 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _mla_decode(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, C: int) -> torch.Tensor:
-    # q [B, K, X] fp32; kv [B, T, X]; mask [B, >= T] bool (True = attend) or empty -> [B, K, C] fp32
+    # q [B, Q, X] fp32 (Q query rows per sequence); kv [B, T, X]; mask [B, >= T] bool (True = attend) or empty
+    # -> [B, Q, C] fp32
     kv = kv.float()
     scores = torch.bmm(q, kv.transpose(1, 2))
     if mask.numel():

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..model.capacity import device_capacity, drop_over_capacity
 from ..model.moe import LocalDispatcher
-from ..model.router import Routing
+from ..model.router import Routing, device_group
 from .comm import AllToAll, CommStats, Exchange
 
 
@@ -136,7 +136,7 @@ class ArrivalTokenDrop:
         ex = self.ex
         T, K = routing.experts_TK.shape
         experts_A = routing.experts_TK.flatten()
-        group_A = experts_A // (self.n_experts // self.n_group)
+        group_A = device_group(experts_A, self.n_experts, self.n_group)
         dest_A = group_A // self.group_local
         affinity_A = routing.scores_TE.detach().gather(-1, routing.experts_TK).flatten()
         protect_B = self.local.protect

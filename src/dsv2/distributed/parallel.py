@@ -234,29 +234,19 @@ class Parallel:
         """name -> parameter, the experts gathered from their ranks (a collective: every rank must call it)."""
         return {name: self._gather(p) if self.is_expert(p) else p.detach() for name, p in model.named_parameters()}
 
-    def full_optimizer_tensors(self, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Optimizer state tensors named state.{index}.{key}, expert moments gathered (collective)."""
-        params = [p for g in opt.param_groups for p in g["params"]]
-        out = {}
-        for name, t in tensors.items():
-            p = params[int(name.split(".")[1])]
-            out[name] = self._gather(t) if self.is_expert(p) and t.shape == p.shape else t
-        return out
+    def full_tensor(self, p: Tensor, t: Tensor) -> Tensor:
+        """t, a state tensor of parameter p (an optimizer moment), with every rank's experts if p is a sharded
+        expert parameter (a collective: every rank calls it, in the same order)."""
+        return self._gather(t) if self.is_expert(p) and t.shape == p.shape else t
 
-    def local_optimizer_tensors(self, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The inverse of full_optimizer_tensors: this rank's block of each expert moment."""
-        params = [p for g in opt.param_groups for p in g["params"]]
-        out = {}
-        for name, t in tensors.items():
-            p = params[int(name.split(".")[1])]
-            if self.is_expert(p) and t.dim() == p.dim() and t.shape != p.shape:  # moments, not the step count
-                E = self.expert_params[id(p)]
-                if t.shape != (E, *p.shape[1:]):
-                    raise ParallelError(f"optimizer tensor {name} has shape {tuple(t.shape)}, expected "
-                                        f"{(E, *p.shape[1:])}")
-                t = t[self.ep_rank * p.shape[0]:(self.ep_rank + 1) * p.shape[0]].clone()
-            out[name] = t
-        return out
+    def local_tensor(self, p: Tensor, t: Tensor, what: str) -> Tensor:
+        """The inverse of full_tensor: this rank's block of t if p is a sharded expert parameter."""
+        if self.is_expert(p) and t.dim() == p.dim() and t.shape != p.shape:  # moments, not the step count
+            E = self.expert_params[id(p)]
+            if t.shape != (E, *p.shape[1:]):
+                raise ParallelError(f"{what} has shape {tuple(t.shape)}, expected {(E, *p.shape[1:])}")
+            t = t[self.ep_rank * p.shape[0]:(self.ep_rank + 1) * p.shape[0]].clone()
+        return t
 
 
 def check_expert_parallel(config: Any, ep: int, world: int) -> None:

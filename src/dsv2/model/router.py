@@ -25,6 +25,11 @@ from torch import nn
 from ..config import ModelConfig
 
 
+def device_group(experts: torch.Tensor, n_experts: int, n_group: int) -> torch.Tensor:
+    """The device group of each expert id: the experts are split into n_group contiguous blocks (Sec. 2.2.2)."""
+    return experts // (n_experts // n_group)
+
+
 @dataclass
 class Routing:
     scores_TE: torch.Tensor
@@ -41,7 +46,7 @@ class Routing:
     @property
     def groups_TK(self) -> torch.Tensor:
         """Device group of each chosen expert."""
-        return self.experts_TK // (self.scores_TE.shape[-1] // self.n_group)
+        return device_group(self.experts_TK, self.scores_TE.shape[-1], self.n_group)
 
 
 class Router(nn.Module):

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ModelConfig
 from ..files import atomic_write
-from ..model.router import Router
+from ..model.router import Router, device_group
 from ..presets import get_config
 
 SEQUENCES_PER_FORWARD = 8
@@ -59,7 +59,7 @@ def simulate(scores_TE: torch.Tensor, n_devices: int, top_k: int) -> list[dict[s
                          "traffic_vs_topk": None, "affinity_vs_topk": None})
             continue
         experts_TK = group_limited_topk(scores_TE, n_devices, M, top_k)
-        visit_TD = torch.zeros(T, n_devices, dtype=torch.bool).scatter_(1, experts_TK // (E // n_devices), True)
+        visit_TD = torch.zeros(T, n_devices, dtype=torch.bool).scatter_(1, device_group(experts_TK, E, n_devices), True)
         off_TD = visit_TD.clone()
         off_TD[torch.arange(T), source_T] = False
         rows.append({"M": M, "devices_per_token": visit_TD.sum(1).double().mean().item(),

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..distributed.parallel import Parallel
-from ..model.router import Routing
+from ..model.router import Routing, device_group
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def _routing_stats(scores: Tensor, experts: Tensor, n_experts: int, n_group: int
     valid_BSK = valid[..., None].expand(experts.shape)
     counts_BE = torch.zeros(B, E, dtype=dtype, device=scores.device).scatter_add_(
         1, experts.reshape(B, -1), valid_BSK.reshape(B, -1).to(dtype))
-    group_BSK = experts // (E // n_group)
+    group_BSK = device_group(experts, E, n_group)
     # scatter of True deduplicates: a token with several experts on one device visits it once.
     visit_BSD = torch.zeros(B, S, n_group, dtype=torch.bool, device=scores.device)
     visit_BSD.scatter_(-1, group_BSK, True)

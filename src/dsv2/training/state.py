@@ -40,24 +40,33 @@ from .run_dir import STATE_FILE, STEP_PREFIX, RunDir
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten the optimizer state into named tensors (safetensors) plus JSON for the rest: no pickle."""
+def _tensor_name(idx: int, key: str) -> str:
+    return f"state.{idx}.{key}"
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, par: Parallel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer state as named tensors (optimizer.safetensors), experts' moments gathered from the ranks that
+    hold them (a collective), plus JSON for the rest: no pickle."""
     sd = opt.state_dict()
+    params = [p for group in opt.param_groups for p in group["params"]]
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+                tensors[_tensor_name(idx, key)] = par.full_tensor(params[idx], value.detach().contiguous()).cpu()
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                   par: Parallel) -> None:
+    """The inverse of optimizer_tensors: this rank's part of each tensor."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
+        state.setdefault(int(idx), {})[key] = par.local_tensor(params[int(idx)], t, name)
     for name, v in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = v
@@ -70,8 +79,7 @@ def save_checkpoint(run: RunDir, step: int, model: DeepseekV2, opt: torch.optim.
     ranks holding them) and rank 0 writes the same files as one process would."""
     par = par or Parallel()
     params = par.full_parameters(model)
-    tensors, opt_meta = optimizer_tensors(opt)
-    tensors = par.full_optimizer_tensors(opt, tensors)
+    tensors, opt_meta = optimizer_tensors(opt, par)
     final = run.checkpoints_dir / f"{STEP_PREFIX}{step:07d}"
     with par.together():  # a full disk on rank 0 stops every rank
         if par.is_main:
@@ -127,7 +135,7 @@ class ResumePoint:
         if cuda is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda)
         try:
-            load_optimizer(opt, par.local_optimizer_tensors(opt, tensors), self.state["optimizer"])
+            load_optimizer(opt, tensors, self.state["optimizer"], par)
         except (KeyError, ValueError, RuntimeError) as e:
             raise TrainingError(f"{self.path / OPTIMIZER_FILE} does not fit this run's optimizer ({e})") from None
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..model.capacity import device_capacity, drop_over_capacity
-from ..model.router import Routing
+from ..model.router import Routing, device_group
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def device_token_drop(scores: Tensor, experts: Tensor, n_group: int, capacity_fa
     if n_group < 1 or E % n_group:
         raise ValueError(f"the {E} experts must split evenly into n_group={n_group} groups")
     K = experts.shape[-1]
-    group_BSK = experts // (E // n_group)
+    group_BSK = device_group(experts, E, n_group)
     affinity_BSK = scores.detach().gather(-1, experts)
     if valid is None:
         valid_BSK = torch.ones_like(experts, dtype=torch.bool)
