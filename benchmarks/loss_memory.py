@@ -24,9 +24,10 @@ def step(variant: str, preset: str, vocab: int, batch: int, seq: int) -> dict:
     import torch.nn.functional as F
 
     from dsv2 import DeepseekV2, get_config
+    from dsv2.cpu import optimize
 
     torch.manual_seed(0)
-    model = DeepseekV2(get_config(preset, vocab_size=vocab))
+    model = optimize(DeepseekV2(get_config(preset, vocab_size=vocab)))  # as the trainer runs it
     ids = torch.randint(0, vocab, (batch, seq + 1))
     x, y = ids[:, :-1], ids[:, 1:]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -162,8 +162,8 @@ def markdown(res: dict) -> str:
                           + [r["peak_GFLOPs"], f"{100 * r['fraction_of_peak'].get('dsv2', 0):.0f}%"]
                           for r in moe["rows"]]), "",
                   "peak: F.linear on large shapes in that dtype. Where bf16 GEMMs are emulated (no AVX512-BF16/AMX), "
-                  "dsv2 computes many-row bf16 GEMMs in fp32 on the same bf16 values (dsv2.cpu.modules.gemm_dtype), so its "
-                  "bf16 figure can exceed the bf16 peak.", ""]
+                  "dsv2 computes many-row bf16 GEMMs in fp32 on the same bf16 values (dsv2.cpu.modules.gemm_dtype), "
+                  "so its bf16 figure can exceed the bf16 peak.", ""]
     if dec and any("bound_ms" in c for c in dec["cells"]):
         peers = _peers(dec["peers"])
         rows = [[c["dtype"], c["context"], f"{c['bytes_per_step_batch1'] / 1e6:.0f}", c["bound_ms"],

@@ -395,7 +395,7 @@ def test_decode_with_kernel_equals_gemm_path(padded, monkeypatch):
         if use_kernel:
             optimize(model)
         else:
-            monkeypatch.setattr(ops, "kernels_loaded", lambda: False)
+            monkeypatch.setattr(ops, "available", False)
         cache = model.new_cache(2, 48)
         with torch.no_grad():
             model(ids, cache=cache, pad_mask=pad)
@@ -512,3 +512,25 @@ def test_ops_are_custom_ops_with_fake_implementations(op, args):
     assert meta.shape == got.shape and meta.dtype == got.dtype
     reference = getattr(ops, f"_{op}")
     torch.testing.assert_close(got, reference(*a), atol=1e-5, rtol=1e-5)
+
+
+def test_flop_counter_and_torch_compile_see_the_optimized_model():
+    """The custom ops carry FLOP formulas (FlopCounterMode counts an optimized model's prefill and decode as it
+    counts the plain model's, give or take the padding of the flash path) and trace under torch.compile (graph
+    breaks where the plain model has them too: data-dependent MoE dispatch): same logits."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain, fast = _pair()
+    ids = torch.randint(2, 4096, (1, 8))
+    counts = []
+    for m in (plain, fast):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(ids)
+            cache = m.new_cache(1, 12)
+            m(ids, cache=cache)
+            m(ids[:, :1], cache=cache)
+        counts.append(fc.get_total_flops())
+    assert 0.9 * counts[0] <= counts[1] <= 1.25 * counts[0], counts
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fast, backend="eager")(ids), plain(ids), **TOL)

@@ -1,4 +1,4 @@
-"""dsv2.info: the paper's numbers, and exact agreement with instantiated models (parameters, activated
+"""dsv2.tools.info: the paper's numbers, and exact agreement with instantiated models (parameters, activated
 parameters, KV cache bytes, FLOPs counted by torch)."""
 
 import json

@@ -1,4 +1,4 @@
-"""The CPU kernel build (kernels/build.py) can never hang a run: a process SIGKILLed mid-build leaves nothing that
+"""The CPU kernel build (dsv2/cpu/build.py) can never hang a run: a process SIGKILLed mid-build leaves nothing that
 makes the next one wait, a build in progress is waited for at most BUILD_WAIT_S, and the build folder is named by
 what goes into the library (not by where dsv2 is installed), so installs never rebuild each other's kernels.
 
@@ -27,7 +27,7 @@ def test_a_build_killed_midway_does_not_hang_the_next_command(tmp_path):
     env.pop("DSV2_NO_KERNELS", None)
     torch.manual_seed(0)
     save_pretrained(dsv2.DeepseekV2(tiny_config(num_hidden_layers=2)), tmp_path / "ckpt")
-    first = subprocess.Popen([sys.executable, "-c", "from dsv2.cpu import ops; ops.kernels_loaded()"], env=env,
+    first = subprocess.Popen([sys.executable, "-c", "from dsv2.cpu import ops; ops.load_kernels()"], env=env,
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not glob.glob(str(tmp_path / "ext" / "*" / "lock")):  # torch's own lock file: the compiler is running

@@ -1,8 +1,11 @@
 """The package's layers: what may import what (README "Architecture"). Walks the imports of every module under
 src/dsv2 and fails on one that runs upward, or on a model module that reaches beyond torch and the standard
-library: the model knows nothing of checkpoint files, ranks, CPU kernels or servers."""
+library: the model knows nothing of checkpoint files, ranks, CPU kernels or servers. And in a fresh interpreter,
+importing the model loads nothing of the layers above it."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import dsv2
@@ -20,10 +23,11 @@ LAYERS = {  # a layer: the layers it may import (besides itself)
     "dsv2.checkpoint": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.files"},
     "dsv2.inference": {"dsv2.config", "dsv2.model", "dsv2.cpu"},
     "dsv2.distributed": {"dsv2.config", "dsv2.model"},
+    "dsv2.training.data": {"dsv2.files"},
     "dsv2.training": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
-                             "dsv2.distributed"},
+                             "dsv2.distributed", "dsv2.training.data"},
     "dsv2.tools": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
-                          "dsv2.training"},
+                          "dsv2.training", "dsv2.training.data"},
     "dsv2.cli": None,  # the top: anything
     "dsv2": None,  # __init__ and __main__: the public API
 }
@@ -70,7 +74,7 @@ def test_every_import_runs_down_the_layers():
             if not target.startswith("dsv2"):
                 continue
             other = layer_of(target)
-            if other is not None and other != me and other != "dsv2" and other not in allowed:
+            if other is not None and other != me and other not in allowed:  # `import dsv2` too: the whole API
                 wrong.append(f"{module_name(path)} imports {target} ({me} may import {sorted(allowed)})")
     assert not wrong, "\n".join(wrong)
 
@@ -91,3 +95,11 @@ def test_every_module_belongs_to_a_layer_and_is_short():
     for path in sorted(SRC.rglob("*.py")):
         assert layer_of(module_name(path)) is not None, path
         assert len(path.read_text().splitlines()) <= 420, f"{path} has grown past ~400 lines: split it"
+
+
+def test_importing_the_model_loads_no_layer_above_it():
+    code = ("import sys, dsv2.model\n"
+            "print(sorted(m for m in sys.modules if m.startswith('dsv2.') and not m.startswith(('dsv2.model', "
+            "'dsv2.config', 'dsv2.field_types', 'dsv2.reproducibility'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

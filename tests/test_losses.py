@@ -1,4 +1,5 @@
-"""dsv2.losses: balance losses against hand arithmetic and loop references, gradients, invariants, dropping."""
+"""dsv2.training.balance and token_drop, and the capacity rule: balance losses against hand arithmetic and loop
+references, gradients, invariants, dropping."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""parallel.py and routing_sim.py in one process: settings that cannot work fail clearly, the one-process
+"""dsv2.distributed and the routing simulator in one process: settings that cannot work fail clearly, the one-process
 Parallel() changes nothing, and the routing simulator obeys the device bound. Multi-process behaviour is in
 test_parallel_dist.py."""
 

@@ -1,17 +1,30 @@
-"""dsv2: DeepSeek-V2 (MLA + DeepSeekMoE + device-limited routing) in PyTorch: train, fine-tune, scale out, serve."""
+"""dsv2: DeepSeek-V2 (MLA + DeepSeekMoE + device-limited routing) in PyTorch: train, fine-tune, scale out, serve.
+
+The public API is loaded on first use (PEP 562), so `import dsv2.model` brings the model and its config only.
+"""
 
 from .reproducibility import request_reproducible_gemms
 
 request_reproducible_gemms()  # before torch's first GEMM: MKL reads its mode once (reproducibility.py)
 
-# ruff: noqa: E402 - the imports below come after that call on purpose
+_API = {  # name -> the module that defines it
+    "PRESETS": "presets", "get_config": "presets", "ConfigError": "config", "ModelConfig": "config",
+    "DeepseekV2": "model", "CheckpointError": "checkpoint", "from_pretrained": "checkpoint",
+    "save_pretrained": "checkpoint", "GenerationError": "inference.generate", "generate": "inference.generate",
+    "stream_generate": "inference.generate",
+}
+_SUBPACKAGES = {"checkpoint", "cli", "config", "cpu", "distributed", "inference", "model", "presets", "tools",
+                "training"}
 
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
-from .config import ConfigError, ModelConfig
-from .inference.generate import GenerationError, generate, stream_generate
-from .model import DeepseekV2
-from .presets import PRESETS, get_config
-
-__all__ = ["PRESETS", "CheckpointError", "ConfigError", "DeepseekV2", "GenerationError", "ModelConfig",
-           "from_pretrained", "generate", "get_config", "save_pretrained", "stream_generate"]
+__all__ = sorted(_API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dsv2' has no attribute {name!r}")

@@ -12,12 +12,16 @@ from __future__ import annotations
 from torch import nn
 
 from ..model.moe import LocalDispatcher, MoE
+from . import ops
 from .modules import SWAPS, CpuLocalDispatcher
 
 
 def optimize(model: nn.Module) -> nn.Module:
     """Swap in the CPU classes, in place (idempotent); returns the model. Outputs stay those of the plain model
-    (up to float summation order; tests/test_cpu.py)."""
+    (up to float summation order; tests/test_cpu.py). For a model on the CPU this also builds (the first time on a
+    machine, about a minute) or loads the C++ kernels."""
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        ops.load_kernels()
     for module in model.modules():
         cls = SWAPS.get(type(module))
         if cls is not None:
@@ -27,4 +31,10 @@ def optimize(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["optimize"]
+def is_optimized(model: nn.Module) -> bool:
+    """Whether optimize() has given the model its CPU classes."""
+    cpu_classes = tuple(SWAPS.values())
+    return any(isinstance(m, cpu_classes) for m in model.modules())
+
+
+__all__ = ["is_optimized", "optimize"]

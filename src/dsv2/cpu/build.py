@@ -102,7 +102,7 @@ def load() -> Path | None:
     """Load the compiled kernels (registering them as the CPU implementation of torch.ops.dsv2, see ops.py),
     building them first if this machine has not; returns the library's path, or None where they cannot be had
     (no compiler, DSV2_NO_KERNELS=1, another build still running after BUILD_WAIT_S), with the reason logged.
-    Call it once per process (ops.kernels_loaded)."""
+    Call it once per process (ops.load_kernels)."""
     if os.environ.get("DSV2_NO_KERNELS"):
         return None
     try:

@@ -75,7 +75,7 @@ def few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
     rows, the kernels loaded."""
     return (x.device.type == "cpu" and w.device.type == "cpu" and w.stride(-1) == 1
             and w.dtype in (torch.float32, torch.bfloat16) and x.is_floating_point() and no_grad_needed(x, w)
-            and ops.kernels_loaded())
+            and ops.available)
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,7 +156,7 @@ class CpuMLA(_FlashAttention, MLA):
 
     def latent_attention(self, q_BQX, kv_BTX, mask_B1ST, S, H) -> torch.Tensor:
         if (S == 1 and kv_BTX.device.type == "cpu" and kv_BTX.stride(-1) == 1 and no_grad_needed(q_BQX, kv_BTX)
-                and kv_BTX.dtype in (torch.float32, torch.bfloat16, torch.float16) and ops.kernels_loaded()):
+                and kv_BTX.dtype in (torch.float32, torch.bfloat16, torch.float16) and ops.available):
             mask = _NO_MASK if mask_B1ST is None else mask_B1ST[:, 0, 0, :].contiguous()
             return ops.mla_decode(q_BQX.float().contiguous(), kv_BTX, mask, self.kv_rank)
         return super().latent_attention(q_BQX, kv_BTX, mask_B1ST, S, H)

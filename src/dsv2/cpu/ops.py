@@ -1,9 +1,11 @@
 """dsv2's CPU kernels as torch.library custom ops (`torch.ops.dsv2.*`).
 
-Each op is defined here with its schema, a reference implementation in plain PyTorch (any device; what runs
-where the kernels are not built) and a fake implementation (shapes and dtypes only), so the ops work under
-torch.compile, FlopCounterMode and meta/fake tensors. The C++ kernels (kernels/, compiled at first use by
-build.py) register themselves as the ops' CPU implementation when they load.
+Each op is defined here with its schema, a reference implementation in plain PyTorch (any device; what the tests
+hold the kernels to, and what runs on the CPU where they are not built), a fake implementation (shapes and dtypes
+only) and a FLOP formula, so the ops work under torch.compile, with meta/fake tensors and in FlopCounterMode. The
+C++ kernels (kernels/, compiled by build.py) register themselves as the ops' CPU implementation when they load:
+load_kernels() does that once per process (dsv2.cpu.optimize calls it) and sets `available`. dsv2.cpu's modules
+call the ops only where the kernels are available; elsewhere they run the plain model's paths.
 
     rows_dot(x, w, ends=None)   y[n] = w[g] x[n] for the rows n of group g (x W^T: linears, routed experts, W_UV)
     rows_combine(x, w)          y[g, m] = sum_n x[g, n, m] w[g, n] (x W: W_UK absorbed into the query)
@@ -16,17 +18,12 @@ They are not differentiable: dsv2.cpu's modules call them only where no autograd
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from . import build
-
-_LIB = torch.library.Library("dsv2", "DEF")
-_LIB.define("rows_dot(Tensor x, Tensor w, Tensor? ends=None) -> Tensor")
-_LIB.define("rows_combine(Tensor x, Tensor w) -> Tensor")
-_LIB.define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor")
-_LIB.define("mla_decode(Tensor q, Tensor kv, Tensor mask, int C) -> Tensor")
 
 
 def _rows_dot(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,7 +39,9 @@ def _rows_combine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x [G, N,
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return w * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    if x.dtype != w.dtype:
+        raise RuntimeError("rms_norm: x and w must both be fp32 or both bf16")
+    return (w * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)).contiguous()
 
 
 def _mla_decode(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, C: int) -> torch.Tensor:
@@ -55,41 +54,67 @@ def _mla_decode(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, C: int) -
     return torch.bmm(scores.softmax(-1).nan_to_num(0.0), kv[..., :C])
 
 
-for _name, _ref in (("rows_dot", _rows_dot), ("rows_combine", _rows_combine), ("rms_norm", _rms_norm),
-                    ("mla_decode", _mla_decode)):
-    _LIB.impl(_name, _ref, "CompositeExplicitAutograd")
+def _define() -> torch.library.Library:
+    lib = torch.library.Library("dsv2", "DEF")
+    lib.define("rows_dot(Tensor x, Tensor w, Tensor? ends=None) -> Tensor")
+    lib.define("rows_combine(Tensor x, Tensor w) -> Tensor")
+    lib.define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor")
+    lib.define("mla_decode(Tensor q, Tensor kv, Tensor mask, int C) -> Tensor")
+    for name, reference in (("rows_dot", _rows_dot), ("rows_combine", _rows_combine), ("rms_norm", _rms_norm),
+                            ("mla_decode", _mla_decode)):
+        lib.impl(name, reference, "CompositeExplicitAutograd")
+    fakes = {"rows_dot": lambda x, w, ends=None: x.new_empty((*x.shape[:-1], w.shape[-2])),
+             "rows_combine": lambda x, w: x.new_empty((x.shape[0], x.shape[2], w.shape[2])),
+             "rms_norm": lambda x, w, eps: x.new_empty(x.shape),  # the kernel returns a contiguous tensor
+             "mla_decode": lambda q, kv, mask, C: q.new_empty((q.shape[0], q.shape[1], C))}
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"dsv2::{name}", fake, lib=lib)
+    _register_flops()
+    return lib
 
 
-@torch.library.register_fake("dsv2::rows_dot")
-def _(x, w, ends=None):
-    return x.new_empty((*x.shape[:-1], w.shape[-2]))
+def _register_flops() -> None:
+    """FlopCounterMode formulas: 2 x multiply-adds, as its own for mm and bmm (rms_norm counts none, as aten's)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.dsv2.rows_dot)
+    def _(x_shape, w_shape, ends_shape=None, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape) * w_shape[-2]
+
+    @register_flop_formula(torch.ops.dsv2.rows_combine)
+    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape) * w_shape[2]
+
+    @register_flop_formula(torch.ops.dsv2.mla_decode)
+    def _(q_shape, kv_shape, mask_shape, C, *args, out_shape=None, **kwargs) -> int:
+        B, Q, X = q_shape
+        return 2 * B * Q * kv_shape[1] * (X + C)
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # modules.py's few-row fp32 linears
+        return 2 * math.prod(x_shape) * w_shape[0]
 
 
-@torch.library.register_fake("dsv2::rows_combine")
-def _(x, w):
-    return x.new_empty((x.shape[0], x.shape[2], w.shape[2]))
-
-
-@torch.library.register_fake("dsv2::rms_norm")
-def _(x, w, eps):
-    return torch.empty_like(x)
-
-
-@torch.library.register_fake("dsv2::mla_decode")
-def _(q, kv, mask, C):
-    return q.new_empty((q.shape[0], q.shape[1], C))
-
+# Once per process: a reload of this module keeps the first definitions (torch allows one per namespace).
+_LIB = globals().get("_LIB") or _define()
 
 rows_dot = torch.ops.dsv2.rows_dot.default
 rows_combine = torch.ops.dsv2.rows_combine.default
 rms_norm = torch.ops.dsv2.rms_norm.default
 mla_decode = torch.ops.dsv2.mla_decode.default
 
+available: bool = globals().get("available", False)
+"""Whether the C++ kernels serve the ops on the CPU in this process (load_kernels)."""
+_tried: bool = globals().get("_tried", False)
 
-@functools.cache
-def kernels_loaded() -> bool:
-    """Whether the C++ kernels serve the ops on the CPU (built or loaded now, once per process)."""
-    return build.load() is not None
+
+def load_kernels() -> bool:
+    """Build (the first time on a machine) or load the C++ kernels, once per process; returns `available`."""
+    global available, _tried
+    if not _tried:
+        _tried = True
+        available = build.load() is not None
+    return available
 
 
 @functools.cache

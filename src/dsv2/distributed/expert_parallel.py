@@ -109,7 +109,7 @@ class AllToAllDispatcher(LocalDispatcher):
         w_N = w_N[d.order_N]
         y_ND = y_ND[:n]  # drop the padding row of an empty arrival
         out_RD = y_ND.new_zeros(sum(d.recv_rows), y_ND.shape[-1])
-        out_RD = out_RD.index_add(0, d.row_N, (y_ND * w_N[:, None]).to(y_ND.dtype))
+        out_RD = out_RD.index_add(0, d.row_N, self.weigh(y_ND, w_N))
         back_PD = AllToAll.apply(out_RD, d.recv_rows, d.send_rows, self.ex, None)
         return back_PD.new_zeros(d.n_tokens, back_PD.shape[-1]).index_add(0, d.token_P, back_PD)
 
@@ -117,11 +117,11 @@ class AllToAllDispatcher(LocalDispatcher):
 # ------------------------------------------------------------------------------------------------------------
 # token dropping where the tokens arrive
 class ArrivalTokenDrop:
-    """MoE.token_drop policy for expert parallelism, wrapping train.DeviceTokenDrop (its capacity_factor and
-    protect mask in, its dropped/assignments counters out).
+    """MoE.token_drop policy for expert parallelism, wrapping the trainer's DeviceTokenDrop (its capacity_factor
+    and protect mask in, its dropped/assignments counters out).
 
     Each rank sends, per assignment, the chosen expert's affinity, device group and protection to the rank
-    holding the expert; that rank applies the device capacity rule (losses.drop_over_capacity) to what
+    holding the expert; that rank applies the device capacity rule (model/capacity.py drop_over_capacity) to what
     arrives, with capacity ceil(capacity_factor * N / n_group) from the N assignments of the whole
     expert-parallel group, and returns keep bits. Dropped assignments are then never dispatched.
     """

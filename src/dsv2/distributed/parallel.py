@@ -12,7 +12,7 @@ Launch with torchrun; the ranks form a 2-D device mesh of shape (dp, ep), rank =
 The model never mentions ranks: `wrap` swaps each MoE layer's dispatcher for an `AllToAllDispatcher` (same
 dispatch()/combine() interface as moe.LocalDispatcher), shards the stacked expert weights, moves token dropping
 to the ranks where the tokens arrive (`ArrivalTokenDrop`) and wraps the model in DDP. With one process,
-`Parallel()` is the identity everywhere, so train.py calls the same methods either way.
+`Parallel()` is the identity everywhere, so the trainer calls the same methods either way.
 
 Exactness. The all-to-all dispatcher keeps the single-process order of token copies (by expert, then by global
 token index), so the grouped GEMMs see the same rows in the same order; dropping decides on the same global
@@ -51,7 +51,7 @@ class RankError(RuntimeError):
 # ------------------------------------------------------------------------------------------------------------
 # process groups, wrapping, gradients, checkpoints
 class Parallel:
-    """The ranks of a run and what train.py asks of them. `Parallel()` is the one-process identity."""
+    """The ranks of a run and what the trainer asks of them. `Parallel()` is the one-process identity."""
 
     def __init__(self, world: int = 1, rank: int = 0, local_rank: int = 0, expert_parallel: int = 1,
                  mesh: Any = None, owns_process_group: bool = False):

@@ -79,7 +79,8 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
                     seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
                     ) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of each prompt (None once that prompt has finished). Generation
-    stops early at EOS and at the model's context (max_position_embeddings), whichever comes first."""
+    stops early at EOS and at the model's context (max_position_embeddings), whichever comes first. The model
+    gets the CPU fast paths in place (dsv2.cpu.optimize: same parameters, same outputs) if it had not."""
     prompts = check_prompts(model, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     optimize(model)  # the CPU fast paths (a no-op for a model already optimized)

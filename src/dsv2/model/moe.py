@@ -3,9 +3,9 @@
     y_t = sum_{i in shared} FFN_i(u_t) + sum_{i in top-K} g_{i,t} FFN_i(u_t)
 
 The dispatcher is the seam for expert parallelism: `LocalDispatcher` sorts token copies by expert in one
-process; a distributed dispatcher (parallel.py) does the same over ranks with all-to-all, behind the same two
-calls. The layer itself never mentions ranks. Token dropping (training) is a pluggable policy that marks
-assignments to drop before dispatch.
+process; a distributed dispatcher (dsv2/distributed/expert_parallel.py) does the same over ranks with
+all-to-all, behind the same two calls. The layer itself never mentions ranks. Token dropping (training) is a
+pluggable policy that marks assignments to drop before dispatch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Config calculator: parameters, activated parameters, KV cache and FLOPs, computed from a ModelConfig alone.
 
 Nothing is instantiated (DeepSeek-V2 has 236B parameters), so every count is written out from the module shapes
-in attention.py, moe.py, experts.py, router.py and model.py; tests/test_info.py holds the totals equal to the
+in dsv2/model (attention, moe, experts, router, decoder); tests/test_info.py holds the totals equal to the
 parameter count of instantiated models, and the KV figures equal to `KVCache.bytes_per_token()`.
 
 The KV comparison follows the DeepSeek-V2 report (arXiv 2405.04434), Table 1: elements cached per token, with

@@ -8,7 +8,7 @@ and each M = 1..D:
 - devices per token: distinct devices holding a chosen expert (<= M by construction);
 - off-device copies per token: the token copies that cross a device boundary. A token lives on one device
   (token t on device t mod D, as when the batch is spread evenly) and is sent ONCE to every other device holding
-  its experts (the all-to-all dispatcher in parallel.py deduplicates copies the same way);
+  its experts (the all-to-all dispatcher of dsv2/distributed/ deduplicates copies the same way);
 - traffic vs top-K: off-device copies relative to unrestricted top-K (M = D), the saving on the wire;
 - affinity kept: the chosen experts' affinity mass relative to unrestricted top-K, a proxy for routing quality.
 

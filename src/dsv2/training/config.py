@@ -28,7 +28,7 @@ LAUNCH = frozenset({"device", "expert_parallel", "progress"})
 from the stored settings (a run saved on 4 expert-parallel ranks resumes on 2, or in one process)."""
 RESUMABLE = LAUNCH | {"out", "max_steps", "save_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"}
 """Settings a resumed run may change. The LR schedule is a function of max_steps, so a new max_steps moves the
-decay points of the remaining steps (train.py says so when it happens)."""
+decay points of the remaining steps (the trainer says so when it happens)."""
 
 
 class TrainingError(RuntimeError):
@@ -85,7 +85,7 @@ class TrainConfig:
     """Fine-tune: a checkpoint directory in the Hugging Face layout (dsv2.from_pretrained)."""
     device: str = "auto"
     expert_parallel: int = 1
-    """Ranks the routed experts are sharded over (torchrun); see parallel.py."""
+    """Ranks the routed experts are sharded over (torchrun); see dsv2/distributed/."""
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -6,14 +6,14 @@
       train_config.json   the run's settings, written when it starts or resumes (what --resume continues with)
       metrics.jsonl       one JSON object per step
       tokenizer/          tokenizer.json, and sources.json: the data a tokenizer dsv2 trained was trained on
-      data/               token files (data.py)
-      checkpoints/        step_NNNNNNN/ (train_state.py); damaged-step_NNNNNNN/ for ones set aside on resume
+      data/               token files (data/token_files.py)
+      checkpoints/        step_NNNNNNN/ (state.py); damaged-step_NNNNNNN/ for ones set aside on resume
       plots/              `dsv2 plot`
 
 The rules: a new run starts only in a directory that holds no run (otherwise: --resume, another --out, or
 --overwrite, which removes the files dsv2 wrote there by name, nothing else, and only once the new run's
 settings have been checked, never what the new run reads); one trainer at a time per directory; a resumed run
-keeps its settings (train_config.py) and reads the data it started with.
+keeps its settings (config.py) and reads the data it started with.
 """
 
 from __future__ import annotations

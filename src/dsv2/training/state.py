@@ -1,6 +1,6 @@
 """A training checkpoint: RUN_DIR/checkpoints/step_NNNNNNN/, all a run needs to go on exactly as if never stopped.
 
-    config.json, model.safetensors   the model in the Hugging Face layout (checkpoint.py): loadable by
+    config.json, model.safetensors   the model in the Hugging Face layout (dsv2.checkpoint): loadable by
                                      dsv2.from_pretrained, `dsv2 generate` and transformers
     tokenizer.json                   the run's tokenizer (a resumed run uses this one)
     optimizer.safetensors            the AdamW state as state.{parameter index}.{key}, and the RNG states rng.*
@@ -11,8 +11,8 @@ Nothing is pickled. A checkpoint is written under a temporary name and renamed w
 Ctrl-C or a full disk leaves the earlier ones as they were. On resume the newest checkpoint whose files all read
 back is used; a damaged one is named in a warning and set aside (run_dir.RunDir.set_aside), never deleted.
 
-The batch of step k, its protected sequences and its LR are pure functions of (seed, k) (data.py, train.py), so
-model, optimizer and RNG states are all the state there is.
+The batch of step k, its protected sequences and its LR are pure functions of (seed, k) (data/token_files.py,
+trainer.py), so model, optimizer and RNG states are all the state there is.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 class GracefulStop:
     """SIGINT (Ctrl-C) and SIGTERM while training: finish the step, write a checkpoint, stop. A second signal
-    stops at once (KeyboardInterrupt): the checkpoints written so far stay whole (train_state.py)."""
+    stops at once (KeyboardInterrupt): the checkpoints written so far stay whole (state.py)."""
 
     def __init__(self):
         self.signal: int | None = None

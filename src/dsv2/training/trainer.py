@@ -187,6 +187,7 @@ class MetricsLog:
 
     def __init__(self, run: RunDir, par: Parallel, tc: TrainConfig, start_step: int):
         self.par = par
+        self.val: float | None = None
         self.file = (run.metrics_path if par.is_main else Path(os.devnull)).open("a")
         self.bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (tc.progress and par.is_main),
                         desc="train", unit="step")
@@ -196,10 +197,10 @@ class MetricsLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         self.bar.update(1)
-        val = record.get("val_loss")
+        self.val = record.get("val_loss", self.val)  # the last validation loss stays on the bar
         self.bar.set_postfix(loss=f"{record['loss']:.3f}" if record.get("loss") is not None else "nan",
                              lr=f"{record['lr']:.2e}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
-                             **({"val": f"{val:.3f}"} if val is not None else {}))
+                             **({"val": f"{self.val:.3f}"} if self.val is not None else {}))
 
     def __enter__(self) -> MetricsLog:
         return self

@@ -62,6 +62,7 @@ from torch import nn
 
 from ..checkpoint import from_pretrained, save_pretrained
 from ..config import ModelConfig
+from ..cpu import is_optimized, optimize
 from ..files import atomic_write
 from ..model import DeepseekV2
 from ..model.moe import MLP, MoE
@@ -149,7 +150,8 @@ def upcycle(dense: DeepseekV2, moe_config: ModelConfig, seed: int = 0, *, routed
     seed: the generator for the gate rows and for fresh shared units (S > I); same seed, same model.
     routed_scale: multiplies the routed experts' copied down projections (0: exactly the dense function).
     gate_scale: norm of each gate row (the logit std for unit-RMS isotropic inputs).
-    The dense model is not modified; the result has its dtype, device and train/eval mode.
+    The dense model is not modified; the result has its dtype, device and train/eval mode, and the CPU fast
+    paths if the dense model has them (dsv2.cpu.optimize).
     """
     check_compatible(dense, moe_config)
     if not gate_scale > 0:
@@ -183,7 +185,7 @@ def upcycle(dense: DeepseekV2, moe_config: ModelConfig, seed: int = 0, *, routed
     if missing:  # a parameter this module does not know about would otherwise hold uninitialised memory
         raise RuntimeError(f"upcycle left parameters uninitialised (model changed?): {missing}")
     model.train(dense.training)
-    return model
+    return optimize(model) if is_optimized(dense) else model
 
 
 def _init_moe_from_dense(moe: MoE, dense_ffn: MLP, c: ModelConfig, gen: torch.Generator, routed_scale: float,
