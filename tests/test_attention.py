@@ -13,9 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv2.config import ModelConfig
-from dsv2.model import DeepseekV2
 from dsv2.model.attention import MLA, BaselineAttention, build_attention
-from dsv2.model.cache import KVCache
+from dsv2.model.cache import KVCache, causal_mask
 from dsv2.model.rope import RotaryEmbedding, apply_rope
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -51,11 +50,10 @@ def new_cache(attn, batch, max_len):
 
 def cached_step(attn, rot, x, cache, positions, absorb, valid=None):
     """What DeepseekV2.forward does around one attention layer."""
-    S, start = x.shape[1], cache.length
-    cache.begin(S, valid)
-    mask = DeepseekV2._mask(cache.valid[:, : start + S], start)
-    out = attn(x, rot(positions), mask, cache, absorb)
-    cache.advance(S)
+    S = x.shape[1]
+    cache.start(S, valid, absorb)
+    out = attn(x, rot(positions), None, cache)
+    cache.finish(S)
     return out
 
 
@@ -131,7 +129,7 @@ def test_absorbed_equals_naive_multi_token(cfg, B, S, seed):
         torch.testing.assert_close(absorbed, naive, **TOL)
         # with an explicit mask (some keys masked out) too
         valid = torch.rand(B, S) > 0.3
-        mask = DeepseekV2._mask(valid, 0)
+        mask = causal_mask(valid, 0)
         torch.testing.assert_close(attn(x, rope, mask, None, absorb=True), attn(x, rope, mask, None, absorb=False),
                                    **TOL)
 
@@ -142,16 +140,13 @@ def test_absorbed_equals_naive_multi_token(cfg, B, S, seed):
 def test_absorbed_equals_naive_single_token_decode(cfg, B, P, steps, seed):
     attn, rot = make_attention(cfg, seed)
     x = torch.randn(B, P + steps, cfg.hidden_size) * 2
-    cache = new_cache(attn, B, P + steps)
+    caches = [new_cache(attn, B, P + steps) for _ in range(2)]  # the same tokens, naive and absorbed decode
     with torch.no_grad():
-        cached_step(attn, rot, x[:, :P], cache, arange_pos(B, 0, P), absorb=False)
+        for cache in caches:
+            cached_step(attn, rot, x[:, :P], cache, arange_pos(B, 0, P), absorb=False)
         for t in range(P, P + steps):
-            cache.begin(1)
-            mask = DeepseekV2._mask(cache.valid[:, : t + 1], t)
-            rope = rot(arange_pos(B, t, 1))
-            naive = attn(x[:, t:t + 1], rope, mask, cache, absorb=False)  # same slot written twice: harmless
-            absorbed = attn(x[:, t:t + 1], rope, mask, cache, absorb=True)
-            cache.advance(1)
+            naive, absorbed = (cached_step(attn, rot, x[:, t:t + 1], cache, arange_pos(B, t, 1), absorb=a)
+                               for cache, a in zip(caches, (False, True), strict=True))
             torch.testing.assert_close(absorbed, naive, **TOL)
 
 

@@ -161,6 +161,13 @@ class CpuMLA(_FlashAttention, MLA):
             return ops.mla_decode(q_BQX.float().contiguous(), kv_BTX, mask, self.kv_rank)
         return super().latent_attention(q_BQX, kv_BTX, mask_B1ST, S, H)
 
+    def paged_latent_attention(self, q_BQX, blocks_NbX, table_BM, lens_B) -> torch.Tensor:
+        # the kernel reads each sequence's blocks in place through its table: no gathered copy of the cache
+        if (blocks_NbX.device.type == "cpu" and blocks_NbX.is_contiguous() and no_grad_needed(q_BQX, blocks_NbX)
+                and blocks_NbX.dtype in (torch.float32, torch.bfloat16, torch.float16) and ops.available):
+            return ops.mla_decode_paged(q_BQX.float().contiguous(), blocks_NbX, table_BM, lens_B, self.kv_rank)
+        return super().paged_latent_attention(q_BQX, blocks_NbX, table_BM, lens_B)
+
 
 class CpuRoutedExperts(RoutedExperts):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ call the ops only where the kernels are available; elsewhere they run the plain 
     rows_combine(x, w)          y[g, m] = sum_n x[g, n, m] w[g, n] (x W: W_UK absorbed into the query)
     rms_norm(x, w, eps)         RMSNorm of a few rows, as dsv2.model.norm.RMSNorm
     mla_decode(q, kv, mask, C)  softmax(q kv^T) kv[..., :C] for one new token per sequence (flash-decoding)
+    mla_decode_paged(q, blocks, table, lens, C)   the same over a paged cache, read through its block table
 
 They are not differentiable: dsv2.cpu's modules call them only where no autograd graph is recorded.
 """
@@ -54,19 +55,30 @@ def _mla_decode(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, C: int) -
     return torch.bmm(scores.softmax(-1).nan_to_num(0.0), kv[..., :C])
 
 
+def _mla_decode_paged(q: torch.Tensor, blocks: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+                      C: int) -> torch.Tensor:
+    # sequence b's rows: the first lens[b] rows of blocks[table[b, 0]], blocks[table[b, 1]], ... (a gathered copy)
+    B, M = table.shape
+    kv = blocks[table].reshape(B, M * blocks.shape[1], blocks.shape[2])
+    mask = torch.arange(kv.shape[1], device=kv.device) < lens[:, None]
+    return _mla_decode(q, kv, mask, C)
+
+
 def _define() -> torch.library.Library:
     lib = torch.library.Library("dsv2", "DEF")
     lib.define("rows_dot(Tensor x, Tensor w, Tensor? ends=None) -> Tensor")
     lib.define("rows_combine(Tensor x, Tensor w) -> Tensor")
     lib.define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor")
     lib.define("mla_decode(Tensor q, Tensor kv, Tensor mask, int C) -> Tensor")
+    lib.define("mla_decode_paged(Tensor q, Tensor blocks, Tensor table, Tensor lens, int C) -> Tensor")
     for name, reference in (("rows_dot", _rows_dot), ("rows_combine", _rows_combine), ("rms_norm", _rms_norm),
-                            ("mla_decode", _mla_decode)):
+                            ("mla_decode", _mla_decode), ("mla_decode_paged", _mla_decode_paged)):
         lib.impl(name, reference, "CompositeExplicitAutograd")
     fakes = {"rows_dot": lambda x, w, ends=None: x.new_empty((*x.shape[:-1], w.shape[-2])),
              "rows_combine": lambda x, w: x.new_empty((x.shape[0], x.shape[2], w.shape[2])),
              "rms_norm": lambda x, w, eps: x.new_empty(x.shape),  # the kernel returns a contiguous tensor
-             "mla_decode": lambda q, kv, mask, C: q.new_empty((q.shape[0], q.shape[1], C))}
+             "mla_decode": lambda q, kv, mask, C: q.new_empty((q.shape[0], q.shape[1], C)),
+             "mla_decode_paged": lambda q, blocks, table, lens, C: q.new_empty((q.shape[0], q.shape[1], C))}
     for name, fake in fakes.items():
         torch.library.register_fake(f"dsv2::{name}", fake, lib=lib)
     _register_flops()
@@ -90,6 +102,11 @@ def _register_flops() -> None:
         B, Q, X = q_shape
         return 2 * B * Q * kv_shape[1] * (X + C)
 
+    @register_flop_formula(torch.ops.dsv2.mla_decode_paged)
+    def _(q_shape, blocks_shape, table_shape, lens_shape, C, *args, out_shape=None, **kwargs) -> int:
+        B, Q, X = q_shape  # an upper bound: every row of every listed block
+        return 2 * B * Q * table_shape[1] * blocks_shape[1] * (X + C)
+
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
     def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # modules.py's few-row fp32 linears
         return 2 * math.prod(x_shape) * w_shape[0]
@@ -102,6 +119,7 @@ rows_dot = torch.ops.dsv2.rows_dot.default
 rows_combine = torch.ops.dsv2.rows_combine.default
 rms_norm = torch.ops.dsv2.rms_norm.default
 mla_decode = torch.ops.dsv2.mla_decode.default
+mla_decode_paged = torch.ops.dsv2.mla_decode_paged.default
 
 available: bool = globals().get("available", False)
 """Whether the C++ kernels serve the ops on the CPU in this process (load_kernels)."""

@@ -11,8 +11,9 @@ MLA has ONE module with two paths over the same weights:
 Both paths give the same outputs (tests/test_attention.py holds them equal).
 
 The module is plain PyTorch. The few methods a device may run faster (`attend`, and the absorbed path's
-`absorb_query`, `latent_attention`, `apply_w_uv`, `matmul_dtype`, `scores`) are the seam: dsv2.cpu overrides them
-in subclasses that it swaps in from outside (dsv2.cpu.optimize).
+`absorb_query`, `latent_attention`, `paged_latent_attention`, `apply_w_uv`, `matmul_dtype`, `scores`) are the seam:
+dsv2.cpu overrides them in subclasses that it swaps in from outside (dsv2.cpu.optimize). A cache drives the
+attention through `naive`, `absorbed`, `absorbed_paged` (MLA) and `attend_kv` (the baselines): model/cache.py.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class MLA(nn.Module):
         return {"c_kv": self.kv_rank, "k_pe": self.rope}
 
     def forward(self, x_BSD, rope, mask_B1ST=None, cache=None, absorb: bool = False) -> torch.Tensor:
+        """With a cache, the cache stores the latent and runs the attention (model/cache.py); without one, the
+        naive path (or the absorbed one, absorb=True) over these tokens alone."""
         B, S, _ = x_BSD.shape
         cos_BSr, sin_BSr = rope
         if hasattr(self, "q_proj"):
@@ -77,19 +80,15 @@ class MLA(nn.Module):
         c_kv_BSC = self.kv_a_layernorm(c_kv_BSC)
         k_pe_BSR = apply_rope(k_pe_BSR, cos_BSr, sin_BSr)
         if cache is not None:
-            c_kv_BTC, k_pe_BTR = cache.update(self.layer_idx, c_kv=c_kv_BSC, k_pe=k_pe_BSR)
+            o_BSHV = cache.mla(self, q_nope_BSHN, q_pe_BSHR, c_kv_BSC, k_pe_BSR)
+        elif absorb:
+            o_BSHV = self.absorbed(q_nope_BSHN, q_pe_BSHR, torch.cat((c_kv_BSC, k_pe_BSR), dim=-1), mask_B1ST)
         else:
-            c_kv_BTC, k_pe_BTR = c_kv_BSC, k_pe_BSR
-
-        if absorb:
-            kv_BTX = (cache.joint(self.layer_idx, c_kv_BTC.shape[1]) if cache is not None
-                      else torch.cat((c_kv_BTC, k_pe_BTR), dim=-1))
-            o_BSHV = self._absorbed(q_nope_BSHN, q_pe_BSHR, kv_BTX, mask_B1ST)
-        else:
-            o_BSHV = self._naive(q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST)
+            o_BSHV = self.naive(q_nope_BSHN, q_pe_BSHR, c_kv_BSC, k_pe_BSR, mask_B1ST)
         return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
 
-    def _naive(self, q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST) -> torch.Tensor:
+    def naive(self, q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, mask_B1ST) -> torch.Tensor:
+        """Decompress the attended latents into per-head keys and values, then ordinary attention."""
         B, T, _ = c_kv_BTC.shape
         H = self.n_heads
         k_nope_BTHN, v_BTHV = self.kv_b_proj(c_kv_BTC).view(B, T, H, -1).split([self.nope, self.v_dim], dim=-1)
@@ -97,9 +96,21 @@ class MLA(nn.Module):
         k_BHTK = torch.cat((k_nope_BTHN, k_pe_BTR[:, :, None].expand(B, T, H, self.rope)), dim=-1).transpose(1, 2)
         return self.attend(q_BHSK, k_BHTK, v_BTHV.transpose(1, 2), mask_B1ST, self.scale)
 
-    def _absorbed(self, q_nope_BSHN, q_pe_BSHR, kv_BTX, mask_B1ST) -> torch.Tensor:
-        """kv_BTX: [c_KV | k_R] rows of the attended tokens (X = C + R). M = B*S query rows per head; each batch
-        row's Q = S*H query rows ordered (s, h)."""
+    def absorbed(self, q_nope_BSHN, q_pe_BSHR, kv_BTX, mask_B1ST) -> torch.Tensor:
+        """Weight absorption over kv_BTX, the [c_KV | k_R] rows of the attended tokens (X = C + R)."""
+        S, H = q_nope_BSHN.shape[1], self.n_heads
+        return self._absorb(q_nope_BSHN, q_pe_BSHR,
+                            lambda q_BQX: self.latent_attention(q_BQX, kv_BTX, mask_B1ST, S, H))
+
+    def absorbed_paged(self, q_nope_B1HN, q_pe_B1HR, blocks_NbX, table_BM, lens_B) -> torch.Tensor:
+        """Weight absorption for one new token per sequence over a paged latent cache: sequence b attends to the
+        first lens_B[b] rows of the blocks its row of table_BM lists (blocks_NbX: [blocks, block size, X])."""
+        return self._absorb(q_nope_B1HN, q_pe_B1HR,
+                            lambda q_BQX: self.paged_latent_attention(q_BQX, blocks_NbX, table_BM, lens_B))
+
+    def _absorb(self, q_nope_BSHN, q_pe_BSHR, attend) -> torch.Tensor:
+        """M = B*S query rows per head; each batch row's Q = S*H query rows ordered (s, h); attend(q_BQX) gives
+        the attention-weighted latents [B, Q, C]."""
         B, S, H, N = q_nope_BSHN.shape
         C = self.kv_rank
         w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + self.v_dim, C).split([N, self.v_dim], 1)
@@ -109,7 +120,7 @@ class MLA(nn.Module):
         q_pe_HMR = q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1).to(q_lat_HMC.dtype)
         q_HMX = torch.cat((q_lat_HMC, q_pe_HMR), dim=-1) * self.scale
         q_BQX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)
-        o_lat_BQC = self.latent_attention(q_BQX, kv_BTX, mask_B1ST, S, H)
+        o_lat_BQC = attend(q_BQX)
         o_HMV = self.apply_w_uv(o_lat_BQC.view(B * S, H, C).transpose(0, 1), w_uv_HVC)
         return o_HMV.transpose(0, 1).reshape(B, S, H, -1).to(q_nope_BSHN.dtype)
 
@@ -147,6 +158,14 @@ class MLA(nn.Module):
         p_BQT = scores_BSHT.softmax(dim=-1).to(kv_BTX.dtype).view(B, S * H, T)
         return torch.bmm(p_BQT, kv_BTX[..., :C])
 
+    def paged_latent_attention(self, q_BQX, blocks_NbX, table_BM, lens_B) -> torch.Tensor:
+        """latent_attention for one token per sequence over a paged cache: here on a gathered copy of each
+        sequence's blocks, masked past its length."""
+        B, M = table_BM.shape
+        kv_BTX = blocks_NbX[table_BM].reshape(B, M * blocks_NbX.shape[1], blocks_NbX.shape[2])
+        valid_BT = torch.arange(kv_BTX.shape[1], device=kv_BTX.device) < lens_B[:, None]
+        return self.latent_attention(q_BQX, kv_BTX, valid_BT[:, None, None, :], 1, self.n_heads)
+
 
 class BaselineAttention(nn.Module):
     """MHA / GQA / MQA with the same head dims, for the paper's Table 1 ablations.
@@ -181,17 +200,21 @@ class BaselineAttention(nn.Module):
     def forward(self, x_BSD, rope, mask_B1ST=None, cache=None, absorb: bool = False) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BSHK = self._rope(self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim), *rope)
-        k_BSGK = self._rope(self.k_proj(x_BSD).view(B, S, self.n_kv, self.head_dim), *rope)
-        v_BSGV = self.v_proj(x_BSD)
-        k_flat, v_flat = k_BSGK.flatten(2), v_BSGV
+        k_BSW = self._rope(self.k_proj(x_BSD).view(B, S, self.n_kv, self.head_dim), *rope).flatten(2)
+        v_BSW = self.v_proj(x_BSD)
         if cache is not None:
-            k_flat, v_flat = cache.update(self.layer_idx, k=k_flat, v=v_flat)
-        T = k_flat.shape[1]
-        rep = self.n_heads // self.n_kv
-        k_BHTK = k_flat.view(B, T, self.n_kv, self.head_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
-        v_BHTV = v_flat.view(B, T, self.n_kv, self.v_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
-        o_BSHV = self.attend(q_BSHK.transpose(1, 2), k_BHTK, v_BHTV, mask_B1ST, self.scale)
+            o_BSHV = cache.kv_attention(self, q_BSHK, k_BSW, v_BSW)
+        else:
+            o_BSHV = self.attend_kv(q_BSHK, k_BSW, v_BSW, mask_B1ST)
         return self.o_proj(o_BSHV.reshape(B, S, self.n_heads * self.v_dim))
+
+    def attend_kv(self, q_BSHK, k_BTW, v_BTW, mask_B1ST) -> torch.Tensor:
+        """Attention over T stored keys and values, [B, T, G*K] and [B, T, G*V] (each KV head serves H/G heads)."""
+        B, T = k_BTW.shape[:2]
+        rep = self.n_heads // self.n_kv
+        k_BHTK = k_BTW.view(B, T, self.n_kv, self.head_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
+        v_BHTV = v_BTW.view(B, T, self.n_kv, self.v_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
+        return self.attend(q_BSHK.transpose(1, 2), k_BHTK, v_BHTV, mask_B1ST, self.scale)
 
 
 def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:

@@ -1,17 +1,52 @@
-"""The preallocated inference cache.
+"""The seam between the model and an inference cache, and the simplest cache: one preallocated block per batch.
 
-For MLA it holds only the latent (Sec. 2.1.2 and Table 1): per token and layer the normalised c_KV
-(kv_lora_rank) and the roped shared key k_R (qk_rope_head_dim), i.e. (d_c + d_h^R) * l elements per token.
-The MHA/GQA/MQA baselines store full keys and values per KV head in the same structure, so the two can be
-measured side by side.
+The model never manages a cache. It calls, per forward, `cache.start(...)` and `cache.finish(...)`, and in each
+attention layer `cache.mla(...)` (MLA) or `cache.kv_attention(...)` (the baselines), handing over the layer's
+queries and new cache entries: the cache stores the entries and runs the attention over what it holds, by the
+layer's own methods (MLA.naive / MLA.absorbed / MLA.paged_latent_attention, BaselineAttention.attend_kv). So a
+cache decides its layout and which path each token takes: KVCache below (contiguous, left-padded batches, the
+absorbed path for single-token steps) for dsv2.generate, the engine's paged cache (dsv2/inference/engine) for
+ragged batches.
 
-Left-padded batches: `valid[b, t]` says whether slot t of row b holds a real token; attention masks are built
-from it, so prompts of different lengths share one cache with one write position.
+What is cached: for MLA only the latent (Sec. 2.1.2 and Table 1): per token and layer the normalised c_KV
+(kv_lora_rank) and the roped shared key k_R (qk_rope_head_dim), i.e. (d_c + d_h^R) * l elements per token. The
+MHA/GQA/MQA baselines store full keys and values per KV head in the same structure, so the two can be measured
+side by side.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
+
+
+class AttentionCache(Protocol):
+    """What DeepseekV2.forward and its attention layers ask of a cache."""
+
+    def start(self, n_new: int, pad_mask: torch.Tensor | None, absorb: bool | None) -> None:
+        """Before a forward of n_new tokens per batch row."""
+
+    def positions(self, batch_size: int, n_new: int, device: torch.device) -> torch.Tensor:
+        """RoPE positions [B, S] of the new tokens when the caller gives none."""
+
+    def mla(self, attn: Any, q_nope_BSHN, q_pe_BSHR, c_kv_BSC, k_pe_BSR) -> torch.Tensor:
+        """Store one MLA layer's new entries and return its attention output [B, S, H, V]."""
+
+    def kv_attention(self, attn: Any, q_BSHK, k_BSW, v_BSW) -> torch.Tensor:
+        """Store one baseline layer's new keys and values ([B, S, G*K], [B, S, G*V]) and attend: [B, S, H, V]."""
+
+    def finish(self, n_new: int) -> None:
+        """After the forward."""
+
+
+def causal_mask(valid_BT: torch.Tensor, start: int) -> torch.Tensor:
+    """[B, 1, S, T] bool: query i (slot start+i) sees valid keys at slots <= its own, and always itself (so a
+    padding query has a finite softmax; its output is never used)."""
+    T = valid_BT.shape[1]
+    q_S = torch.arange(start, T, device=valid_BT.device)[:, None]
+    k_T = torch.arange(T, device=valid_BT.device)[None, :]
+    return (valid_BT[:, None, None, :] & (k_T <= q_S)) | (k_T == q_S)
 
 
 class CacheFullError(RuntimeError):
@@ -19,7 +54,10 @@ class CacheFullError(RuntimeError):
 
 
 class KVCache:
-    """Per-layer streams of shape [L, B, max_len, width], written at a shared position `length`."""
+    """Per-layer streams of shape [L, B, max_len, width], written at a shared position `length`.
+
+    Left-padded batches: `valid[b, t]` says whether slot t of row b holds a real token; attention masks are built
+    from it, so prompts of different lengths share one cache with one write position."""
 
     def __init__(self, widths: dict[str, int], num_layers: int, batch_size: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -73,3 +111,29 @@ class KVCache:
     def advance(self, n_new: int) -> None:
         """Called once after all layers have written `n_new` tokens."""
         self.length += n_new
+
+    # -- AttentionCache ------------------------------------------------------------------------------------------
+    def start(self, n_new: int, pad_mask: torch.Tensor | None, absorb: bool | None) -> None:
+        start = self.length
+        self.begin(n_new, pad_mask)
+        # no padding in the cache: a fresh prefill is plain causal and a single new token sees every slot, so
+        # attention takes no mask (SDPA's causal kernel; no [B, 1, S, T] tensor built per step)
+        self._mask = (causal_mask(self.valid[:, : start + n_new], start)
+                      if self.padded or (start > 0 and n_new > 1) else None)
+        self._absorb = n_new == 1 if absorb is None else absorb  # weight absorption for decode steps
+
+    def positions(self, batch_size: int, n_new: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + n_new, device=device).expand(batch_size, n_new)
+
+    def mla(self, attn, q_nope_BSHN, q_pe_BSHR, c_kv_BSC, k_pe_BSR) -> torch.Tensor:
+        c_kv_BTC, k_pe_BTR = self.update(attn.layer_idx, c_kv=c_kv_BSC, k_pe=k_pe_BSR)
+        if self._absorb:
+            return attn.absorbed(q_nope_BSHN, q_pe_BSHR, self.joint(attn.layer_idx, c_kv_BTC.shape[1]), self._mask)
+        return attn.naive(q_nope_BSHN, q_pe_BSHR, c_kv_BTC, k_pe_BTR, self._mask)
+
+    def kv_attention(self, attn, q_BSHK, k_BSW, v_BSW) -> torch.Tensor:
+        k_BTW, v_BTW = self.update(attn.layer_idx, k=k_BSW, v=v_BSW)
+        return attn.attend_kv(q_BSHK, k_BTW, v_BTW, self._mask)
+
+    def finish(self, n_new: int) -> None:
+        self.advance(n_new)

@@ -6,8 +6,9 @@ dsv2.checkpoint maps the names, the model never sees a file).
     h = x + Attn(RMSNorm(x));  out = h + FFN(RMSNorm(h))       FFN = MoE or dense SwiGLU (config.is_moe_layer)
 
 `model(input_ids)` returns logits [B, S, vocab]. `return_routing=True` also returns each MoE layer's Routing
-(affinities and choices) for the balance losses and metrics. With a KVCache the forward appends to it;
-`absorb=None` picks the absorbed MLA path for single-token decode steps and the naive path otherwise.
+(affinities and choices) for the balance losses and metrics. With a cache (model/cache.py: `new_cache` gives the
+contiguous one; the engine brings a paged one) the forward appends to it, and the cache picks each token's MLA
+path: KVCache takes the absorbed path for single-token decode steps and the naive path otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import build_attention
-from .cache import KVCache
+from .cache import AttentionCache, KVCache, causal_mask
 from .lm_loss import lm_loss
 from .moe import MoE, dense_or_moe
 from .norm import RMSNorm
@@ -87,60 +88,53 @@ class DeepseekV2(nn.Module):
                        device or w.device)
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
+                cache: AttentionCache | None = None, pad_mask: torch.Tensor | None = None,
                 absorb: bool | None = None, return_routing: bool = False, logits_to_keep: int = 0,
-                targets: torch.Tensor | None = None):
+                logits_at: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         """input_ids [B, S] -> logits [B, S, V] (and the MoE layers' routings when return_routing).
 
-        positions [B, S]: RoPE positions (default: the cache length onwards). pad_mask [B, S] bool: False marks
-        padding (left padding in generation); padded keys are masked out. logits_to_keep > 0: only the last that
-        many positions go through the final norm and LM head (generation needs the last one). targets [B, S]
-        (the next token at each position; lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an
-        fp32 scalar, in place of the logits, by lm_loss (fused with the LM head; no [B, S, V] logits in memory).
+        positions [B, S]: RoPE positions (default: after what the cache holds). cache: an AttentionCache
+        (model/cache.py), which stores the new tokens' entries and runs their attention. pad_mask [B, S] bool:
+        False marks padding (left padding in generation); padded keys are masked out. absorb: force MLA's absorbed
+        path on or off (default: the cache decides; without a cache, the naive path). logits_to_keep > 0: only the
+        last that many positions go through the final norm and LM head (generation needs the last one);
+        logits_at: or only these indices of the flattened [B * S] tokens (a ragged batch's last token of each
+        sequence), logits [len(logits_at), V]. targets [B, S] (the next token at each position;
+        lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an fp32 scalar, in place of the logits,
+        by lm_loss (fused with the LM head; no [B, S, V] logits in memory).
         """
         B, S = input_ids.shape
-        if targets is not None and (targets.shape != input_ids.shape or logits_to_keep):
+        if targets is not None and (targets.shape != input_ids.shape or logits_to_keep or logits_at is not None):
             raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)} (got "
-                             f"{tuple(targets.shape)}) and need logits_to_keep=0")
-        start = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+                             f"{tuple(targets.shape)}) and need logits_to_keep=0 and no logits_at")
         mask = None
         if cache is not None:
-            cache.begin(S, pad_mask)
-            # no padding in the cache: a fresh prefill is plain causal and a single new token sees every slot, so
-            # attention takes no mask (SDPA's causal kernel; no [B, 1, S, T] tensor built per step)
-            if cache.padded or (start > 0 and S > 1):
-                mask = self._mask(cache.valid[:, : start + S], start)
-        elif pad_mask is not None:
-            mask = self._mask(pad_mask, 0)
-        if absorb is None:
-            absorb = cache is not None and S == 1
+            cache.start(S, pad_mask, absorb)  # the cache decides masks and MLA's path
+            if positions is None:
+                positions = cache.positions(B, S, input_ids.device)
+        else:
+            if positions is None:
+                positions = torch.arange(S, device=input_ids.device).expand(B, S)
+            if pad_mask is not None:
+                mask = causal_mask(pad_mask, 0)
         rope = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         routings = []
         for layer in self.model.layers:
-            x, routing = layer(x, rope, mask, cache, absorb)
+            x, routing = layer(x, rope, mask, cache, bool(absorb))
             if routing is not None:
                 routings.append(routing)
         if cache is not None:
-            cache.advance(S)
-        if logits_to_keep > 0:
+            cache.finish(S)
+        if logits_at is not None:
+            x = x.reshape(B * S, -1)[logits_at]
+        elif logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         if targets is not None:
             out = lm_loss(self.model.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
         else:
             out = self.lm_head(self.model.norm(x))
         return (out, routings) if return_routing else out
-
-    @staticmethod
-    def _mask(valid_BT: torch.Tensor, start: int) -> torch.Tensor:
-        """[B, 1, S, T] bool: query i (slot start+i) sees valid keys at slots <= its own, and always itself
-        (so a padding query has a finite softmax; its output is never used)."""
-        T = valid_BT.shape[1]
-        q_S = torch.arange(start, T, device=valid_BT.device)[:, None]
-        k_T = torch.arange(T, device=valid_BT.device)[None, :]
-        return (valid_BT[:, None, None, :] & (k_T <= q_S)) | (k_T == q_S)
 
     # -------------------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
