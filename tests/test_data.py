@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dsv2.tokenizer import TokenizerError
 from dsv2.training import data
 from dsv2.training.data import (
     DataError,
@@ -167,7 +168,7 @@ def test_tokenizer_specials_save_load(tokenizer, tmp_path: Path):
     for where in (path, path.parent):
         loaded = load_tokenizer(where)
         assert loaded.encode("héllo beta").ids == tokenizer.encode("héllo beta").ids
-    with pytest.raises(DataError):
+    with pytest.raises(TokenizerError, match="no tokenizer file"):
         load_tokenizer(tmp_path / "nowhere")
     with pytest.raises(DataError, match="vocab_size"):
         train_tokenizer(["x"], vocab_size=100)

@@ -11,19 +11,20 @@ from pathlib import Path
 import dsv2
 
 SRC = Path(dsv2.__file__).resolve().parent
-BASE = {"dsv2.field_types", "dsv2.files", "dsv2.reproducibility"}
+BASE = {"dsv2.field_types", "dsv2.files", "dsv2.reproducibility", "dsv2.tokenizer"}
 LAYERS = {  # a layer: the layers it may import (besides itself)
     "dsv2.field_types": set(),
     "dsv2.files": set(),
     "dsv2.reproducibility": set(),
+    "dsv2.tokenizer": set(),
     "dsv2.config": {"dsv2.field_types"},
     "dsv2.presets": {"dsv2.config"},
     "dsv2.model": {"dsv2.config"},
     "dsv2.cpu": {"dsv2.config", "dsv2.model"},
     "dsv2.checkpoint": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.files"},
-    "dsv2.inference": {"dsv2.config", "dsv2.model", "dsv2.cpu"},
+    "dsv2.inference": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer"},
     "dsv2.distributed": {"dsv2.config", "dsv2.model"},
-    "dsv2.training.data": {"dsv2.files"},
+    "dsv2.training.data": {"dsv2.files", "dsv2.tokenizer"},
     "dsv2.training": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
                              "dsv2.distributed", "dsv2.training.data"},
     "dsv2.tools": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",

@@ -52,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = from_pretrained(args.model, dtype=dtype)
-    from .training.data import TOKENIZER_FILE, load_tokenizer, special_token_ids
+    from .tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 
     tok_path = Path(args.model) / TOKENIZER_FILE
     tokenizer = None

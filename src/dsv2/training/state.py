@@ -33,8 +33,8 @@ from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ..distributed.parallel import Parallel
 from ..files import atomic_write, fsync_path, write_safetensors
 from ..model import DeepseekV2
+from ..tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
 from .config import TrainConfig, TrainingError, known_settings
-from .data import TOKENIZER_FILE, DataError, load_tokenizer
 from .run_dir import STATE_FILE, STEP_PREFIX, RunDir
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -176,7 +176,7 @@ def _read(ckpt: Path, device: torch.device) -> ResumePoint:
     if tokenizer is not None:
         try:
             load_tokenizer(tokenizer)
-        except DataError as e:
+        except TokenizerError as e:
             raise Damaged(str(e)) from None
     _read_json(ckpt / "config.json")  # unreadable JSON is damage; a config this dsv2 refuses is not (below)
     try:

@@ -1,4 +1,4 @@
-"""The byte-level BPE tokenizer a run trains (or is given), and the BOS/EOS ids found in any tokenizer by name."""
+"""The byte-level BPE tokenizer a run trains (dsv2.tokenizer loads any tokenizer.json and finds its BOS/EOS)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ...files import atomic_write
+from ...tokenizer import BOS_NAMES, EOS_NAMES, TOKENIZER_FILE, load_tokenizer, special_token_ids
 from .readers import DataError, PathLike
 
+__all__ = ["BOS_NAMES", "DEFAULT_SPECIAL_TOKENS", "EOS_NAMES", "TOKENIZER_FILE", "encode_batch", "load_tokenizer",
+           "save_tokenizer", "special_token_ids", "train_tokenizer"]
+
 DEFAULT_SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
-
-
-# Names under which common tokenizers keep their BOS / EOS tokens. The DeepSeek ones use U+FF5C (fullwidth
-# vertical bar) and U+2581 (lower one eighth block), exactly as in DeepSeek-V2's tokenizer.json.
-BOS_NAMES = (
-    "<|bos|>",
-    "<｜begin▁of▁sentence｜>",
-    "<s>",
-    "<|begin_of_text|>",
-    "<|startoftext|>",
-    "<bos>",
-    "[BOS]",
-)
-
-
-EOS_NAMES = ("<|eos|>", "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
-
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def train_tokenizer(
@@ -62,20 +47,6 @@ def train_tokenizer(
     return tok
 
 
-def load_tokenizer(path: PathLike) -> Tokenizer:
-    """Load a ``tokenizer.json`` (the file, or a folder holding it, e.g. a DeepSeek checkpoint folder)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / TOKENIZER_FILE
-    if not p.is_file():
-        raise DataError(f"no tokenizer file at {p}")
-    try:
-        return Tokenizer.from_file(str(p))
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{p} is not a readable tokenizer.json ({reason})") from None
-
-
 def save_tokenizer(tokenizer: Tokenizer, directory: PathLike) -> Path:
     """Write ``directory/tokenizer.json`` atomically and return its path."""
     d = Path(directory)
@@ -83,21 +54,6 @@ def save_tokenizer(tokenizer: Tokenizer, directory: PathLike) -> Path:
     target = d / TOKENIZER_FILE
     atomic_write(target, tokenizer.to_str(pretty=True).encode("utf-8"))
     return target
-
-
-def special_token_ids(
-    tokenizer: Tokenizer, bos_id: int | None = None, eos_id: int | None = None
-) -> tuple[int | None, int | None]:
-    """(bos, eos) ids found under the names in BOS_NAMES / EOS_NAMES; the arguments where none is found."""
-
-    def find(names: Sequence[str], fallback: int | None) -> int | None:
-        for name in names:
-            i = tokenizer.token_to_id(name)
-            if i is not None:
-                return i
-        return fallback
-
-    return find(BOS_NAMES, bos_id), find(EOS_NAMES, eos_id)
 
 
 def encode_batch(tokenizer: Tokenizer, docs: list[str]) -> list[list[int]]:
