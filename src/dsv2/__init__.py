@@ -11,7 +11,8 @@ _API = {  # name -> the module that defines it
     "PRESETS": "presets", "get_config": "presets", "ConfigError": "config", "ModelConfig": "config",
     "DeepseekV2": "model", "CheckpointError": "checkpoint", "from_pretrained": "checkpoint",
     "save_pretrained": "checkpoint", "GenerationError": "inference.generate", "generate": "inference.generate",
-    "stream_generate": "inference.generate",
+    "stream_generate": "inference.generate", "Engine": "inference.engine", "SamplingParams": "inference.engine",
+    "RequestOutput": "inference.engine",
 }
 _SUBPACKAGES = {"checkpoint", "cli", "config", "cpu", "distributed", "inference", "model", "presets", "tools",
                 "training"}

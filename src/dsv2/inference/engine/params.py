@@ -1,0 +1,119 @@
+"""What a request asks for (SamplingParams) and what the engine gives back (RequestOutput), as vLLM names them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..generate import GenerationError
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completions. temperature 0 is greedy; the filters apply in the order
+    penalties -> temperature -> top_k -> top_p -> min_p."""
+
+    n: int = 1
+    """Completions of the prompt (they share its cache blocks)."""
+    max_tokens: int = 16
+    min_tokens: int = 0
+    """EOS and the stop tokens cannot be sampled until this many tokens are out."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's."""
+    seed: int | None = None
+    """The request's own generator: its tokens do not depend on what else is in the batch."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    """> 1 makes tokens of the prompt and the output less likely (divides positive logits, multiplies negative)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, matched on the detokenized text; the text ends before the match and never shows it."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """Log-probabilities (of the model's distribution) of each chosen token and of the top `logprobs` tokens."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (_int(self.n) and self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (_int(self.max_tokens) and self.max_tokens >= 1,
+             f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
+            (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (_int(self.top_k) and self.top_k >= 0, f"top_k must be >= 0 (0: off), got {self.top_k}"),
+            (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
+             f"seed must be in [0, 2**63), got {self.seed}"),
+            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (all(_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
+            (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
+             f"logprobs must be in [0, 20], got {self.logprobs}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise GenerationError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """The `logprobs` most likely tokens of that step, with their log-probabilities."""
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request: what is new since the last step, and the whole so far."""
+
+    index: int
+    token_ids: list[int]
+    """All the completion's tokens so far."""
+    text: str
+    """All its text so far (up to a stop string; text that could begin one is held back until it cannot)."""
+    new_token_ids: list[int]
+    text_delta: str
+    """The text new since the last output (a server streams it)."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per token of token_ids (when the request asked for logprobs)."""
+    new_logprobs: list[TokenLogprob] | None = None
+    """One entry per token of new_token_ids."""
+    finish_reason: str | None = None
+    """None while running; "stop" (EOS, a stop token or string), "length" (max_tokens or the context),
+    "abort"."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
