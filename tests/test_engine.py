@@ -346,6 +346,7 @@ def test_engine_errors(kw, message):
     ("text", None, "needs a tokenizer"),
     (list(range(2, 90)) + list(range(2, 42)), None, "the model's context is 128"),
     ([5] * 40, SamplingParams(max_tokens=80, n=2), "cache blocks"),
+    ([3, 4], SamplingParams(stop=["x"]), "needs a tokenizer"),
 ])
 def test_request_errors(prompt, params, message):
     engine = Engine(make_model(), num_blocks=12, block_size=8)

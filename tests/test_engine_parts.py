@@ -187,3 +187,17 @@ def test_text_prompts_get_bos(tokenizer):
     engine = Engine(random_model(cfg, 1), tokenizer, num_blocks=32, block_size=8)
     (out,) = engine.generate(["café"], SamplingParams(max_tokens=1), progress=False)
     assert out.prompt_token_ids == [0, *tokenizer.encode("café").ids]
+
+
+def test_from_pretrained_with_its_tokenizer(tokenizer, tmp_path):
+    import dsv2
+    from dsv2.training.data.tokenizer import save_tokenizer
+
+    cfg = tiny_config(vocab_size=tokenizer.get_vocab_size(), num_hidden_layers=2, bos_token_id=0, eos_token_id=1)
+    dsv2.save_pretrained(random_model(cfg, 2), tmp_path)
+    save_tokenizer(tokenizer, tmp_path)
+    engine = Engine.from_pretrained(tmp_path, num_blocks=16, block_size=8)
+    (out,) = engine.generate(["naïve"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                             progress=False)
+    assert out.outputs[0].text == tokenizer.decode(out.outputs[0].token_ids)
+    assert len(out.outputs[0].token_ids) == 5

@@ -17,10 +17,12 @@ import itertools
 import re
 import threading
 from collections.abc import Sequence as Seq
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ...checkpoint import from_pretrained
 from ...cpu import optimize
 from ...model import DeepseekV2
 from ...tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
@@ -89,10 +91,6 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **kw) -> Engine:
         """A checkpoint directory (its tokenizer.json too, if there is one); keywords as Engine()."""
-        from pathlib import Path
-
-        from ...checkpoint import from_pretrained
-
         tok = Path(path) / TOKENIZER_FILE
         return cls(from_pretrained(path, dtype=dtype, device=device), load_tokenizer(tok) if tok.exists() else None,
                    **kw)
@@ -101,6 +99,9 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> None:
         """Queue a request: a text prompt (needs the tokenizer; BOS is prepended) or token ids."""
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings are matched on the text: the engine needs a tokenizer (or use "
+                                  "stop_token_ids)")
         ids = self._prompt_ids(prompt)
         context = self.model.config.max_position_embeddings
         if len(ids) >= context:

@@ -7,9 +7,10 @@ the keys and values of every KV head, so the two compare under one memory budget
 StepBatch: the tokens of every sequence scheduled in a step, packed into one flat batch [1, N] with no padding.
 It is the step's AttentionCache (dsv2/model/cache.py): each attention layer hands it its queries and new entries,
 and it writes the entries into their slots (the slot mapping), then attends: a segment that continues a prompt
-(a prefill chunk) attends to the sequence's cached prefix plus itself on the naive path, over a gathered copy of
-its rows; the decode tokens (one new token of a sequence with a cache) all at once on the absorbed path, straight
-from the blocks through their block tables (MLA.absorbed_paged; on CPU a kernel that reads the blocks in place).
+(a prefill chunk) attends to the sequence's cached prefix plus itself, over a gathered copy of its rows, on the
+naive path (or the absorbed one, for a short chunk after a long prefix); the decode tokens (one new token of a
+sequence with a cache) all at once on the absorbed path, straight from the blocks through their block tables
+(MLA.absorbed_paged; on CPU a kernel that reads the blocks in place).
 """
 
 from __future__ import annotations
@@ -113,11 +114,20 @@ class StepBatch:
             o = attn.absorbed_paged(q_nope_BSHN[0, d][:, None], q_pe_BSHR[0, d][:, None],
                                     self.cache.storage[attn.layer_idx], self.decode_table, self.decode_lens)
             out[0, d] = o[:, 0].to(out.dtype)
+        # a chunk after a cached prefix: absorption costs n_new * (C + R + C) multiply-adds per head and cached
+        # token, decompressing the prefix C * (N + V): the cheaper one (a chunk of a few tokens after a long
+        # cached prompt, e.g. the last block of a prefix-cache hit, is absorbed)
+        absorb_below = attn.kv_rank * (attn.nope + attn.v_dim) / (2 * attn.kv_rank + attn.rope)
         for s in self.prefill:
             ctx, mask = self._gathered(s)
-            c_kv_TC, k_pe_TR = rows[ctx].to(q_nope_BSHN.dtype).split([attn.kv_rank, attn.rope], dim=-1)
+            kv_TX = rows[ctx].to(q_nope_BSHN.dtype)
             span = slice(s.start, s.start + s.n_new)
-            out[:, span] = attn.naive(q_nope_BSHN[:, span], q_pe_BSHR[:, span], c_kv_TC[None], k_pe_TR[None], mask)
+            if s.n_cached and s.n_new < absorb_below:
+                out[:, span] = attn.absorbed(q_nope_BSHN[:, span], q_pe_BSHR[:, span], kv_TX[None], mask)
+            else:
+                c_kv_TC, k_pe_TR = kv_TX.split([attn.kv_rank, attn.rope], dim=-1)
+                out[:, span] = attn.naive(q_nope_BSHN[:, span], q_pe_BSHR[:, span], c_kv_TC[None], k_pe_TR[None],
+                                          mask)
         return out
 
     def kv_attention(self, attn, q_BSHK, k_BSW, v_BSW) -> torch.Tensor:
