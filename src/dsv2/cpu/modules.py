@@ -43,6 +43,9 @@ from . import ops
 SMALL_ROWS = 16
 """Rows of x per weight matrix (decode: tokens per step) up to which the few-row kernels serve a product: beyond
 it a GEMM's reuse of each weight row wins."""
+NATIVE_BF16_EXPERT_ROWS = 8
+"""SMALL_ROWS for bf16 routed experts where bf16 GEMMs are native (AMX, AVX512-BF16): there a grouped GEMM already
+beats the few-row kernel at about 8 copies per expert."""
 BLOCK_BYTES = 16 * 2**20
 """Bytes of a block of routed-expert rows (input, [2F] intermediate, activation, output): about a last-level
 cache's worth."""
@@ -171,7 +174,9 @@ class CpuMLA(_FlashAttention, MLA):
 
 class CpuRoutedExperts(RoutedExperts):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if few_rows(x_ND, self.gate_up_proj) and x_ND.shape[0] <= SMALL_ROWS * int((counts_E > 0).sum()):
+        per_expert = (NATIVE_BF16_EXPERT_ROWS if self.gate_up_proj.dtype == torch.bfloat16 and ops.native_bf16()
+                      else SMALL_ROWS)
+        if few_rows(x_ND, self.gate_up_proj) and x_ND.shape[0] <= per_expert * int((counts_E > 0).sum()):
             ends_E = counts_E.cumsum(0)  # decode: each chosen expert's weights read once, in place
             gate_NF, up_NF = ops.rows_dot(x_ND, self.gate_up_proj, ends_E).chunk(2, dim=-1)
             return ops.rows_dot(self.act(gate_NF) * up_NF, self.down_proj, ends_E)
