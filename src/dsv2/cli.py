@@ -96,6 +96,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from .serve.server import serve
+
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    return serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+                 api_key=args.api_key or os.environ.get("DSV2_API_KEY") or None, max_model_len=args.max_model_len,
+                 max_queue=args.max_queue, grace=args.grace, log_level=args.log_level, dtype=dtype,
+                 max_num_seqs=args.max_num_seqs,
+                 cache_memory=args.cache_memory, num_blocks=args.num_blocks, block_size=args.block_size,
+                 max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
+
+
 def _parse_set(items: list[str] | None) -> dict[str, object] | None:
     """--set FIELD=VALUE: VALUE as JSON (numbers, true/false/null, lists, objects), else as a string."""
     out: dict[str, object] = {}
@@ -219,6 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-bos", action="store_true", help="do not prepend BOS to a text prompt")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    s.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout, with tokenizer.json "
+                   "for text and tokenizer_config.json's chat_template for chat)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 exposes the model to the network: set --api-key)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model's name in the API (default: the folder's name)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize "
+                   "(or set DSV2_API_KEY)")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoding together at most")
+    s.add_argument("--cache-memory", help="paged cache size, e.g. 4GiB (default: 1 GiB, or what max-num-seqs full "
+                   "contexts take if less)")
+    s.add_argument("--num-blocks", type=int, help="paged cache size in blocks (instead of --cache-memory)")
+    s.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (chunked prefill)")
+    s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--max-model-len", type=int, help="prompt + completion tokens at most (default: the model's "
+                   "context)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; beyond it 503")
+    s.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("train", help="train or fine-tune (no flags: the tiny preset on the built-in corpus)")
     s.add_argument("--config", help="YAML or TOML file of training settings (flags override it)")

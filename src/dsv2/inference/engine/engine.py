@@ -99,6 +99,21 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> None:
         """Queue a request: a text prompt (needs the tokenizer; BOS is prepended) or token ids."""
         params = params or SamplingParams()
+        ids, max_new = self._checked(prompt, params)
+        with self._lock:
+            if request_id in self._requests:
+                raise GenerationError(f"request {request_id!r} is already running")
+            req = Request(request_id, ids, params, next(self._arrivals), max_new=max_new)
+            req.seqs.append(self._sequence(req, 0, list(ids)))
+            self._requests[request_id] = req
+            self.scheduler.add(req.seqs[0])
+
+    def check_request(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> list[int]:
+        """The prompt's token ids if add_request would take it, else the GenerationError it would raise (a server
+        checks a request before it queues it; this reads no state a step changes)."""
+        return self._checked(prompt, params or SamplingParams())[0]
+
+    def _checked(self, prompt: str | Seq[int], params: SamplingParams) -> tuple[list[int], int]:
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings are matched on the text: the engine needs a tokenizer (or use "
                                   "stop_token_ids)")
@@ -113,13 +128,7 @@ class Engine:
             raise GenerationError(f"the request needs up to {need} cache blocks of {bs} tokens, the cache has "
                                   f"{self.pool.num_blocks}: give the engine more cache_memory, or ask for fewer "
                                   "tokens")
-        with self._lock:
-            if request_id in self._requests:
-                raise GenerationError(f"request {request_id!r} is already running")
-            req = Request(request_id, ids, params, next(self._arrivals), max_new=max_new)
-            req.seqs.append(self._sequence(req, 0, list(ids)))
-            self._requests[request_id] = req
-            self.scheduler.add(req.seqs[0])
+        return ids, max_new
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is not running."""
@@ -190,11 +199,14 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Prefix-cache queries and hits (in blocks), preemptions, free and total blocks."""
-        return {"prefix_queries": self.pool.queries, "prefix_hits": self.pool.hits,
-                "preemptions": self.scheduler.preemptions, "free_blocks": self.pool.num_free,
-                "num_blocks": self.pool.num_blocks, "bytes_per_token": PagedCache.bytes_per_token(
-                    self.model, self.cache.storage.dtype)}
+        """Sequences running and waiting, prefix-cache queries and hits (in blocks), preemptions, free and total
+        blocks, cache bytes per token."""
+        with self._lock:
+            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                    "prefix_queries": self.pool.queries, "prefix_hits": self.pool.hits,
+                    "preemptions": self.scheduler.preemptions, "free_blocks": self.pool.num_free,
+                    "num_blocks": self.pool.num_blocks, "bytes_per_token": PagedCache.bytes_per_token(
+                        self.model, self.cache.storage.dtype)}
 
     # ------------------------------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:

@@ -1,0 +1,9 @@
+"""`dsv2 serve`: the OpenAI-compatible HTTP server over the engine (the layer above dsv2.inference.engine).
+
+    protocol.py     the API's request bodies and its error shape
+    chat.py         a checkpoint's chat template, rendered as transformers renders it
+    engine_loop.py  the engine's step loop on its own thread; requests in, outputs out to the handlers
+    metrics.py      Prometheus metrics
+    app.py          the FastAPI app: the endpoints
+    server.py       loading a checkpoint and running the app on uvicorn (SIGTERM drains)
+"""

@@ -1,0 +1,175 @@
+"""The engine's step loop on a thread of its own, apart from the HTTP event loop.
+
+A forward can take from milliseconds (a decode step) to seconds (a long prefill chunk); on the event loop it would
+stall every connection, and a slow client would stall generation. So the loop thread alone touches the engine:
+handlers submit and abort through a command queue that the thread drains between steps, and each request's
+outputs come back on an asyncio.Queue of the handler's event loop (call_soon_threadsafe). An abort therefore takes
+effect, and frees the request's blocks, before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..inference.engine import Engine, RequestOutput, SamplingParams
+from ..inference.generate import GenerationError
+from .metrics import Metrics
+from .protocol import ApiError
+
+log = logging.getLogger("dsv2.serve")
+
+
+@dataclass
+class _Tracked:
+    """A request the loop has taken: where its outputs go and its timings (for the metrics)."""
+
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    tag: object
+    arrival: float
+    first_token: float | None = None
+    generated: list[int] = field(default_factory=list)
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.sink.put_nowait, (self.tag, item))
+        except RuntimeError:  # the handler's event loop has closed (shutdown): nobody is listening
+            pass
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._tracked: dict[str, _Tracked] = {}  # the loop thread's alone
+        self._pending = 0  # submitted, not yet taken by the loop thread
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._snapshot = engine.stats
+        self.metrics = Metrics(self.snapshot)
+        self._thread = threading.Thread(target=self._run, name="dsv2-engine", daemon=True)
+
+    # -- the HTTP side --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def snapshot(self) -> dict:
+        s = dict(self._snapshot)
+        with self._lock:
+            s["waiting"] += self._pending
+        return s
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue,
+               tag: object = None) -> None:
+        """Queue a request (checked with engine.check_request already); its outputs arrive on sink as
+        (tag, RequestOutput), or (tag, exception) if it fails. 503 when the queue is full."""
+        if not self.alive:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        with self._lock:
+            if self._pending + self._snapshot["waiting"] >= self.max_queue:
+                raise ApiError(503, f"the server's queue is full ({self.max_queue} requests waiting); retry later",
+                               headers={"Retry-After": "1"})
+            self._pending += 1
+        tracked = _Tracked(sink, asyncio.get_running_loop(), tag, time.monotonic())
+        self._commands.put(("add", request_id, prompt_ids, params, tracked))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # -- the loop thread ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_unfinished())
+            if self._stop.is_set():
+                break
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # an engine bug: fail what is running, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(ApiError(500, f"the engine failed: {type(e).__name__}: {e}"))
+                    outputs = []
+                for out in outputs:
+                    self._deliver(out)
+            self._snapshot = self.engine.stats
+        self._fail_all(ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}), untaken=True)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params, tracked = cmd
+            with self._lock:
+                self._pending -= 1
+            try:
+                self.engine.add_request(rid, ids, params)
+            except GenerationError as e:
+                tracked.put(ApiError(400, str(e)))
+                return
+            self._tracked[rid] = tracked
+            self.metrics.prompt_tokens.inc(len(ids))
+        elif cmd[0] == "abort":
+            if self._tracked.pop(cmd[1], None) is not None:
+                self.engine.abort(cmd[1])
+                self.metrics.finished.labels("abort").inc()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        t = self._tracked.get(out.request_id)
+        if t is None:  # aborted while this step ran
+            return
+        now = time.monotonic()
+        new = sum(len(c.new_token_ids) for c in out.outputs)
+        if new:
+            self.metrics.generation_tokens.inc(new)
+            if t.first_token is None:
+                t.first_token = now
+                self.metrics.ttft.observe(now - t.arrival)
+        if out.finished:
+            del self._tracked[out.request_id]
+            self.metrics.e2e.observe(now - t.arrival)
+            most = max(len(c.token_ids) for c in out.outputs)
+            if most > 1 and t.first_token is not None:
+                self.metrics.tpot.observe((now - t.first_token) / (most - 1))
+            for c in out.outputs:
+                self.metrics.finished.labels(c.finish_reason or "stop").inc()
+        t.put(out)
+
+    def _fail_all(self, error: ApiError, untaken: bool = False) -> None:
+        for rid, t in list(self._tracked.items()):
+            self.engine.abort(rid)
+            t.put(error)
+        self._tracked.clear()
+        while untaken:  # requests submitted but never taken
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                with self._lock:
+                    self._pending -= 1
+                cmd[4].put(error)

@@ -1,0 +1,147 @@
+"""The OpenAI API's request bodies (pydantic) and its error shape, as `dsv2 serve` accepts and returns them.
+
+Types are strict (a string where a number belongs is a 400, as OpenAI answers, not a silent conversion); ranges are
+SamplingParams' own checks (dsv2/inference/engine/params.py), so the engine and the server refuse the same values
+with the same words. Fields the OpenAI API has and dsv2 does not use (user, suffix, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from ..inference.engine import SamplingParams
+from ..inference.generate import GenerationError
+
+Number = StrictFloat | StrictInt
+TokenIds = list[StrictInt]
+
+
+class ApiError(Exception):
+    """An error the client gets as {"error": {"message", "type", "param", "code"}} with this HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded",
+             500: "internal_server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.status}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: StrictBool = False
+
+
+class _Sampling(BaseModel):
+    """What completions and chat completions share."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: StrictStr | None = None
+    n: StrictInt = 1
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
+    # the common extensions (vLLM's names)
+    top_k: StrictInt = 0
+    min_p: Number = 0.0
+    repetition_penalty: Number = 1.0
+    min_tokens: StrictInt = 0
+    ignore_eos: StrictBool = False
+    stop_token_ids: TokenIds | None = None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """SamplingParams of this request; its range errors as a 400 naming the parameter."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(
+                n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
+                top_p=self.top_p, top_k=self.top_k,
+                min_p=self.min_p, seed=self.seed, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, stop=stop,
+                stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs)
+        except GenerationError as e:
+            raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        if all(isinstance(x, str) for x in p) or all(isinstance(x, list) for x in p):
+            return list(p)
+        raise ApiError(400, "prompt must be a string, a list of strings, token ids or a list of token-id lists",
+                       param="prompt")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # a template may read tool_calls, name, ...
+    role: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        d = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):  # text parts joined, as the text-only chat templates expect
+            d["content"] = "".join(part.text for part in self.content)
+        return d
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    add_generation_prompt: StrictBool = True
+
+    def logprobs_n(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: StrictStr | None = None
+    tokens: TokenIds
