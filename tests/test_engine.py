@@ -347,6 +347,7 @@ def test_engine_errors(kw, message):
     (list(range(2, 90)) + list(range(2, 42)), None, "the model's context is 128"),
     ([5] * 40, SamplingParams(max_tokens=80, n=2), "cache blocks"),
     ([3, 4], SamplingParams(stop=["x"]), "needs a tokenizer"),
+    ([3, 4], SamplingParams(stop_token_ids=[10**9], min_tokens=1), "stop_token_ids outside the vocabulary"),
 ])
 def test_request_errors(prompt, params, message):
     engine = Engine(make_model(), num_blocks=12, block_size=8)

@@ -23,6 +23,7 @@ LAYERS = {  # a layer: the layers it may import (besides itself)
     "dsv2.cpu": {"dsv2.config", "dsv2.model"},
     "dsv2.checkpoint": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.files"},
     "dsv2.inference": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer"},
+    "dsv2.serve": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer", "dsv2.inference"},
     "dsv2.distributed": {"dsv2.config", "dsv2.model"},
     "dsv2.training.data": {"dsv2.files", "dsv2.tokenizer"},
     "dsv2.training": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",

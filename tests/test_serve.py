@@ -262,6 +262,12 @@ BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/nothing", {}, 404, "Not Found"),
     ("/detokenize", {"tokens": [-1]}, 400, "vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": "x" * (5 << 20)}, 413, "over"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "min_tokens": 1, "stop_token_ids": [10**12]}, 400,
+     "stop_token_ids"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a \\ud800"}', 400, "Unicode"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "Unicode"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 300}, 400, "queues"),
 ]
 
 
@@ -275,6 +281,40 @@ def test_bad_input_gets_an_openai_error(server, path, body, status, words):
     assert set(err) == {"message", "type", "param", "code"} and words in err["message"], err
     ok = server.client().completions.create(model="tiny", prompt="hi", max_tokens=2)  # still serving
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chunked_oversized_body_is_a_413(server):
+    def body():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(5):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/completions", content=body(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
+
+
+def test_nulls_are_defaults_and_min_tokens_alone(server):
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+        "stream": None, "logprobs": None, "presence_penalty": None, "stop": None, "seed": None}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3, r.text
+    chat = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                   extra_body={"min_tokens": 5}, stop=["<|eos|>"], seed=1)
+    assert chat.usage.completion_tokens >= 5
+
+
+def test_each_completion_finishes_once_in_a_stream(server):
+    for kind in ("completions", "chat"):
+        c = server.client()
+        kw = dict(model="tiny", n=2, max_tokens=6, temperature=1.0, seed=3, stream=True)
+        if kind == "chat":
+            chunks = c.chat.completions.create(messages=[{"role": "user", "content": "x"}], **kw)
+        else:
+            chunks = c.completions.create(prompt="naïve", **kw)
+        finishes = [(ch.choices[0].index, ch.choices[0].finish_reason) for ch in chunks
+                    if ch.choices and ch.choices[0].finish_reason]
+        assert sorted(i for i, _ in finishes) == [0, 1], (kind, finishes)
 
 
 def test_openai_client_raises_on_bad_input(server):
@@ -352,6 +392,9 @@ def test_full_queue_is_a_503_with_retry_after(guarded):
                        headers={"Authorization": "Bearer sekrit"})
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         assert "queue is full" in r.json()["error"]["message"]
+        streamed = httpx.post(guarded.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "stream": True},
+                              headers={"Authorization": "Bearer sekrit"})
+        assert streamed.status_code == 503 and "queue is full" in streamed.json()["error"]["message"]
         assert running.result().usage.completion_tokens == 240
         assert waiting.result().usage.completion_tokens == 240
 

@@ -78,8 +78,8 @@ class _Guard:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > limit:
-                raise ApiError(413, f"the request body is over {limit} bytes")
+            if seen > limit:  # an HTTPException passes FastAPI's body parsing as it is (the handler shapes it)
+                raise StarletteHTTPException(413, f"the request body is over {limit} bytes")
             return message
 
         return await self.app(scope, counted, send)
@@ -91,6 +91,22 @@ async def _send_error(send, e: ApiError) -> None:
     headers += [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
     await send({"type": "http.response.start", "status": e.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events; on_close runs however the response ends (done, client gone, server shutting down), so
+    a stream's requests are aborted even when its generator is left suspended at a send."""
+
+    def __init__(self, gen: AsyncIterator[str], on_close):
+        super().__init__(gen, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -146,12 +162,15 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
         if tokenizer is None:
             raise ApiError(400, f"{what} needs a tokenizer and this checkpoint has no tokenizer.json: send token ids")
 
-    def prepared(prompt: str | list[int], make_params, requested: int | None, param: str
+    def prepared(prompt: str | list[int], req, logprobs: int | None, requested: int | None, param: str
                  ) -> tuple[list[int], SamplingParams]:
         """The prompt's ids and the request's SamplingParams, checked as the engine will check them: the length
         (as asked, or what the context and the cache leave: chat's default) needs the ids first."""
+        def make_params(max_tokens: int) -> SamplingParams:
+            return req.sampling_params(max_tokens, logprobs)
+
         try:
-            ids = engine.check_request(prompt, make_params(requested or 1))
+            ids = engine.check_request(prompt, make_params(requested or max(1, req.min_tokens)))
             room = config.max_model_len - len(ids)
             if room < 1 or (requested is not None and requested > room):
                 raise ApiError(400, f"the model's maximum context length is {config.max_model_len} tokens; this "
@@ -159,7 +178,7 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
                                param=param)
             if requested is None:
                 bs, blocks = engine.cache.block_size, engine.pool.num_blocks
-                requested = max(1, min(room, (blocks - -(-len(ids) // bs)) * bs))
+                requested = max(1, min(room, (blocks - -(-len(ids) // bs)) // req.n * bs))
             params = make_params(requested)
             engine.check_request(ids, params)
         except GenerationError as e:
@@ -181,34 +200,55 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
             text = chat_template.render([m.for_template() for m in messages], add_generation_prompt)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError:  # text the tokenizer cannot take (a lone surrogate from a message's extra fields)
+            raise ApiError(400, "the rendered chat is not valid Unicode", param="messages") from None
         if not ids:
             raise ApiError(400, "the chat template rendered these messages as no tokens", param="messages")
         return ids
 
-    async def outputs(request: Request, rids: list[str], prompts: list[list[int]], params: list[SamplingParams]
-                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Submit the prompts and yield (prompt index, output) until each has finished; on a disconnect or a
-        cancelled stream, abort what is left."""
+    def submit(rids: list[str], prompts: list[list[int]], params: list[SamplingParams]) -> asyncio.Queue:
+        """Queue the prompts (all or none: a 503 aborts those already queued); their outputs come on the queue."""
         sink: asyncio.Queue = asyncio.Queue()
-        left = set()
-        try:
-            for i, (rid, ids, p) in enumerate(zip(rids, prompts, params, strict=True)):
+        for i, (rid, ids, p) in enumerate(zip(rids, prompts, params, strict=True)):
+            try:
                 loop.submit(rid, ids, p, sink, tag=i)
-                left.add(i)
+            except ApiError:
+                for earlier in rids[:i]:
+                    loop.abort(earlier)
+                raise
+        return sink
+
+    async def outputs(sink: asyncio.Queue, rids: list[str], request: Request | None = None
+                      ) -> AsyncIterator[tuple[int, RequestOutput, list]]:
+        """(prompt index, output, its completions that moved) until every prompt has finished (a completion's
+        finish is reported once). With request (a response not streamed), a client that goes away ends it; a stream
+        is cancelled by Starlette instead. What has not finished is aborted on the way out."""
+        left, done = set(range(len(rids))), set()
+        check_at = time.monotonic() + 1.0
+        try:
             while left:
                 try:
                     i, item = await asyncio.wait_for(sink.get(), timeout=1.0)
                 except TimeoutError:
+                    i, item = None, None
+                if request is not None and time.monotonic() >= check_at:
+                    check_at = time.monotonic() + 1.0
                     if await request.is_disconnected():
                         return
+                if item is None:
+                    if not loop.alive:
+                        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
                     continue
                 if isinstance(item, Exception):
                     left.discard(i)
                     raise item
                 if item.finished:
                     left.discard(i)
-                yield i, item
+                moved = [c for c in item.outputs if (i, c.index) not in done]
+                done.update((i, c.index) for c in moved if c.finish_reason)
+                yield i, item, moved
         finally:
             for i in left:
                 loop.abort(rids[i])
@@ -238,9 +278,8 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def stream(gen: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def stream(gen: AsyncIterator[str], rids: list[str]) -> StreamingResponse:
+        return _EventStream(gen, lambda: [loop.abort(r) for r in rids])
 
     async def sse_errors(gen: AsyncIterator[str]) -> AsyncIterator[str]:
         """A stream's error after its 200: an error event, then [DONE] (as vLLM and OpenAI end a failed stream)."""
@@ -297,11 +336,14 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
         if req.echo and req.logprobs is not None:
             raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
         prompts = req.prompts()
+        if len(prompts) * req.n > config.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} completions is more than the server queues "
+                           f"({config.max_queue})", param="prompt")
         if any(isinstance(p, str) for p in prompts) or req.echo:
             need_tokenizer("a text prompt" if not req.echo else "echo")
         ids, params = [], []
         for p in prompts:
-            prompt_ids, sp = prepared(p, lambda m: req.sampling_params(m, req.logprobs), req.max_tokens, "prompt")
+            prompt_ids, sp = prepared(p, req, req.logprobs, req.max_tokens, "prompt")
             ids.append(prompt_ids)
             params.append(sp)
         echoes = [(p if isinstance(p, str) else tokenizer.decode(x, skip_special_tokens=False)) if req.echo else ""
@@ -314,6 +356,7 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
             return {"id": base, "object": "text_completion", "created": created, "model": config.model_name,
                     "choices": choices, **extra}
 
+        sink = submit(rids, ids, params)  # a full queue is a 503 before any 200
         if req.stream:
             async def chunks() -> AsyncIterator[str]:
                 finals: dict[int, RequestOutput] = {}
@@ -323,10 +366,10 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
                         for j in range(n):
                             sent[i * n + j] = len(e)
                             yield sse(head([{"index": i * n + j, "text": e, "logprobs": None, "finish_reason": None}]))
-                async for i, out in outputs(request, rids, ids, params):
+                async for i, out, moved in outputs(sink, rids):
                     if out.finished:
                         finals[i] = out
-                    for c in out.outputs:
+                    for c in moved:
                         k = i * n + c.index
                         lp = (completion_logprobs(c.new_logprobs, sent.get(k, 0))
                               if c.new_logprobs and req.logprobs is not None else None)
@@ -337,10 +380,10 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
                 if req.include_usage:
                     yield sse(head([], usage=usage(ids, finals)))
 
-            return stream(sse_errors(chunks()))
+            return stream(sse_errors(chunks()), rids)
 
         finals: dict[int, RequestOutput] = {}
-        async for i, out in outputs(request, rids, ids, params):
+        async for i, out, _ in outputs(sink, rids, request):
             if out.finished:
                 finals[i] = out
         if len(finals) < len(prompts):  # the client went away
@@ -360,8 +403,10 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
             raise ApiError(400, "send max_tokens or max_completion_tokens, not both", param="max_tokens")
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = req.logprobs_n()
-        prompt_ids, params = prepared(chat_prompt(req.messages, req.add_generation_prompt),
-                                      lambda m: req.sampling_params(m, logprobs), asked, "messages")
+        if req.n > config.max_queue:
+            raise ApiError(400, f"n={req.n} is more than the server queues ({config.max_queue})", param="n")
+        prompt_ids, params = prepared(chat_prompt(req.messages, req.add_generation_prompt), req, logprobs, asked,
+                                      "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -369,15 +414,16 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
             return {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion",
                     "created": created, "model": config.model_name, "choices": choices, **extra}
 
+        sink = submit([rid], [prompt_ids], [params])
         if req.stream:
             async def chunks() -> AsyncIterator[str]:
                 final = None
                 for j in range(req.n):
                     yield sse(head([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}]))
-                async for _, out in outputs(request, [rid], [prompt_ids], [params]):
+                async for _, out, moved in outputs(sink, [rid]):
                     final = out if out.finished else final
-                    for c in out.outputs:
+                    for c in moved:
                         lp = chat_logprobs(c.new_logprobs) if c.new_logprobs and logprobs is not None else None
                         if c.text_delta or lp:
                             yield sse(head([{"index": c.index, "delta": {"content": c.text_delta}, "logprobs": lp,
@@ -388,10 +434,10 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
                 if req.include_usage and final is not None:
                     yield sse(head([], usage=usage([prompt_ids], {0: final})))
 
-            return stream(sse_errors(chunks()))
+            return stream(sse_errors(chunks()), [rid])
 
         final = None
-        async for _, out in outputs(request, [rid], [prompt_ids], [params]):
+        async for _, out, _ in outputs(sink, [rid], request):
             final = out if out.finished else final
         if final is None:
             return Response(status_code=499)

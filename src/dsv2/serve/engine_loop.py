@@ -78,36 +78,45 @@ class EngineLoop:
                tag: object = None) -> None:
         """Queue a request (checked with engine.check_request already); its outputs arrive on sink as
         (tag, RequestOutput), or (tag, exception) if it fails. 503 when the queue is full."""
-        if not self.alive:
-            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
-        with self._lock:
+        tracked = _Tracked(sink, asyncio.get_running_loop(), tag, time.monotonic())
+        with self._lock:  # the loop thread's last drain takes the lock too: nothing is put after it
+            if not self.alive:
+                raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
             if self._pending + self._snapshot["waiting"] >= self.max_queue:
                 raise ApiError(503, f"the server's queue is full ({self.max_queue} requests waiting); retry later",
                                headers={"Retry-After": "1"})
             self._pending += 1
-        tracked = _Tracked(sink, asyncio.get_running_loop(), tag, time.monotonic())
-        self._commands.put(("add", request_id, prompt_ids, params, tracked))
+            self._commands.put(("add", request_id, prompt_ids, params, tracked))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
     # -- the loop thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain(block=not self.engine.has_unfinished())
-            if self._stop.is_set():
-                break
-            if self.engine.has_unfinished():
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:  # an engine bug: fail what is running, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all(ApiError(500, f"the engine failed: {type(e).__name__}: {e}"))
-                    outputs = []
-                for out in outputs:
-                    self._deliver(out)
-            self._snapshot = self.engine.stats
-        self._fail_all(ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}), untaken=True)
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not self.engine.has_unfinished())
+                self._snapshot = self.engine.stats  # what was just taken counts as waiting at once
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished():
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # an engine bug: fail what is running, keep serving
+                        log.exception("engine step failed")
+                        self._fail_all(ApiError(500, f"the engine failed: {type(e).__name__}: {e}"))
+                        outputs = []
+                    for out in outputs:
+                        self._deliver(out)
+                    self._snapshot = self.engine.stats
+        except BaseException:
+            log.exception("the engine loop stopped")
+            raise
+        finally:  # whatever ended the loop, every request still waiting gets an answer
+            self._stop.set()
+            with self._lock:
+                self._fail_all(ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}),
+                               untaken=True)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -130,6 +139,10 @@ class EngineLoop:
                 self.engine.add_request(rid, ids, params)
             except GenerationError as e:
                 tracked.put(ApiError(400, str(e)))
+                return
+            except Exception as e:  # an engine bug: this request fails, the loop goes on
+                log.exception("add_request failed")
+                tracked.put(ApiError(500, f"the engine failed: {type(e).__name__}: {e}"))
                 return
             self._tracked[rid] = tracked
             self.metrics.prompt_tokens.inc(len(ids))
@@ -160,16 +173,20 @@ class EngineLoop:
         t.put(out)
 
     def _fail_all(self, error: ApiError, untaken: bool = False) -> None:
+        """Answer every request taken with error (and those still in the queue, with untaken: the caller holds
+        the lock)."""
         for rid, t in list(self._tracked.items()):
-            self.engine.abort(rid)
             t.put(error)
+            try:
+                self.engine.abort(rid)
+            except Exception:  # an engine in a bad state after a failed step: the request is answered anyway
+                log.exception("abort after a failed step")
         self._tracked.clear()
-        while untaken:  # requests submitted but never taken
+        while untaken:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                with self._lock:
-                    self._pending -= 1
+                self._pending -= 1
                 cmd[4].put(error)

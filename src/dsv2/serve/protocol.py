@@ -9,13 +9,46 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from ..inference.engine import SamplingParams
 from ..inference.generate import GenerationError
 
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may carry a lone surrogate ("\ud800"): no tokenizer can take it
+        raise ValueError("the text is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
 Number = StrictFloat | StrictInt
 TokenIds = list[StrictInt]
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
+
+
+class _Body(BaseModel):
+    """Strict types; unknown fields ignored; an explicit null means the default (as OpenAI and vLLM take it)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 class ApiError(Exception):
@@ -34,20 +67,18 @@ class ApiError(Exception):
                           "param": self.param, "code": self.status}}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Body):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
     model: StrictStr | None = None
     n: StrictInt = 1
     temperature: Number = 1.0
     top_p: Number = 1.0
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -80,7 +111,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = None
     echo: StrictBool = False
@@ -100,16 +131,15 @@ class CompletionRequest(_Sampling):
                        param="prompt")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class TextPart(_Body):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
-class Message(BaseModel):
+class Message(_Body):
     model_config = ConfigDict(strict=True, extra="allow")  # a template may read tool_calls, name, ...
-    role: StrictStr
-    content: StrictStr | list[TextPart] | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
 
     def for_template(self) -> dict[str, Any]:
         d = self.model_dump(exclude_none=True)
@@ -132,16 +162,14 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class TokenizeRequest(_Body):
     model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    prompt: Text | None = None
     messages: list[Message] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class DetokenizeRequest(_Body):
     model: StrictStr | None = None
     tokens: TokenIds

@@ -41,7 +41,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
         print(f"dsv2 serve: warning: listening on {host} without --api-key: anyone who can reach this port can use "
               "the model", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=grace, access_log=False))
+                                           timeout_graceful_shutdown=grace, access_log=False, lifespan="on"))
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # see the module docstring
     try:
         server.run()

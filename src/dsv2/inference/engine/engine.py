@@ -118,6 +118,10 @@ class Engine:
             raise GenerationError("stop strings are matched on the text: the engine needs a tokenizer (or use "
                                   "stop_token_ids)")
         ids = self._prompt_ids(prompt)
+        vocab = self.model.config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise GenerationError(f"stop_token_ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         context = self.model.config.max_position_embeddings
         if len(ids) >= context:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
