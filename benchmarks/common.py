@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import gc
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -161,9 +160,9 @@ def free_memory() -> None:
 def checkpoint(workdir: Path, name: str, cfg: ModelConfig, seed: int = 0) -> Path:
     """Write a randomly initialised dsv2 model once with save_pretrained; reuse it when the config matches."""
     path = Path(workdir) / name
-    want = cfg.to_dict()
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        if json.loads((path / "config.json").read_text()) == json.loads(json.dumps(want)):
+        have = ModelConfig.from_json(path).to_dict()
+        if have.pop("torch_dtype", None) in (None, "float32") and have == cfg.to_dict():  # save_pretrained's
             return path
     torch.manual_seed(seed)
     model = dsv2.DeepseekV2(cfg)
