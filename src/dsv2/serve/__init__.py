@@ -4,6 +4,7 @@
     chat.py         a checkpoint's chat template, rendered as transformers renders it
     engine_loop.py  the engine's step loop on its own thread; requests in, outputs out to the handlers
     metrics.py      Prometheus metrics
+    http.py         the API key, the body limit, errors in OpenAI's shape, the event stream
     app.py          the FastAPI app: the endpoints
     server.py       loading a checkpoint and running the app on uvicorn (SIGTERM drains)
 """

@@ -11,7 +11,6 @@ next step).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -20,15 +19,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob
 from ..inference.generate import GenerationError
 from .chat import ChatTemplate, ChatTemplateError
 from .engine_loop import EngineLoop
+from .http import EventStream, Guard, install_error_handlers
 from .protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -36,9 +34,6 @@ from .protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")
-"""Paths --api-key guards (as vLLM: /health and /metrics stay open for probes and scrapers)."""
 
 
 @dataclass
@@ -50,67 +45,6 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     root: str | None = None
     """The checkpoint directory (shown by /v1/models)."""
-
-
-class _Guard:
-    """ASGI middleware: the API key (compared in constant time) and the body size limit, before any handler."""
-
-    def __init__(self, app, config: ServerConfig):
-        self.app, self.config = app, config
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        key = self.config.api_key
-        if key and scope["path"].startswith(PROTECTED):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + key.encode()):
-                return await _send_error(send, ApiError(401, "a valid API key is needed: send the header "
-                                                        "'Authorization: Bearer KEY'"))
-        limit = self.config.max_body_bytes
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return await _send_error(send, ApiError(413, f"the request body is over {limit} bytes"))
-        seen = 0
-
-        async def counted():  # a chunked body has no length up front
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:  # an HTTPException passes FastAPI's body parsing as it is (the handler shapes it)
-                raise StarletteHTTPException(413, f"the request body is over {limit} bytes")
-            return message
-
-        return await self.app(scope, counted, send)
-
-
-async def _send_error(send, e: ApiError) -> None:
-    body = json.dumps(e.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
-    await send({"type": "http.response.start", "status": e.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events; on_close runs however the response ends (done, client gone, server shutting down), so
-    a stream's requests are aborted even when its generator is left suspended at a send."""
-
-    def __init__(self, gen: AsyncIterator[str], on_close):
-        super().__init__(gen, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate | None = None) -> FastAPI:
@@ -128,29 +62,8 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
 
     app = FastAPI(title="dsv2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine_loop = loop
-    app.add_middleware(_Guard, config=config)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_request, e: ApiError):
-        return _error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return _error_response(ApiError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}"
-                                            .rstrip(": ")))
-        where = ".".join(loc)
-        return _error_response(ApiError(400, f"{where or 'body'}: {err['msg']}", param=where or None))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_request, e: StarletteHTTPException):
-        return _error_response(ApiError(e.status_code, str(e.detail)))
-
-    @app.exception_handler(Exception)
-    async def _bug(_request, e: Exception):
-        return _error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    install_error_handlers(app)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def check_model(name: str | None) -> None:
@@ -279,7 +192,7 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     def stream(gen: AsyncIterator[str], rids: list[str]) -> StreamingResponse:
-        return _EventStream(gen, lambda: [loop.abort(r) for r in rids])
+        return EventStream(gen, lambda: [loop.abort(r) for r in rids])
 
     async def sse_errors(gen: AsyncIterator[str]) -> AsyncIterator[str]:
         """A stream's error after its 200: an error event, then [DONE] (as vLLM and OpenAI end a failed stream)."""
