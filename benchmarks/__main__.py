@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = common.command_line("benchmarks", argv)
     res: dict = {}
     if args.merge and (out / "results.json").exists():
         res = json.loads((out / "results.json").read_text())

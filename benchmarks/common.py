@@ -8,7 +8,9 @@ import gc
 import itertools
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -62,6 +64,11 @@ def loadavg() -> float:
         return os.getloadavg()[0]
     except OSError:
         return float("nan")
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran this benchmark, as a reader can paste it."""
+    return " ".join([f"python -m {module}", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
 
 
 def stamp(threads: int) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict = json.loads((out / "results.json").read_text()) if args.merge and (out / "results.json").exists() \
         else {}
-    command = " ".join(["python -m benchmarks.engine", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
+    command = common.command_line("benchmarks.engine", argv)
     res["commands"] = [c for c in res.get("commands", []) if c != command] + [command]
     res["stamp"] = common.stamp(threads)
     res["dtype"] = args.dtype

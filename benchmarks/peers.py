@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     res_file = args.out / "results.json"
     res = json.loads(res_file.read_text()) if res_file.exists() else {"stamp": common.stamp(args.threads),
                                                                         "dtype": "bf16"}
-    command = " ".join(["python -m benchmarks.peers", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
+    command = common.command_line("benchmarks.peers", argv)
     res["commands"] = [c for c in res.get("commands", []) if c != command] + [command]
     res["peers"] = {"stamp": common.stamp(args.threads), "contexts": contexts, "batch": BATCH,
                     "new_tokens": NEW_TOKENS, "notes": notes,

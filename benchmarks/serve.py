@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import shlex
 import socket
 import statistics
 import subprocess
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = prepare(args.workdir)
     vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
     max_len = prefix_len + prompt_len[1] + output_len[1] + 16
-    res = {"command": " ".join(["python -m benchmarks.serve", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
+    res = {"command": common.command_line("benchmarks.serve", argv),
            "stamp": common.stamp(args.threads),
            "settings": {"dtype": args.dtype, "rates": [str(r) if r == "inf" else r for r in rates], "num_prompts": n,
                         "prompt_len": prompt_len, "output_len": output_len, "prefix_len": prefix_len,

@@ -28,6 +28,13 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--ids must be comma-separated integers, got {text!r}") from None
 
 
+def _torch_dtype(name: str):
+    """--dtype auto|fp32|bf16 as from_pretrained takes it (None: as stored)."""
+    import torch
+
+    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .presets import get_config
     from .tools.info import describe, format_info
@@ -44,13 +51,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from .checkpoint import from_pretrained
     from .inference.generate import GenerationError, check_prompts, check_sampling, generate
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = _torch_dtype(args.dtype)
     model = from_pretrained(args.model, dtype=dtype)
     from .tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 
@@ -97,14 +103,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
-
     from .serve.server import serve
 
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     return serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
                  api_key=args.api_key or os.environ.get("DSV2_API_KEY") or None, max_model_len=args.max_model_len,
-                 max_queue=args.max_queue, grace=args.grace, log_level=args.log_level, dtype=dtype,
+                 max_queue=args.max_queue, grace=args.grace, log_level=args.log_level, dtype=_torch_dtype(args.dtype),
                  max_num_seqs=args.max_num_seqs,
                  cache_memory=args.cache_memory, num_blocks=args.num_blocks, block_size=args.block_size,
                  max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)

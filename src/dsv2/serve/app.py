@@ -229,9 +229,7 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
             ids = chat_prompt(req.messages, req.add_generation_prompt)
         else:
             need_tokenizer("a text prompt")
-            ids = tokenizer.encode(req.prompt, add_special_tokens=False).ids
-            if req.add_special_tokens and engine.bos_id is not None:
-                ids = [engine.bos_id, *ids]
+            ids = engine.encode(req.prompt, bos=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": config.max_model_len}
 
     @app.post("/detokenize")

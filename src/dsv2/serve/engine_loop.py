@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..inference.engine import Engine, RequestOutput, SamplingParams
 from ..inference.generate import GenerationError
@@ -33,7 +33,6 @@ class _Tracked:
     tag: object
     arrival: float
     first_token: float | None = None
-    generated: list[int] = field(default_factory=list)
 
     def put(self, item) -> None:
         try:
@@ -109,9 +108,6 @@ class EngineLoop:
                     for out in outputs:
                         self._deliver(out)
                     self._snapshot = self.engine.stats
-        except BaseException:
-            log.exception("the engine loop stopped")
-            raise
         finally:  # whatever ended the loop, every request still waiting gets an answer
             self._stop.set()
             with self._lock:

@@ -212,14 +212,15 @@ class Engine:
                     "num_blocks": self.pool.num_blocks, "bytes_per_token": PagedCache.bytes_per_token(
                         self.model, self.cache.storage.dtype)}
 
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """A text prompt's token ids as the engine takes it: BOS (where the model has one), then the text's."""
+        if self.tokenizer is None:
+            raise GenerationError("a text prompt needs a tokenizer; pass token ids")
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + self.tokenizer.encode(text).ids
+
     # ------------------------------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise GenerationError("a text prompt needs a tokenizer; pass token ids")
-            ids = ([self.bos_id] if self.bos_id is not None else []) + self.tokenizer.encode(prompt).ids
-        else:
-            ids = [int(t) for t in prompt]
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         vocab = self.model.config.vocab_size
         if not ids:
             raise GenerationError("the prompt is empty: generation needs at least one token (e.g. BOS)")
