@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import itertools
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import dsv2
 from dsv2.checkpoint import save_pretrained
 from dsv2.config import ModelConfig
+from dsv2.cpu.ops import cpu_name
 from dsv2.presets import get_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,14 +51,6 @@ def describe_config(cfg: ModelConfig) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # stamp
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def loadavg() -> float:
     try:
         return os.getloadavg()[0]
@@ -79,7 +71,7 @@ def stamp(threads: int) -> dict:
         tf_version = "not installed"
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "isa": torch.backends.cpu.get_cpu_capability(),
         "threads": threads,

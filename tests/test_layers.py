@@ -30,6 +30,8 @@ LAYERS = {  # a layer: the layers it may import (besides itself)
                              "dsv2.distributed", "dsv2.training.data"},
     "dsv2.tools": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
                           "dsv2.training", "dsv2.training.data"},
+    "dsv2.experiments": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
+                                "dsv2.inference", "dsv2.training", "dsv2.training.data", "dsv2.tools"},
     "dsv2.cli": None,  # the top: anything
     "dsv2": None,  # __init__ and __main__: the public API
 }

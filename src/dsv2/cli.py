@@ -1,4 +1,4 @@
-"""The `dsv2` command: info, generate, train, plot, upcycle, routing-sim."""
+"""The `dsv2` command: info, generate, serve, train, plot, upcycle, routing-sim, ablate."""
 
 from __future__ import annotations
 
@@ -212,6 +212,28 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .experiments import SUITES, run_suite
+    from .experiments.runner import Interrupted
+    from .experiments.suites import DEFAULT_BUDGET, FLAG_FIELDS, QUICK_BUDGET
+
+    flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k) is not None}
+    budget = dataclasses.replace(QUICK_BUDGET if args.quick else DEFAULT_BUDGET, **flags)
+    out = args.out or ("runs/ablate-quick" if args.quick else "runs/ablate")
+    try:
+        for name in list(SUITES) if args.suite == "all" else [args.suite]:
+            paths = run_suite(name, out, quick=args.quick, seeds=args.seeds, budget=budget, data=args.data,
+                              device=args.device)
+            print(paths["report"].read_text(encoding="utf-8"))
+            print("\n".join(str(p) for p in paths.values()) + "\n")
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"\n{e or 'interrupted'}; the same command resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in PyTorch: train, fine-tune, serve.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -318,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--out", default="routing_sim", help="folder for routing_sim.md, .json and .png")
     s.set_defaults(func=cmd_routing_sim)
+
+    s = sub.add_parser("ablate", help="reproduce the paper's design choices at small scale: train the variants of a "
+                       "suite, then a report with verdicts")
+    s.add_argument("suite", choices=["attention", "rope", "moe", "routing", "balance", "upcycle", "all"])
+    s.add_argument("--quick", action="store_true", help="a few steps per run: every code path in minutes")
+    s.add_argument("--seeds", type=int, default=2, help="seeds per variant (default 2; verdicts need >= 2)")
+    s.add_argument("--out", help="folder of the runs and reports (default runs/ablate, --quick runs/ablate-quick); "
+                   "the same command resumes")
+    s.add_argument("--steps", type=int, help="steps per run (default 150, --quick 10)")
+    s.add_argument("--batch-size", type=int, help="sequences per step (default 16, --quick 8)")
+    s.add_argument("--seq-len", type=int, help="tokens per sequence (default 256, --quick 128)")
+    s.add_argument("--max-bytes", type=int, help="corpus text used (default 6,000,000; --quick 1,000,000)")
+    s.add_argument("--data", nargs="+", help="corpus (default: the built-in one)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_ablate)
     return p
 
 

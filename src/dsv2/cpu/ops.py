@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,17 @@ def load_kernels() -> bool:
         _tried = True
         available = build.load() is not None
     return available
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for labelling measured figures."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

@@ -51,7 +51,8 @@ __all__ = ["Session", "evaluate", "train", "train_step"]
 
 def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run, resume or (overwrite=True) restart a run; returns a summary: the final validation loss and
-    checkpoint, or why it stopped early ("interrupted": the signal's name; "finished_already": True)."""
+    checkpoint, or why it stopped early ("interrupted": the signal's name; "finished_already": True).
+    "stop_requested" names a signal that came during the last step, after which the run finished anyway."""
     tc = absolute_paths(tc)  # the run resumes from any working directory
     device = device_for(tc)
     par = init_parallel(tc.expert_parallel, device)  # torchrun: process groups and the (dp, ep) mesh
@@ -77,6 +78,8 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False) -> dic
                     s.save(done)
                     return s.summary(interrupted=signal.Signals(stop.signal).name if stop.signal is not None
                                      else "a stop on another rank")
+            if stop.signal is not None:  # during the last step: the run is whole, but a caller may stop too
+                return {**s.summary(), "stop_requested": signal.Signals(stop.signal).name}
         return s.summary()
     finally:
         run.release()
