@@ -36,6 +36,7 @@ from ..files import atomic_write
 from ..tools.info import describe
 from ..tools.plot import read_metrics
 from ..training.run_dir import RunDir
+from ..training.setup import device_for
 from .suites import Claim, Suite
 
 LATE = 0.2
@@ -130,9 +131,11 @@ def collect(suite: Suite, runs: list[Any]) -> dict[str, Any]:
     return {"runs": per_run, "claims": claims}
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
+    """What the runs ran on: the GPU when they trained on one, and the CPU (the dtype auto picks on it) always."""
     dtype = "bf16 autocast (native bf16)" if native_bf16() else "fp32 (no native bf16)"
-    return (f"{cpu_name()}, {os.cpu_count()} cores; {dtype}; torch {torch.__version__}, "
+    gpu = f"{torch.cuda.get_device_name(device)} (bf16 autocast); host " if device.type == "cuda" else ""
+    return (f"{gpu}{cpu_name()}, {os.cpu_count()} cores; {'' if gpu else dtype + '; '}torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 
@@ -156,7 +159,7 @@ def markdown(suite: Suite, runs: list[Any], data: dict[str, Any], command: str) 
     tc, columns = runs[0].tc, ("kv_bytes", *suite.columns)
     wall = sum(x.get("wall_s", 0.0) for x in per_run.values())
     lines = [f"# Ablation `{suite.name}`: {suite.title}", "", f"Command: `{command}`", "",
-             f"Machine: {machine()}.", "",
+             f"Machine: {machine(device_for(tc))}.", "",
              f"Compute: {len(runs)} runs ({len(suite.variants)} variants x {len(seeds)} seeds), each {tc.max_steps} "
              f"steps of {tc.batch_size} x {tc.seq_len} tokens ({tc.max_steps * tc.batch_size * tc.seq_len:,} tokens); "
              f"{wall / 60:.1f} min of wall time in all (training, evaluation, data preparation, upcycling, "
@@ -240,7 +243,8 @@ def write(suite: Suite, runs: list[Any], out: Path, command: str) -> dict[str, P
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report": out / "report.md", "json": out / "report.json"}
     atomic_write(paths["report"], markdown(suite, runs, data, command))
-    serial = {"suite": suite.name, "command": command, "machine": machine(), "claims": data["claims"],
+    serial = {"suite": suite.name, "command": command, "machine": machine(device_for(runs[0].tc)),
+              "claims": data["claims"],
               "runs": [{"variant": n, "seed": s, **x} for (n, s), x in data["runs"].items()]}
     atomic_write(paths["json"], json.dumps(serial, indent=1) + "\n")
     paths["plot"] = plots(suite, runs, data, out)[0]
