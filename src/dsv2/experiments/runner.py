@@ -80,12 +80,9 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        ckpts = RunDir(self.path).checkpoints()
-        return bool(ckpts) and ckpts[-1].name == step_name(self.tc.max_steps)
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
+        run = RunDir(self.path)
+        ckpts = run.checkpoints()
+        return bool(ckpts) and ckpts[-1] == run.checkpoint_path(self.tc.max_steps)
 
 
 def plan(suite: Suite, budget: Budget, seeds: int, out: Path, data: list[str], tokenizer: Path,
@@ -95,8 +92,8 @@ def plan(suite: Suite, budget: Budget, seeds: int, out: Path, data: list[str], t
     for seed in range(seeds):
         for v in sorted(suite.variants, key=lambda v: v.start is not None):
             path = out / suite.name / v.name / f"seed{seed}"
-            base = (out / suite.name / v.start[1] / f"seed{seed}" / "checkpoints" / step_name(budget.steps)
-                    if v.start else None)
+            base = RunDir(out / suite.name / v.start[1] / f"seed{seed}").checkpoint_path(budget.steps) if v.start \
+                else None
             tc = absolute_paths(TrainConfig(
                 preset=PRESET, model={} if v.start else dict(v.model), data=list(data), max_bytes=budget.max_bytes,
                 tokenizer=str(tokenizer), val_fraction=VAL_FRACTION, out=str(path), max_steps=budget.steps,
@@ -151,12 +148,14 @@ def prepare(out: Path, budget: Budget, data: list[str], say: Callable[[str], Non
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     settings = {"budget": dataclasses.asdict(budget), "data": data, "preset": PRESET}
+
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        return {**d.get("budget", {}), "data": d.get("data"), "preset": d.get("preset")}
+
     record = out / report.MEASURES_FILE
     if record.exists():
-        stored = json.loads(record.read_text(encoding="utf-8"))
-        flat = {**stored.get("budget", {}), "data": stored.get("data"), "preset": stored.get("preset")}
-        mine = {**settings["budget"], "data": data, "preset": PRESET}
-        diff = [f"{k} {flat.get(k)} (here: {v})" for k, v in mine.items() if flat.get(k) != v]
+        stored = flat(json.loads(record.read_text(encoding="utf-8")))
+        diff = [f"{k} {stored.get(k)} (here: {v})" for k, v in flat(settings).items() if stored.get(k) != v]
         if diff:
             raise ValueError(f"{out} holds ablations made with {', '.join(diff)}; rerun them with their own "
                              "flags to resume, or use another --out")
@@ -188,7 +187,7 @@ def train_run(r: Run) -> None:
     run = RunDir(r.path)
     resume, overwrite = bool(run.checkpoints()), run.holds_run() and not run.checkpoints()
     summary = train(r.tc, resume=resume, overwrite=overwrite)
-    add_measures(r.path, wall_s=report.read_measures(r.path).get("wall_s", 0.0) + time.perf_counter() - t0)
+    add_wall_time(r.path, time.perf_counter() - t0)
     stop = summary.get("interrupted") or summary.get("stop_requested")
     if stop:
         where = f"stopped at step {summary['steps']} of {r.tc.max_steps}" if summary.get("interrupted") else \
@@ -198,6 +197,11 @@ def train_run(r: Run) -> None:
 
 def add_measures(path: Path, **values: Any) -> None:
     atomic_write(path / report.MEASURES_FILE, json.dumps({**report.read_measures(path), **values}, indent=1) + "\n")
+
+
+def add_wall_time(path: Path, seconds: float) -> None:
+    """The run's wall time, summed over the invocations and measurements that worked on it."""
+    add_measures(path, wall_s=report.read_measures(path).get("wall_s", 0.0) + seconds)
 
 
 def final_checkpoint(r: Run) -> Path:
@@ -217,16 +221,15 @@ def measure(suite: Suite, runs: list[Run], budget: Budget, say: Callable[[str], 
             share = (time.perf_counter() - t0) / len(todo)
             for r, ms in zip(todo, times, strict=True):
                 add_measures(r.path, decode_ms=ms, decode_context=budget.decode_context,
-                             decode_dtype="bf16" if native_bf16() else "fp32",
-                             wall_s=report.read_measures(r.path).get("wall_s", 0.0) + share)
+                             decode_dtype="bf16" if native_bf16() else "fp32")
+                add_wall_time(r.path, share)
     if "off_device_copies" in suite.columns:
         for r in runs:
             if "off_device_copies" not in report.read_measures(r.path):
                 say(f"counting the cross-device traffic of {r.path}")
                 t0 = time.perf_counter()
-                counted = traffic(r, budget)
-                add_measures(r.path, **counted,
-                             wall_s=report.read_measures(r.path).get("wall_s", 0.0) + time.perf_counter() - t0)
+                add_measures(r.path, **traffic(r, budget))
+                add_wall_time(r.path, time.perf_counter() - t0)
 
 
 def decode_ms(runs: list[Run], budget: Budget) -> list[float]:

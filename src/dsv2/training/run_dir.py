@@ -73,6 +73,10 @@ class RunDir:
     def checkpoints_dir(self) -> Path:
         return self.path / CHECKPOINTS_DIR
 
+    def checkpoint_path(self, step: int) -> Path:
+        """Where the checkpoint of `step` is (or will be) written."""
+        return self.checkpoints_dir / f"{STEP_PREFIX}{step:07d}"
+
     @property
     def metrics_path(self) -> Path:
         return self.path / METRICS_FILE

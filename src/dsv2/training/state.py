@@ -35,7 +35,7 @@ from ..files import atomic_write, fsync_path, write_safetensors
 from ..model import DeepseekV2
 from ..tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
 from .config import TrainConfig, TrainingError, known_settings
-from .run_dir import STATE_FILE, STEP_PREFIX, RunDir
+from .run_dir import STATE_FILE, RunDir
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -80,7 +80,7 @@ def save_checkpoint(run: RunDir, step: int, model: DeepseekV2, opt: torch.optim.
     par = par or Parallel()
     params = par.full_parameters(model)
     tensors, opt_meta = optimizer_tensors(opt, par)
-    final = run.checkpoints_dir / f"{STEP_PREFIX}{step:07d}"
+    final = run.checkpoint_path(step)
     with par.together():  # a full disk on rank 0 stops every rank
         if par.is_main:
             state = {"step": step, "train_config": tc.to_dict(), "optimizer": opt_meta, "data": data,
