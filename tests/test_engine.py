@@ -10,8 +10,8 @@ import torch
 from conftest import random_model, tiny_config
 
 from dsv2 import generate
+from dsv2.errors import GenerationError
 from dsv2.inference.engine import Engine, SamplingParams
-from dsv2.inference.generate import GenerationError
 
 VOCAB = 96
 MAX_NEW = 10

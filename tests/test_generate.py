@@ -10,7 +10,8 @@ from conftest import random_model, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv2.inference.generate import GenerationError, generate, sample_next, stream_generate
+from dsv2.errors import GenerationError
+from dsv2.inference.generate import generate, sample_next, stream_generate
 
 VOCAB = 96
 

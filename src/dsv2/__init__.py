@@ -8,9 +8,10 @@ from .reproducibility import request_reproducible_gemms
 request_reproducible_gemms()  # before torch's first GEMM: MKL reads its mode once (reproducibility.py)
 
 _API = {  # name -> the module that defines it
-    "PRESETS": "presets", "get_config": "presets", "ConfigError": "config", "ModelConfig": "config",
-    "DeepseekV2": "model", "CheckpointError": "checkpoint", "from_pretrained": "checkpoint",
-    "save_pretrained": "checkpoint", "GenerationError": "inference.generate", "generate": "inference.generate",
+    "PRESETS": "presets", "get_config": "presets", "ConfigError": "errors", "ModelConfig": "config",
+    "DeepseekV2": "model", "CheckpointError": "errors", "from_pretrained": "checkpoint",
+    "save_pretrained": "checkpoint", "GenerationError": "errors", "RequestError": "errors",
+    "generate": "inference.generate",
     "stream_generate": "inference.generate", "Engine": "inference.engine", "SamplingParams": "inference.engine",
     "RequestOutput": "inference.engine",
 }

@@ -53,7 +53,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
 
     from .checkpoint import from_pretrained
-    from .inference.generate import GenerationError, check_prompts, check_sampling, generate
+    from .errors import GenerationError
+    from .inference.generate import check_prompts, check_sampling, generate
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     dtype = _torch_dtype(args.dtype)
@@ -359,10 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
     from .distributed.parallel import RankError
-    from .inference.generate import GenerationError
+    from .errors import CheckpointError, ConfigError, GenerationError
     from .training.config import TrainingError
 
     args = build_parser().parse_args(argv)

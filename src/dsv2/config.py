@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .field_types import admits_none, check_field_types, default_value, field_types, is_int, is_number
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -40,10 +41,6 @@ NULL_MEANS = {"n_group": 1, "topk_group": 1}
 device groups (greedy routing, as DeepSeek-V2-Lite's): one group, so the router is unrestricted."""
 UNSUPPORTED_EXTRA = {"mlp_bias": False}
 """Official transformers fields dsv2 keeps in ``extra`` but implements only at this value."""
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a working model; the message names the field and the fix."""
 
 
 @dataclass

@@ -17,8 +17,9 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
 from ..cpu import optimize
+from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write, write_safetensors
 from ..model import DeepseekV2
 from .hf_names import official_names, official_tensors, slot
@@ -27,10 +28,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensor at fault."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
