@@ -6,71 +6,49 @@ row's RoPE positions start at 0 at its first real token, so a padded row compute
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from ..cpu import optimize
+from ..errors import GenerationError
 from ..model import DeepseekV2
-
-
-class GenerationError(ValueError):
-    pass
+from .engine.params import SamplingParams, prompt_token_ids
+from .engine.sampler import Row, sample
 
 
 def check_prompts(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """The prompts as lists of ints, or a GenerationError naming the first problem."""
+    """The prompts as lists of ints (each checked as the engine checks one), or a GenerationError naming the first
+    problem."""
     cfg = model.config
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     if not prompts:
         raise GenerationError("no prompts given")
-    out = []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in p]
-        if not p:
-            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+    out = [prompt_token_ids(p, cfg.vocab_size, f"prompt {i}") for i, p in enumerate(prompts)]
+    for i, p in enumerate(out):
         if len(p) > cfg.max_position_embeddings:
             raise GenerationError(f"prompt {i} has {len(p)} tokens, longer than the model's context "
                                   f"({cfg.max_position_embeddings})")
-        out.append(p)
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     return out
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """GenerationError for settings that cannot sample, whatever the temperature (a greedy call with a bad top_p
-    is still a mistake)."""
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
-        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise GenerationError(f"top_k must be >= 1 (or 0 / None for no top-k cut), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:  # NaN fails this too
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> SamplingParams:
+    """generate's settings as the engine's SamplingParams (None: no top-k / top-p cut), checked by it: a
+    GenerationError for settings that cannot sample, whatever the temperature (a greedy call with a bad top_p is
+    still a mistake)."""
+    return SamplingParams(temperature=temperature, top_k=0 if top_k is None else top_k,
+                          top_p=1.0 if top_p is None else top_p, max_tokens=None)
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy when temperature == 0; otherwise sample from softmax(logits / T) restricted to top-k / top-p."""
-    check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits_BV.argmax(dim=-1)
-    logits = logits_BV.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Greedy when temperature == 0; otherwise sample from softmax(logits / T) restricted to top-k / top-p, by the
+    engine's sampler (every row draws from `generator`, in turn)."""
+    rows = [Row(check_sampling(temperature, top_k, top_p), [], [], generator)] * logits_BV.shape[0]
+    return torch.tensor(sample(logits_BV, rows)[0], device=logits_BV.device)
 
 
 @torch.inference_mode()
@@ -82,7 +60,7 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
     stops early at EOS and at the model's context (max_position_embeddings), whichever comes first. The model
     gets the CPU fast paths in place (dsv2.cpu.optimize: same parameters, same outputs) if it had not."""
     prompts = check_prompts(model, prompts, max_new_tokens)
-    check_sampling(temperature, top_k, top_p)
+    params = check_sampling(temperature, top_k, top_p)
     optimize(model)  # the CPU fast paths (a no-op for a model already optimized)
     cfg = model.config
     eos = set(cfg.eos_token_ids if eos_token_id is None else
@@ -101,6 +79,7 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    rows = [Row(params, [], [], generator)] * B  # the rows draw from the one generator in turn
 
     was_training = model.training
     model.eval()
@@ -110,7 +89,7 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
         pos = positions[:, -1:]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = torch.tensor(sample(logits, rows)[0], device=device)
             yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist(), strict=True)]
             done |= torch.tensor([int(t) in eos for t in nxt.tolist()], device=device)
             if bool(done.all()) or step == max_new - 1:

@@ -22,8 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..errors import RequestError
 from ..inference.engine import Engine, RequestOutput, SamplingParams, TokenLogprob
-from ..inference.generate import GenerationError
 from .chat import ChatTemplate, ChatTemplateError
 from .engine_loop import EngineLoop
 from .http import EventStream, Guard, install_error_handlers
@@ -77,26 +77,13 @@ def build_app(engine: Engine, config: ServerConfig, chat_template: ChatTemplate 
 
     def prepared(prompt: str | list[int], req, logprobs: int | None, requested: int | None, param: str
                  ) -> tuple[list[int], SamplingParams]:
-        """The prompt's ids and the request's SamplingParams, checked as the engine will check them: the length
-        (as asked, or what the context and the cache leave: chat's default) needs the ids first."""
-        def make_params(max_tokens: int) -> SamplingParams:
-            return req.sampling_params(max_tokens, logprobs)
-
+        """The prompt's ids and the request's SamplingParams, admitted by the engine (max_tokens None: what the
+        context and the cache leave, chat's default)."""
         try:
-            ids = engine.check_request(prompt, make_params(requested or max(1, req.min_tokens)))
-            room = config.max_model_len - len(ids)
-            if room < 1 or (requested is not None and requested > room):
-                raise ApiError(400, f"the model's maximum context length is {config.max_model_len} tokens; this "
-                               f"request has {len(ids)} prompt tokens and asks for {requested or 1} more",
-                               param=param)
-            if requested is None:
-                bs, blocks = engine.cache.block_size, engine.pool.num_blocks
-                requested = max(1, min(room, (blocks - -(-len(ids) // bs)) // req.n * bs))
-            params = make_params(requested)
-            engine.check_request(ids, params)
-        except GenerationError as e:
-            raise ApiError(400, str(e), param=param) from None
-        return ids, params
+            adm = engine.admit(prompt, req.sampling_params(requested, logprobs), truncate=False)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=param if e.param in (None, "prompt") else e.param) from None
+        return adm.prompt_ids, adm.params
 
     def token_text(t: int) -> str:
         return tokenizer.decode([t], skip_special_tokens=False) if tokenizer is not None else f"token_id:{t}"

@@ -16,8 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..errors import GenerationError
 from ..inference.engine import Engine, RequestOutput, SamplingParams
-from ..inference.generate import GenerationError
 from .metrics import Metrics
 from .protocol import ApiError
 

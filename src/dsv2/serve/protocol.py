@@ -21,8 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from ..errors import GenerationError
 from ..inference.engine import SamplingParams
-from ..inference.generate import GenerationError
 
 
 def _utf8(text: str) -> str:

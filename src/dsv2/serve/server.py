@@ -15,6 +15,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ..errors import GenerationError
 from ..inference.engine import Engine
 from .app import ServerConfig, build_app
 from .chat import ChatTemplate
@@ -25,12 +26,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
           grace: float = 30.0, log_level: str = "info", **engine_kw) -> int:
     _check_port(host, port)  # a port in use or a bad template fails before the weights load
     chat_template = ChatTemplate.from_checkpoint(model)
-    engine = Engine.from_pretrained(model, **engine_kw)
-    context = engine.model.config.max_position_embeddings
-    if max_model_len is not None and not 1 < max_model_len <= context:
-        raise ValueError(f"--max-model-len must be in [2, {context}] (the model's context), got {max_model_len}")
+    try:
+        engine = Engine.from_pretrained(model, max_model_len=max_model_len, **engine_kw)
+    except GenerationError as e:
+        raise ValueError(str(e).replace("max_model_len", "--max-model-len")) from None
     name = served_model_name or Path(model).resolve().name
-    config = ServerConfig(name, max_model_len or context, api_key, max_queue, root=str(Path(model).resolve()))
+    config = ServerConfig(name, engine.max_model_len, api_key, max_queue, root=str(Path(model).resolve()))
     app = build_app(engine, config, chat_template)
     s = engine.stats
     print(f"dsv2 serve: {name} on http://{host}:{port}/v1 ({s['num_blocks']} cache blocks of "

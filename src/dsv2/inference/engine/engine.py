@@ -3,7 +3,10 @@
     engine = Engine.from_pretrained(path, cache_memory="4GiB", max_num_seqs=64)
     engine.generate(["def f(", "import"], SamplingParams(max_tokens=32))        # offline: a list of prompts
     engine.add_request("r1", "def f(", params); engine.step(); engine.abort("r1")  # what a server drives
+    admission = engine.admit(prompt, params)      # check once (any thread), then add_request("r2", admission)
 
+Admission (admit) is the one place a request is checked: tokenized, its ids and parameters against the model, its
+length against max_model_len and its worst case against the cache; a RequestError names the field at fault.
 A step schedules sequences (scheduler.py), packs their new tokens into one flat batch with their positions and
 slot mapping (paged.StepBatch), runs the model once, and samples the next token of every sequence whose tokens
 are all computed (sampler.py), each by its request's parameters. The engine owns the cache; the model only sees
@@ -17,6 +20,7 @@ import itertools
 import re
 import threading
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,13 +28,13 @@ from tqdm import tqdm
 
 from ...checkpoint import from_pretrained
 from ...cpu import optimize
+from ...errors import GenerationError, RequestError
 from ...model import DeepseekV2
 from ...tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
-from ..generate import GenerationError
 from .blocks import BlockPool
 from .detokenizer import Detokenizer
 from .paged import PagedCache, Segment, StepBatch
-from .params import CompletionOutput, RequestOutput, SamplingParams
+from .params import Admission, CompletionOutput, RequestOutput, SamplingParams, prompt_token_ids
 from .sampler import Row, sample
 from .scheduler import Scheduler
 from .sequence import Request, Sequence, Status
@@ -50,13 +54,26 @@ def parse_bytes(size: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+@dataclass
+class Packed:
+    """One step's flat batch (Engine.pack): token ids, a Segment per sequence, the rows to sample at and their
+    sequences."""
+
+    ids: list[int] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    sample_at: list[int] = field(default_factory=list)
+    ready: list[Sequence] = field(default_factory=list)
+
+
 class Engine:
     def __init__(self, model: DeepseekV2, tokenizer=None, *, cache_memory: str | int | None = None,
                  num_blocks: int | None = None, block_size: int = 64, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, prefix_caching: bool = True, dtype: torch.dtype | None = None):
+                 max_num_batched_tokens: int = 2048, prefix_caching: bool = True, dtype: torch.dtype | None = None,
+                 max_model_len: int | None = None):
         """cache_memory (bytes, or "4GiB") or num_blocks size the paged cache (default: 1 GiB, or what
         max_num_seqs full contexts take if less); block_size tokens per block; max_num_seqs sequences and
-        max_num_batched_tokens tokens per step at most; dtype of the cache (default: the model's)."""
+        max_num_batched_tokens tokens per step at most; dtype of the cache (default: the model's); max_model_len
+        prompt and output tokens per sequence at most (default: the model's context)."""
         self.model = optimize(model.eval())
         self.tokenizer = tokenizer
         w = model.model.embed_tokens.weight
@@ -66,6 +83,11 @@ class Engine:
             raise GenerationError(f"the cache dtype must be float32, bfloat16 or float16, got {dtype}")
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise GenerationError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        context = config.max_position_embeddings
+        self.max_model_len = context if max_model_len is None else max_model_len
+        if not 1 < self.max_model_len <= context:
+            raise GenerationError(f"max_model_len must be in [2, {context}] (the model's context), got "
+                                  f"{max_model_len}")
         if num_blocks is None:
             per_token = PagedCache.bytes_per_token(model, dtype)
             budget = (parse_bytes(cache_memory) if cache_memory is not None else
@@ -96,43 +118,59 @@ class Engine:
                    **kw)
 
     # -- the stepping API -----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> None:
-        """Queue a request: a text prompt (needs the tokenizer; BOS is prepended) or token ids."""
+    def admit(self, prompt: str | Seq[int], params: SamplingParams | None = None, *, truncate: bool = True
+              ) -> Admission:
+        """Check a request completely, once: the prompt (a text is tokenized, BOS first; ids must be in the
+        vocabulary), what its parameters need (stop strings a tokenizer, stop tokens the vocabulary), its length
+        against max_model_len and its worst case against the cache. max_tokens=None becomes what the context and
+        the cache leave; a max_tokens past the context is cut to it (truncate, as generate does) or refused. The
+        RequestError names the field at fault. It reads no state a step changes, so any thread may call it."""
         params = params or SamplingParams()
-        ids, max_new = self._checked(prompt, params)
-        with self._lock:
-            if request_id in self._requests:
-                raise GenerationError(f"request {request_id!r} is already running")
-            req = Request(request_id, ids, params, next(self._arrivals), max_new=max_new)
-            req.seqs.append(self._sequence(req, 0, list(ids)))
-            self._requests[request_id] = req
-            self.scheduler.add(req.seqs[0])
-
-    def check_request(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> list[int]:
-        """The prompt's token ids if add_request would take it, else the GenerationError it would raise (a server
-        checks a request before it queues it; this reads no state a step changes)."""
-        return self._checked(prompt, params or SamplingParams())[0]
-
-    def _checked(self, prompt: str | Seq[int], params: SamplingParams) -> tuple[list[int], int]:
         if params.stop and self.tokenizer is None:
-            raise GenerationError("stop strings are matched on the text: the engine needs a tokenizer (or use "
-                                  "stop_token_ids)")
-        ids = self._prompt_ids(prompt)
+            raise RequestError("stop strings are matched on the text: the engine needs a tokenizer (or use "
+                               "stop_token_ids)", "stop")
+        ids = prompt_token_ids(self.encode(prompt) if isinstance(prompt, str) else prompt,
+                               self.model.config.vocab_size)
         vocab = self.model.config.vocab_size
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
-            raise GenerationError(f"stop_token_ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        context = self.model.config.max_position_embeddings
-        if len(ids) >= context:
-            raise GenerationError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
-        max_new = min(params.max_tokens, context - len(ids))
-        bs = self.cache.block_size
-        need = -(-len(ids) // bs) + params.n * -(-max_new // bs)
-        if need > self.pool.num_blocks:
-            raise GenerationError(f"the request needs up to {need} cache blocks of {bs} tokens, the cache has "
-                                  f"{self.pool.num_blocks}: give the engine more cache_memory, or ask for fewer "
-                                  "tokens")
-        return ids, max_new
+            raise RequestError(f"stop_token_ids outside the vocabulary [0, {vocab}): {bad[:5]}", "stop_token_ids")
+        return Admission(ids, replace(params, **self._length(len(ids), params, truncate)))
+
+    def _length(self, prompt_len: int, params: SamplingParams, truncate: bool) -> dict[str, int]:
+        """max_tokens (and min_tokens) resolved against the context and the cache."""
+        limit, bs, blocks = self.max_model_len, self.cache.block_size, self.pool.num_blocks
+        room = limit - prompt_len
+        if room < 1:
+            raise RequestError(f"the prompt has {prompt_len} tokens; the model's context is {limit}, with no room "
+                               "for a new token", "prompt")
+        prompt_blocks = -(-prompt_len // bs)
+        asked = params.max_tokens
+        if asked is None:
+            asked = max(1, min(room, (blocks - prompt_blocks) // params.n * bs))
+        elif asked > room and not truncate:
+            raise RequestError(f"the model's context is {limit} tokens; this request has {prompt_len} prompt "
+                               f"tokens and asks for {asked} more", "max_tokens")
+        max_new = min(asked, room)
+        need = prompt_blocks + params.n * -(-max_new // bs)
+        if need > blocks:
+            raise RequestError(f"the request needs up to {need} cache blocks of {bs} tokens, the cache has "
+                               f"{blocks}: give the engine more cache_memory, or ask for fewer tokens", "max_tokens")
+        return {"max_tokens": max_new, "min_tokens": min(params.min_tokens, max_new)}
+
+    def add_request(self, request_id: str, prompt: str | Seq[int] | Admission,
+                    params: SamplingParams | None = None) -> None:
+        """Queue a request: an Admission (checked already), or a text prompt (needs the tokenizer; BOS is
+        prepended) or token ids with their params, which are admitted first."""
+        adm = prompt if isinstance(prompt, Admission) else self.admit(prompt, params)
+        with self._lock:
+            if request_id in self._requests:
+                raise RequestError(f"request {request_id!r} is already running")
+            req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals),
+                          max_new=adm.params.max_tokens)
+            req.seqs.append(self._sequence(req, 0, list(adm.prompt_ids)))
+            self._requests[request_id] = req
+            self.scheduler.add(req.seqs[0])
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is not running."""
@@ -151,38 +189,52 @@ class Engine:
             return bool(self._requests)
 
     def step(self) -> list[RequestOutput]:
-        """One forward of every scheduled sequence's new tokens and a sample for each that is complete: the
-        outputs of the requests that moved (finished ones for the last time)."""
+        """One step: schedule -> pack -> forward -> sample -> append -> outputs. The outputs of the requests that
+        moved (finished ones for the last time)."""
         with self._lock:
             scheduled = self.scheduler.schedule()
             if not scheduled:
-                if self.scheduler.waiting or self.scheduler.running:  # add_request checked each fits the cache
+                if self.scheduler.waiting or self.scheduler.running:  # admit checked that each fits the cache
                     raise RuntimeError("the scheduler found nothing it could run: an engine bug, please report it")
                 return []
-            segments, ids, sample_at, ready = [], [], [], []
-            for seq, n in scheduled:
-                segments.append(Segment(len(ids), n, seq.num_computed, list(seq.blocks)))
-                ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
-                if seq.num_computed + n == seq.num_tokens:
-                    sample_at.append(len(ids) - 1)
-                    ready.append(seq)
-            with torch.inference_mode():
-                logits = self.model(torch.tensor([ids], device=self.device),
-                                    cache=StepBatch(self.cache, segments, self.device),
-                                    logits_at=torch.tensor(sample_at, dtype=torch.long, device=self.device))
+            batch = self.pack(scheduled)
+            logits = self.forward(batch)
             for seq, n in scheduled:
                 self.scheduler.computed(seq, n)
-            owners, rows = [], []
-            for j, seq in enumerate(ready):
-                for s in self._forked(seq):  # the n completions of a prompt start from its logits
-                    owners.append(s)
-                    rows.append(j)
+            owners, rows = self._sampled(batch.ready)
             tokens, logprobs = sample(logits[rows], [self._row(s) for s in owners])
-            moved: dict[str, Request] = {}
             for seq, token, lp in zip(owners, tokens, logprobs, strict=True):
                 self._append(seq, token, lp)
-                moved[seq.request.request_id] = seq.request
+            moved = {seq.request.request_id: seq.request for seq in owners}
             return [self._output(req) for req in moved.values()]
+
+    def pack(self, scheduled: list[tuple[Sequence, int]]) -> Packed:
+        """The scheduled sequences' new tokens as one flat batch: each a Segment of it, and the rows to sample at
+        (the last token of each sequence whose tokens are then all computed)."""
+        packed = Packed()
+        for seq, n in scheduled:
+            packed.segments.append(Segment(len(packed.ids), n, seq.num_computed, list(seq.blocks)))
+            packed.ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
+            if seq.num_computed + n == seq.num_tokens:
+                packed.sample_at.append(len(packed.ids) - 1)
+                packed.ready.append(seq)
+        return packed
+
+    def forward(self, batch: Packed) -> torch.Tensor:
+        """The model over the flat batch, through the paged cache: logits [len(batch.sample_at), V]."""
+        with torch.inference_mode():
+            return self.model(torch.tensor([batch.ids], device=self.device),
+                              cache=StepBatch(self.cache, batch.segments, self.device),
+                              logits_at=torch.tensor(batch.sample_at, dtype=torch.long, device=self.device))
+
+    def _sampled(self, ready: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """The sequences to sample for and the logits row of each: a prompt's n completions start from its row."""
+        owners, rows = [], []
+        for j, seq in enumerate(ready):
+            for s in self._forked(seq):
+                owners.append(s)
+                rows.append(j)
+        return owners, rows
 
     # -- the offline API ------------------------------------------------------------------------------------------
     def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -204,31 +256,22 @@ class Engine:
     @property
     def stats(self) -> dict[str, int]:
         """Sequences running and waiting, prefix-cache queries and hits (in blocks), preemptions, free and total
-        blocks, cache bytes per token."""
+        blocks, tokens per block, cache bytes per token, max_model_len."""
         with self._lock:
             return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                     "prefix_queries": self.pool.queries, "prefix_hits": self.pool.hits,
                     "preemptions": self.scheduler.preemptions, "free_blocks": self.pool.num_free,
-                    "num_blocks": self.pool.num_blocks, "bytes_per_token": PagedCache.bytes_per_token(
-                        self.model, self.cache.storage.dtype)}
+                    "num_blocks": self.pool.num_blocks, "block_size": self.cache.block_size,
+                    "bytes_per_token": PagedCache.bytes_per_token(self.model, self.cache.storage.dtype),
+                    "max_model_len": self.max_model_len}
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """A text prompt's token ids as the engine takes it: BOS (where the model has one), then the text's."""
         if self.tokenizer is None:
-            raise GenerationError("a text prompt needs a tokenizer; pass token ids")
+            raise RequestError("a text prompt needs a tokenizer; pass token ids", "prompt")
         return ([self.bos_id] if bos and self.bos_id is not None else []) + self.tokenizer.encode(text).ids
 
     # ------------------------------------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        if not ids:
-            raise GenerationError("the prompt is empty: generation needs at least one token (e.g. BOS)")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise GenerationError(f"the prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        return ids
-
     def _sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         p = req.params
         gen = None

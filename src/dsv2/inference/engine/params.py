@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..generate import GenerationError
+from ...errors import RequestError
 
 
 @dataclass
@@ -15,7 +16,9 @@ class SamplingParams:
 
     n: int = 1
     """Completions of the prompt (they share its cache blocks)."""
-    max_tokens: int = 16
+    max_tokens: int | None = 16
+    """None: as many as the context (max_model_len) and the cache leave (what the server gives a chat request that
+    names no length)."""
     min_tokens: int = 0
     """EOS and the stop tokens cannot be sampled until this many tokens are out."""
     temperature: float = 1.0
@@ -42,9 +45,9 @@ class SamplingParams:
             self.stop = [self.stop]
         checks = [
             (_int(self.n) and self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (_int(self.max_tokens) and self.max_tokens >= 1,
+            (self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
              f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            (_int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -65,11 +68,28 @@ class SamplingParams:
         ]
         for ok, msg in checks:
             if not ok:
-                raise GenerationError(msg)
+                raise RequestError(msg, param=msg.split(" ", 1)[0])
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_row_pass(self) -> bool:
+        """Penalties look at the row's own tokens: such a row is prepared alone before the batched draw."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+
+def prompt_token_ids(prompt: Sequence[int], vocab_size: int, name: str = "the prompt") -> list[int]:
+    """A prompt's token ids as a list of ints, or a RequestError naming the first problem (the check of
+    Engine.admit and of dsv2.generate)."""
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise RequestError(f"{name} is empty: generation needs at least one token (e.g. BOS)", "prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", "prompt")
+    return ids
 
 
 def _int(x) -> bool:
@@ -78,6 +98,15 @@ def _int(x) -> bool:
 
 def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request the engine has checked and will take as it is (made by Engine.admit, taken by add_request):
+    its prompt's token ids, and its parameters with max_tokens resolved against the context and the cache."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
 
 
 @dataclass

@@ -1,10 +1,15 @@
-"""Sampling inside the batched step, each row by its own request's parameters.
+"""Sampling a batch of rows, each by its own request's parameters: the one sampler of the engine and of
+dsv2.generate.
 
 Per row, in order: repetition penalty (over the prompt and the output so far: positive logits divided, negative
 multiplied), presence and frequency penalties (over the output), then greedy argmax at temperature 0, or
 temperature, top-k, top-p (the smallest set reaching p) and min-p (below min_p times the top probability) and a
-draw. A row with a seed draws from its own generator, one uniform number per token, by inverse CDF: its tokens do
-not depend on what else is in the batch. Log-probabilities are those of the model's distribution (the raw logits).
+draw. The penalties and the banned tokens (EOS before min_tokens) need the row's own tokens, so only rows that have
+them take a pass of their own; everything after is one batched computation over the rows, with each row's
+temperature, top-k, top-p and min-p as a column of per-row values. A row with a seed draws from its own generator,
+one uniform number per token, by inverse CDF over its sorted probabilities: its tokens do not depend on what else is
+in the batch (the batched sort is stable and every reduction is along the row). Log-probabilities are those of the
+model's distribution (the raw logits).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ class Row:
     """Tokens that may not be sampled now (EOS and stop tokens before min_tokens)."""
 
 
-def _penalised(logits_V: torch.Tensor, row: Row) -> torch.Tensor:
+def _penalise(logits_V: torch.Tensor, row: Row) -> None:
+    """The row's penalties, in place."""
     p = row.params
     if p.repetition_penalty != 1.0 and (row.prompt_ids or row.output_ids):
         seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), device=logits_V.device)
@@ -38,43 +44,63 @@ def _penalised(logits_V: torch.Tensor, row: Row) -> torch.Tensor:
         counts = torch.bincount(torch.tensor(row.output_ids, device=logits_V.device), minlength=logits_V.shape[0])
         counts = counts[: logits_V.shape[0]].to(logits_V.dtype)
         logits_V -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits_V.dtype)
-    return logits_V
 
 
-def _draw(logits_V: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    sorted_V, order_V = (logits_V / p.temperature).sort(descending=True)
-    probs_V = sorted_V.softmax(-1)
-    keep_V = torch.ones_like(probs_V, dtype=torch.bool)
-    if p.top_k:
-        keep_V[p.top_k:] = False
-    if p.top_p < 1.0:
-        keep_V &= probs_V.cumsum(-1) - probs_V < p.top_p  # the smallest prefix whose mass reaches top_p
-    if p.min_p > 0:
-        keep_V &= probs_V >= p.min_p * probs_V[0]
-    keep_V[0] = True
-    probs_V = torch.where(keep_V, probs_V, 0.0)
-    cdf_V = probs_V.cumsum(-1)
-    u = torch.rand((), generator=generator, device=cdf_V.device) * cdf_V[-1]
-    i = min(int(torch.searchsorted(cdf_V, u, right=True)), int(keep_V.sum()) - 1)
-    return int(order_V[i])
+def _column(rows: list[Row], value, device) -> torch.Tensor:
+    return torch.tensor([value(r.params) for r in rows], dtype=torch.float32, device=device)[:, None]
+
+
+def _draw(logits_RV: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """One token per row from softmax(logits / T) cut by the row's top-k, top-p and min-p."""
+    device, V = logits_RV.device, logits_RV.shape[-1]
+    sorted_RV, order_RV = (logits_RV / _column(rows, lambda p: p.temperature, device)).sort(
+        dim=-1, descending=True, stable=True)
+    probs_RV = sorted_RV.softmax(-1)
+    rank_V = torch.arange(V, device=device)
+    keep_RV = rank_V < _column(rows, lambda p: p.top_k or V, device)
+    top_p_R1 = _column(rows, lambda p: p.top_p, device)
+    # the smallest prefix whose mass reaches top_p; no cut at all at top_p = 1 (rounding would drop the tail)
+    keep_RV &= (probs_RV.cumsum(-1) - probs_RV < top_p_R1) | (top_p_R1 >= 1.0)
+    keep_RV &= probs_RV >= _column(rows, lambda p: p.min_p, device) * probs_RV[:, :1]
+    keep_RV[:, 0] = True
+    cdf_RV = torch.where(keep_RV, probs_RV, 0.0).cumsum(-1)
+    u_R = torch.stack([torch.rand((), generator=r.generator, device=device) for r in rows]) * cdf_RV[:, -1]
+    i_R = torch.searchsorted(cdf_RV, u_R[:, None], right=True).squeeze(-1)
+    i_R = torch.minimum(i_R, keep_RV.sum(-1) - 1)
+    return order_RV.gather(1, i_R[:, None]).squeeze(-1)
 
 
 def sample(logits_RV: torch.Tensor, rows: list[Row]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """The next token of each row (logits_RV: one row of fp32 logits per entry of rows) and its logprobs."""
+    """The next token of each row (logits_RV: one row of logits per entry of rows) and its logprobs."""
     logits_RV = logits_RV.float()
-    tokens: list[int] = []
-    for logits_V, row in zip(logits_RV.clone(), rows, strict=True):
+    work_RV = logits_RV.clone()
+    for i, row in enumerate(rows):  # the per-row pass, only for the rows that need one
         if row.banned:
-            logits_V[row.banned] = float("-inf")
-        logits_V = _penalised(logits_V, row)
-        tokens.append(int(logits_V.argmax()) if row.params.greedy else _draw(logits_V, row.params, row.generator))
-    logprobs: list[TokenLogprob | None] = [None] * len(rows)
+            work_RV[i, row.banned] = float("-inf")
+        if row.params.needs_row_pass:
+            _penalise(work_RV[i], row)
+    tokens_R = torch.empty(len(rows), dtype=torch.long, device=logits_RV.device)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if len(greedy) == len(rows):
+        tokens_R = work_RV.argmax(-1)
+    elif greedy:
+        tokens_R[greedy] = work_RV[greedy].argmax(-1)
+    if drawn:
+        tokens_R[drawn] = _draw(work_RV[drawn], [rows[i] for i in drawn])
+    tokens = tokens_R.tolist()
+    return tokens, _logprobs(logits_RV, rows, tokens)
+
+
+def _logprobs(logits_RV: torch.Tensor, rows: list[Row], tokens: list[int]) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = [None] * len(rows)
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if wanted:
         lp_RV = logits_RV[wanted].log_softmax(-1)
         for j, i in enumerate(wanted):
-            top = lp_RV[j].topk(rows[i].params.logprobs) if rows[i].params.logprobs else None
-            logprobs[i] = TokenLogprob(tokens[i], float(lp_RV[j, tokens[i]]),
-                                       [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(),
-                                                                       strict=True)))
-    return tokens, logprobs
+            n = rows[i].params.logprobs
+            top = lp_RV[j].topk(n) if n else None
+            out[i] = TokenLogprob(tokens[i], float(lp_RV[j, tokens[i]]),
+                                  [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(),
+                                                                  strict=True)))
+    return out
