@@ -34,7 +34,8 @@ def prefill_latents(path, n_tokens: int, seed: int = 0, chunk: int = 2048):
     ids = torch.randint(2, model.config.vocab_size, (1, n_tokens), generator=g)
     cache = model.new_cache(1, n_tokens)
     for s in range(0, n_tokens, chunk):
-        model(ids[:, s:s + chunk], cache=cache, logits_to_keep=1)  # generation needs the last position only
+        part = ids[:, s:s + chunk]
+        model(part, cache=cache, logits_at=torch.tensor([part.shape[1] - 1]))  # generation needs the last one
     lat = {k: v.clone() for k, v in cache.buffers.items()}
     del model, cache
     free_memory()

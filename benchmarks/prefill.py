@@ -27,7 +27,8 @@ def run(path, *, context: int = 2048, batch: int = 1, dtypes=("fp32", "bf16"), p
         for peer in peers:
             if peer == "dsv2":
                 def fn(model=model, ids=ids):
-                    model(ids, cache=model.new_cache(batch, context), logits_to_keep=1)
+                    model(ids, cache=model.new_cache(batch, context),
+                          logits_at=torch.arange(batch) * context + context - 1)
             else:
                 def fn(hf=hf, ids=ids):
                     hf(input_ids=ids, use_cache=True, logits_to_keep=1)

@@ -1,6 +1,6 @@
 """The CPU fast paths (dsv2.cpu): each custom op equals its reference, each CPU module equals the plain module it
 replaces, and a whole model gives the same outputs with optimize() and without; the joint cache layout; masks
-skipped only where they are no-ops; logits_to_keep. Tests that need the C++ kernels take the `kernels` fixture
+skipped only where they are no-ops; logits_at. Tests that need the C++ kernels take the `kernels` fixture
 (conftest.py), which builds them once per session."""
 
 import copy
@@ -307,14 +307,17 @@ def test_unmasked_cached_forward_equals_masked(absorb):
         torch.testing.assert_close(chunked, full, **TOL)
 
 
-def test_logits_to_keep():
+def test_logits_at():
     torch.manual_seed(0)
     model = DeepseekV2(tiny_config(num_hidden_layers=2)).eval()
-    ids = torch.randint(2, 100, (2, 7))
+    B, S = 2, 7
+    ids = torch.randint(2, 100, (B, S))
     with torch.no_grad():
         full = model(ids)
-        torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:], **TOL)
-        torch.testing.assert_close(model(ids, logits_to_keep=3), full[:, -3:], **TOL)
+        rows = torch.arange(B)[:, None] * S
+        for n in (1, 3):  # each row's last n positions
+            at = (rows + torch.arange(S - n, S)).flatten()
+            torch.testing.assert_close(model(ids, logits_at=at), full[:, -n:].flatten(0, 1), **TOL)
 
 
 def test_cache_writable_with_grad_mode_on():

@@ -85,7 +85,8 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
     model.eval()
     try:
         cache = model.new_cache(B, P + max_new)
-        logits = model(ids, positions=positions, cache=cache, pad_mask=pad_mask, logits_to_keep=1)[:, -1]
+        logits = model(ids, positions=positions, cache=cache, pad_mask=pad_mask,
+                       logits_at=torch.arange(B, device=device) * P + P - 1)
         pos = positions[:, -1:]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new):
@@ -95,7 +96,7 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
             if bool(done.all()) or step == max_new - 1:
                 break
             pos = pos + 1
-            logits = model(nxt[:, None], positions=pos, cache=cache, logits_to_keep=1)[:, -1]
+            logits = model(nxt[:, None], positions=pos, cache=cache, logits_at=torch.arange(B, device=device))
     finally:
         model.train(was_training)
 

@@ -89,24 +89,23 @@ class DeepseekV2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: AttentionCache | None = None, pad_mask: torch.Tensor | None = None,
-                absorb: bool | None = None, return_routing: bool = False, logits_to_keep: int = 0,
-                logits_at: torch.Tensor | None = None, targets: torch.Tensor | None = None):
+                absorb: bool | None = None, return_routing: bool = False, logits_at: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None):
         """input_ids [B, S] -> logits [B, S, V] (and the MoE layers' routings when return_routing).
 
         positions [B, S]: RoPE positions (default: after what the cache holds). cache: an AttentionCache
         (model/cache.py), which stores the new tokens' entries and runs their attention. pad_mask [B, S] bool:
         False marks padding (left padding in generation); padded keys are masked out. absorb: force MLA's absorbed
-        path on or off (default: the cache decides; without a cache, the naive path). logits_to_keep > 0: only the
-        last that many positions go through the final norm and LM head (generation needs the last one);
-        logits_at: or only these indices of the flattened [B * S] tokens (a ragged batch's last token of each
-        sequence), logits [len(logits_at), V]. targets [B, S] (the next token at each position;
-        lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an fp32 scalar, in place of the logits,
-        by lm_loss (fused with the LM head; no [B, S, V] logits in memory).
+        path on or off (default: the cache decides; without a cache, the naive path). logits_at: only these
+        indices of the flattened [B * S] tokens go through the final norm and LM head, logits [len(logits_at), V]
+        (generation needs each sequence's last token: arange(B) * S + S - 1). targets [B, S] (the next token at
+        each position; lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an fp32 scalar, in place
+        of the logits, by lm_loss (fused with the LM head; no [B, S, V] logits in memory).
         """
         B, S = input_ids.shape
-        if targets is not None and (targets.shape != input_ids.shape or logits_to_keep or logits_at is not None):
+        if targets is not None and (targets.shape != input_ids.shape or logits_at is not None):
             raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)} (got "
-                             f"{tuple(targets.shape)}) and need logits_to_keep=0 and no logits_at")
+                             f"{tuple(targets.shape)}) and need no logits_at")
         mask = None
         if cache is not None:
             cache.start(S, pad_mask, absorb)  # the cache decides masks and MLA's path
@@ -128,8 +127,6 @@ class DeepseekV2(nn.Module):
             cache.finish(S)
         if logits_at is not None:
             x = x.reshape(B * S, -1)[logits_at]
-        elif logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]
         if targets is not None:
             out = lm_loss(self.model.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
         else:
