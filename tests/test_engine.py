@@ -12,6 +12,7 @@ from conftest import random_model, tiny_config
 from dsv2 import generate
 from dsv2.errors import GenerationError
 from dsv2.inference.engine import Engine, SamplingParams
+from dsv2.inference.engine.params import choice_seed
 
 VOCAB = 96
 MAX_NEW = 10
@@ -228,8 +229,8 @@ def test_top_k_1_and_min_p_1_are_greedy():
 
 
 def test_n_completions_share_the_prompt_blocks():
-    """n=3: completion i is the same request alone with seed + i; while they run, the prompt's blocks are held
-    by all three."""
+    """n=3: completion i is the same request alone with choice_seed(seed, i); while they run, the prompt's blocks
+    are held by all three."""
     model = make_model()
     p = prompts_of([19], seed=10)[0]  # 2 full blocks of 8 and a partial one (copied on write)
     engine = Engine(model, num_blocks=64, block_size=8)
@@ -243,7 +244,7 @@ def test_n_completions_share_the_prompt_blocks():
     assert engine.pool.num_free == engine.pool.num_blocks
     got = [c.token_ids for c in outs[0].outputs]
     for i in range(3):
-        (alone_i,) = engine.generate([p], SamplingParams(temperature=1.0, seed=77 + i, max_tokens=6,
+        (alone_i,) = engine.generate([p], SamplingParams(temperature=1.0, seed=choice_seed(77, i), max_tokens=6,
                                                          ignore_eos=True), progress=False)
         assert got[i] == alone_i.outputs[0].token_ids
     assert len({tuple(g) for g in got}) > 1

@@ -1,6 +1,7 @@
 """The engine's step functions one at a time: admission (Engine.admit), packing a step's flat batch (Engine.pack),
-and the batched sampler against a plain per-row reference (the filters one row at a time, as the paper-style
-description in sampler.py reads) and against itself on one row (batch independence)."""
+the batched sampler against a plain per-row reference (the filters one row at a time, as sampler.py describes
+them) and against itself on one row (batch independence); the stop-string automaton against brute force; logit
+bias; per-choice seeds."""
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from hypothesis import strategies as st
 
 from dsv2.errors import RequestError
 from dsv2.inference.engine import Engine, SamplingParams
-from dsv2.inference.engine.params import Admission
+from dsv2.inference.engine.params import Admission, choice_seed
 from dsv2.inference.engine.sampler import Row, sample
+from dsv2.inference.engine.stop_strings import StopStrings
 
 V = 40
 
@@ -131,3 +133,59 @@ def test_pack_lays_out_the_step():
     assert [(s.start, s.n_new, s.n_cached) for s in batch.segments] == [(0, 5, 0), (5, 2, 0)]
     assert batch.sample_at == [4, 6] and [s.request.request_id for s in batch.ready] == ["a", "b"]
     assert e.forward(batch).shape == (2, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stop strings, logit bias, per-choice seeds
+@settings(max_examples=300, deadline=None)
+@given(stops=st.lists(st.text("abc", min_size=1, max_size=5), max_size=8), text=st.text("abcd", max_size=30),
+       cut=st.integers(0, 30))
+def test_stop_automaton_equals_brute_force(stops, text, cut):
+    """Fed in two pieces: the first stop string to complete ends where a brute-force scan says, and the state's
+    depth is the longest suffix of the text that could still begin a stop string."""
+    automaton = StopStrings(stops)
+    state, end = automaton.feed(0, text[:cut])
+    if end is None:
+        state, end = automaton.feed(state, text[cut:])
+        end = None if end is None else end + len(text[:cut])
+    seen = text if end is None else text[:end]
+    brute = next((e for e in range(1, len(text) + 1) if any(text[:e].endswith(s) for s in stops)), None)
+    assert end == brute
+    if end is not None:
+        assert automaton.match[state] == max(len(s) for s in stops if seen.endswith(s))
+    else:
+        assert automaton.depth[state] == max((k for s in stops for k in range(1, len(s) + 1)
+                                              if seen.endswith(s[:k])), default=0)
+
+
+def test_many_stop_strings_cost_what_one_does():
+    """3,000 stop strings of 1,000 characters: feeding 2,000 characters takes well under a second."""
+    import time
+
+    automaton = StopStrings([f"{i:04d}" + "x" * 996 for i in range(3000)])
+    t = time.perf_counter()
+    state = 0
+    for _ in range(500):
+        state, end = automaton.feed(state, "0012")
+        assert end is None
+    assert time.perf_counter() - t < 1.0
+
+
+def test_logit_bias_moves_the_choice_and_is_checked():
+    logits = torch.zeros(1, V)
+    rows = make_rows([(SamplingParams(temperature=0, logit_bias={7: 5.0}, seed=0), [], [], [])])
+    assert sample(logits, rows)[0] == [7]
+    rows = make_rows([(SamplingParams(logit_bias={7: -100, 3: 100}, seed=0), [], [], [])])
+    assert sample(logits, rows)[0] == [3]
+    for bad in ({7: 101}, {-1: 1.0}, {7: float("nan")}, {"7": 1.0}):
+        with pytest.raises(RequestError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+    with pytest.raises(RequestError, match="logit_bias outside the vocabulary") as e:
+        engine().admit([3], SamplingParams(logit_bias={64: 1.0}))
+    assert e.value.param == "logit_bias"
+
+
+def test_choice_seeds_do_not_overlap_across_requests():
+    seeds = {(s, i): choice_seed(s, i) for s in range(50) for i in range(8)}
+    assert all(seeds[(s, 0)] == s for s in range(50))
+    assert len(set(seeds.values())) == len(seeds)  # seed 7's second completion is not seed 8's first

@@ -6,19 +6,24 @@ before `clean`, the token index after the last emission, decoded completely, so 
 tokens) + decode(the rest), and the deltas concatenate to the full decode: no U+FFFD in a stream whose full
 decode has none, and nothing lost at the end (finish() flushes).
 
-Stop strings are matched on the text: text that could be the start of a stop string is held back until it cannot
-be, and a match ends the text before the stop string, which is never shown.
+Stop strings are matched on the text as it grows (stop_strings.py: each new character costs the same however many
+stop strings there are): text that could be the start of a stop string is held back until it cannot be, and the
+first stop string to be completed ends the text before it; it is never shown.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .stop_strings import StopStrings
+
 
 class Detokenizer:
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: StopStrings | Sequence[str] = ()):
         self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stop = stop if isinstance(stop, StopStrings) else StopStrings(stop)
+        self._state = 0
+        """The stop-string automaton's state after the text so far."""
         self.ids: list[int] = []
         self.clean = 0
         self.text = ""
@@ -47,14 +52,17 @@ class Detokenizer:
         return self._emit(self._pending + rest, final=True)
 
     def _emit(self, text: str, final: bool) -> str:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:  # the earliest match ends the text
-            text = text[: min(hits)]
-            self.stopped = True
+        """Emit text up to what could begin a stop string (all of it when final); `text` is the pending text then
+        the new, of which the automaton has seen only the pending part."""
+        if self.stop:
+            self._state, end = self.stop.feed(self._state, text[len(self._pending):])
+            if end is not None:  # the match ends in the new text and starts after what was emitted
+                text = text[: len(self._pending) + end - self.stop.match[self._state]]
+                self.stopped = True
         if self.stopped or final:
             out, self._pending = text, ""
         else:
-            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            hold = self.stop.depth[self._state]
             out, self._pending = text[: len(text) - hold], text[len(text) - hold:]
         self.text += out
         return out

@@ -34,10 +34,11 @@ from ...tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 from .blocks import BlockPool
 from .detokenizer import Detokenizer
 from .paged import PagedCache, Segment, StepBatch
-from .params import Admission, CompletionOutput, RequestOutput, SamplingParams, prompt_token_ids
+from .params import Admission, CompletionOutput, RequestOutput, SamplingParams, choice_seed, prompt_token_ids
 from .sampler import Row, sample
 from .scheduler import Scheduler
 from .sequence import Request, Sequence, Status
+from .stop_strings import StopStrings
 
 DEFAULT_CACHE_BYTES = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -132,10 +133,11 @@ class Engine:
         ids = prompt_token_ids(self.encode(prompt) if isinstance(prompt, str) else prompt,
                                self.model.config.vocab_size)
         vocab = self.model.config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise RequestError(f"stop_token_ids outside the vocabulary [0, {vocab}): {bad[:5]}", "stop_token_ids")
-        return Admission(ids, replace(params, **self._length(len(ids), params, truncate)))
+        for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            bad = [t for t in token_ids if t >= vocab]
+            if bad:
+                raise RequestError(f"{name} outside the vocabulary [0, {vocab}): {bad[:5]}", name)
+        return Admission(ids, replace(params, **self._length(len(ids), params, truncate)), StopStrings(params.stop))
 
     def _length(self, prompt_len: int, params: SamplingParams, truncate: bool) -> dict[str, int]:
         """max_tokens (and min_tokens) resolved against the context and the cache."""
@@ -167,7 +169,7 @@ class Engine:
             if request_id in self._requests:
                 raise RequestError(f"request {request_id!r} is already running")
             req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals),
-                          max_new=adm.params.max_tokens)
+                          max_new=adm.params.max_tokens, stops=adm.stops)
             req.seqs.append(self._sequence(req, 0, list(adm.prompt_ids)))
             self._requests[request_id] = req
             self.scheduler.add(req.seqs[0])
@@ -276,8 +278,8 @@ class Engine:
         p = req.params
         gen = None
         if p.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed((p.seed + index) % 2**63)
-        detok = Detokenizer(self.tokenizer, p.stop) if self.tokenizer is not None else None
+            gen = torch.Generator(device=self.device).manual_seed(choice_seed(p.seed, index))
+        detok = Detokenizer(self.tokenizer, req.stops) if self.tokenizer is not None else None
         return Sequence(req, index, token_ids, gen, detok)
 
     def _forked(self, seq: Sequence) -> list[Sequence]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...errors import RequestError
+from .stop_strings import StopStrings
 
 
 @dataclass
@@ -39,6 +41,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """Log-probabilities (of the model's distribution) of each chosen token and of the top `logprobs` tokens."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> a number in [-100, 100] added to its logit before sampling (OpenAI's logit_bias); the
+    log-probabilities stay those of the model."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +70,9 @@ class SamplingParams:
             (all(_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
             (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                _int(t) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
+             "logit_bias must map token ids to numbers in [-100, 100]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -76,8 +84,20 @@ class SamplingParams:
 
     @property
     def needs_row_pass(self) -> bool:
-        """Penalties look at the row's own tokens: such a row is prepared alone before the batched draw."""
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+        """Penalties look at the row's own tokens, a bias at its own ids: such a row is prepared alone before the
+        batched draw."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+                or bool(self.logit_bias))
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of completion `index` of a request seeded with `seed`: the seed itself for the first, a hash of
+    both for the others, so no two (seed, index) pairs of different requests share a stream (seed + index would:
+    seed 7's second completion would be seed 8's first)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
 
 
 def prompt_token_ids(prompt: Sequence[int], vocab_size: int, name: str = "the prompt") -> list[int]:
@@ -103,10 +123,12 @@ def _finite(x) -> bool:
 @dataclass(frozen=True)
 class Admission:
     """A request the engine has checked and will take as it is (made by Engine.admit, taken by add_request):
-    its prompt's token ids, and its parameters with max_tokens resolved against the context and the cache."""
+    its prompt's token ids, its parameters with max_tokens resolved against the context and the cache, and its
+    stop strings' automaton (built here, off the engine's step)."""
 
     prompt_ids: list[int]
     params: SamplingParams
+    stops: StopStrings
 
 
 @dataclass

@@ -1,15 +1,15 @@
 """Sampling a batch of rows, each by its own request's parameters: the one sampler of the engine and of
 dsv2.generate.
 
-Per row, in order: repetition penalty (over the prompt and the output so far: positive logits divided, negative
-multiplied), presence and frequency penalties (over the output), then greedy argmax at temperature 0, or
-temperature, top-k, top-p (the smallest set reaching p) and min-p (below min_p times the top probability) and a
-draw. The penalties and the banned tokens (EOS before min_tokens) need the row's own tokens, so only rows that have
-them take a pass of their own; everything after is one batched computation over the rows, with each row's
-temperature, top-k, top-p and min-p as a column of per-row values. A row with a seed draws from its own generator,
-one uniform number per token, by inverse CDF over its sorted probabilities: its tokens do not depend on what else is
-in the batch (the batched sort is stable and every reduction is along the row). Log-probabilities are those of the
-model's distribution (the raw logits).
+Per row, in order: the logit bias, repetition penalty (over the prompt and the output so far: positive logits
+divided, negative multiplied), presence and frequency penalties (over the output), then greedy argmax at
+temperature 0, or temperature, top-k, top-p (the smallest set reaching p) and min-p (below min_p times the top
+probability) and a draw. The bias, the penalties and the banned tokens (EOS before min_tokens) are the row's own,
+so only rows that have them take a pass of their own; everything after is one batched computation over the rows,
+with each row's temperature, top-k, top-p and min-p as a column of per-row values. A row with a seed draws from
+its own generator, one uniform number per token, by inverse CDF over its sorted probabilities: its tokens do not
+depend on what else is in the batch (the batched sort is stable and every reduction is along the row).
+Log-probabilities are those of the model's distribution (the raw logits).
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ class Row:
 
 
 def _penalise(logits_V: torch.Tensor, row: Row) -> None:
-    """The row's penalties, in place."""
+    """The row's logit bias and penalties, in place."""
     p = row.params
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits_V.device)
+        logits_V[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits_V.dtype, device=logits_V.device)
     if p.repetition_penalty != 1.0 and (row.prompt_ids or row.output_ids):
         seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), device=logits_V.device)
         v = logits_V[seen]

@@ -16,6 +16,7 @@ import torch
 from .blocks import ROOT_HASH, block_hash
 from .detokenizer import Detokenizer
 from .params import SamplingParams, TokenLogprob
+from .stop_strings import StopStrings
 
 
 class Status(Enum):
@@ -83,6 +84,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     max_new: int = 0
     """params.max_tokens, or fewer where the model's context ends first."""
+    stops: StopStrings = field(default_factory=lambda: StopStrings(()))
+    """The stop strings' automaton, shared by the request's completions."""
 
     @property
     def finished(self) -> bool:
