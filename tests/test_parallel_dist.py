@@ -80,8 +80,8 @@ def _recorded(par) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------
 # parity of one training step
-def _loss(model, x, y, cfg):
-    logits, routings = model(x, return_routing=True)
+def _loss(model, x, y, cfg, token_drop):
+    logits, routings = model(x, return_routing=True, token_drop=token_drop)
     B, S = x.shape
     aux = sum(balance_losses(r.scores_TE.view(B, S, -1), r.experts_TK.view(B, S, -1), cfg)["total"]
               for r in routings)
@@ -119,13 +119,10 @@ def _parity_case(par_ep: int, cfg, accum: int, rank0_only: bool = False) -> None
     y = torch.randint(cfg.vocab_size, (B, S), generator=g)
     protect = torch.tensor([True, False, False, False, False, False, True, False])
     droppers = [DeviceTokenDrop(cfg, 1.0) for _ in range(2)]
-    for net, d in ((model, droppers[0]), (ref, droppers[1])):
-        for m in net.modules():
-            if isinstance(m, MoE):
-                m.token_drop = d
 
     par = init_parallel(par_ep, "cpu")
     net = par.wrap(model)
+    token_drop = par.token_drop(droppers[0], cfg)
     last = _recorded(par)
     local = B // world
     micro = local // accum
@@ -138,13 +135,13 @@ def _parity_case(par_ep: int, cfg, accum: int, rank0_only: bool = False) -> None
             rows = torch.cat([torch.arange(k * local + j * micro, k * local + (j + 1) * micro)
                               for k in range(r * ep, (r + 1) * ep)])
             droppers[1].protect = protect[rows]
-            logits, loss = _loss(ref, x[rows], y[rows], cfg)
+            logits, loss = _loss(ref, x[rows], y[rows], cfg, droppers[1])
             (loss / (dp * accum)).backward()
             ref_logits[rows] = logits.detach()
     for j in range(accum):
         rows = torch.arange(rank * local + j * micro, rank * local + (j + 1) * micro)
         droppers[0].protect = protect[rows]
-        logits, loss = _loss(net, x[rows], y[rows], cfg)
+        logits, loss = _loss(net, x[rows], y[rows], cfg, token_drop)
         (loss / accum).backward()
         torch.testing.assert_close(logits.detach(), ref_logits[rows], **TOL)
     assert droppers[0].dropped > 0 or rank0_only  # dropping was exercised

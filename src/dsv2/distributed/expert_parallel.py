@@ -117,8 +117,9 @@ class AllToAllDispatcher(LocalDispatcher):
 # ------------------------------------------------------------------------------------------------------------
 # token dropping where the tokens arrive
 class ArrivalTokenDrop:
-    """MoE.token_drop policy for expert parallelism, wrapping the trainer's DeviceTokenDrop (its capacity_factor
-    and protect mask in, its dropped/assignments counters out).
+    """The token-dropping policy (model.moe.TokenDropPolicy) of expert parallelism, wrapping the trainer's
+    DeviceTokenDrop (its capacity_factor and protect mask in, its dropped/assignments counters out); one for every
+    MoE layer (Parallel.token_drop).
 
     Each rank sends, per assignment, the chosen expert's affinity, device group and protection to the rank
     holding the expert; that rank applies the device capacity rule (model/capacity.py drop_over_capacity) to what

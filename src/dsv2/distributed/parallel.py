@@ -10,9 +10,9 @@ Launch with torchrun; the ranks form a 2-D device mesh of shape (dp, ep), rank =
         averaged over all ranks (DDP), expert gradients over the dp ranks holding the same expert block.
 
 The model never mentions ranks: `wrap` swaps each MoE layer's dispatcher for an `AllToAllDispatcher` (same
-dispatch()/combine() interface as moe.LocalDispatcher), shards the stacked expert weights, moves token dropping
-to the ranks where the tokens arrive (`ArrivalTokenDrop`) and wraps the model in DDP. With one process,
-`Parallel()` is the identity everywhere, so the trainer calls the same methods either way.
+dispatch()/combine() interface as moe.LocalDispatcher), shards the stacked expert weights and wraps the model in
+DDP; `token_drop` moves the trainer's token dropping to the ranks where the tokens arrive (`ArrivalTokenDrop`).
+With one process, `Parallel()` is the identity everywhere, so the trainer calls the same methods either way.
 
 Exactness. The all-to-all dispatcher keeps the single-process order of token copies (by expert, then by global
 token index), so the grouped GEMMs see the same rows in the same order; dropping decides on the same global
@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..model.moe import MoE
+from ..config import ModelConfig
+from ..model.moe import MoE, TokenDropPolicy
 from .comm import CommStats
 from .expert_parallel import AllToAllDispatcher, ArrivalTokenDrop
 
@@ -114,9 +115,9 @@ class Parallel:
 
     # -- model --------------------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Shard experts, install the all-to-all dispatcher and arrival-side dropping, wrap in DDP.
+        """Shard experts, install the all-to-all dispatcher, wrap in DDP.
 
-        Call after loading weights and installing the token-drop policy, before building the optimizer.
+        Call after loading weights, before building the optimizer.
         Returns the module to call for training forwards (DDP, or the model itself with one process);
         everything else (evaluation, saving, the optimizer) keeps using `model`.
         """
@@ -149,8 +150,14 @@ class Parallel:
         experts.n_experts = hi - lo
         moe.dispatcher = AllToAllDispatcher(E, self.ep_group, self.comm)
         self.dispatchers.append(moe.dispatcher)
-        if moe.token_drop is not None:
-            moe.token_drop = ArrivalTokenDrop(moe.token_drop, E, moe.gate.n_group, self.ep_group, self.comm)
+
+    def token_drop(self, policy: Any, config: ModelConfig) -> TokenDropPolicy | None:
+        """The token-dropping policy for the training forward: with expert parallelism, the trainer's `policy`
+        (a DeviceTokenDrop) applied where the tokens arrive, ArrivalTokenDrop (which reads its settings and adds
+        to its counters); otherwise `policy` itself. None: no dropping."""
+        if self.ep == 1 or policy is None:
+            return policy
+        return ArrivalTokenDrop(policy, config.num_routed, config.n_group, self.ep_group, self.comm)
 
     def _average_over_replicas(self, p: Tensor) -> None:
         # Averaging is idempotent on the part accumulated by earlier micro-batches (already equal on the

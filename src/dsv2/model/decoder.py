@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from .attention import build_attention
 from .cache import AttentionCache, KVCache, causal_mask
 from .lm_loss import lm_loss
-from .moe import MoE, dense_or_moe
+from .moe import MoE, TokenDropPolicy, dense_or_moe
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .router import Routing
@@ -34,11 +34,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache, absorb) -> tuple[torch.Tensor, Routing | None]:
+    def forward(self, x, rope, mask, cache, absorb, token_drop) -> tuple[torch.Tensor, Routing | None]:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, absorb)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            y, routing = self.mlp(h)
+            y, routing = self.mlp(h, token_drop)
             return x + y, routing
         return x + self.mlp(h), None
 
@@ -90,7 +90,7 @@ class DeepseekV2(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: AttentionCache | None = None, pad_mask: torch.Tensor | None = None,
                 absorb: bool | None = None, return_routing: bool = False, logits_at: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, token_drop: TokenDropPolicy | None = None):
         """input_ids [B, S] -> logits [B, S, V] (and the MoE layers' routings when return_routing).
 
         positions [B, S]: RoPE positions (default: after what the cache holds). cache: an AttentionCache
@@ -100,7 +100,8 @@ class DeepseekV2(nn.Module):
         indices of the flattened [B * S] tokens go through the final norm and LM head, logits [len(logits_at), V]
         (generation needs each sequence's last token: arange(B) * S + S - 1). targets [B, S] (the next token at
         each position; lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an fp32 scalar, in place
-        of the logits, by lm_loss (fused with the LM head; no [B, S, V] logits in memory).
+        of the logits, by lm_loss (fused with the LM head; no [B, S, V] logits in memory). token_drop: the MoE
+        layers' token-dropping policy, applied in training mode only (model/moe.py).
         """
         B, S = input_ids.shape
         if targets is not None and (targets.shape != input_ids.shape or logits_at is not None):
@@ -120,7 +121,7 @@ class DeepseekV2(nn.Module):
         x = self.model.embed_tokens(input_ids)
         routings = []
         for layer in self.model.layers:
-            x, routing = layer(x, rope, mask, cache, bool(absorb))
+            x, routing = layer(x, rope, mask, cache, bool(absorb), token_drop)
             if routing is not None:
                 routings.append(routing)
         if cache is not None:

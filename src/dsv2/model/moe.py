@@ -5,7 +5,7 @@
 The dispatcher is the seam for expert parallelism: `LocalDispatcher` sorts token copies by expert in one
 process; a distributed dispatcher (dsv2/distributed/expert_parallel.py) does the same over ranks with
 all-to-all, behind the same two calls. The layer itself never mentions ranks. Token dropping (training) is a
-pluggable policy that marks assignments to drop before dispatch.
+policy passed to the forward that marks assignments to drop before dispatch.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class LocalDispatcher:
 
 
 TokenDropPolicy = Callable[[Routing, int], torch.Tensor]
-"""(routing, batch_size) -> keep_TK bool mask; set on MoE.token_drop during training only."""
+"""(routing, batch_size) -> keep_TK bool mask; passed to the forward, applied in training mode only."""
 
 
 class MoE(nn.Module):
@@ -91,14 +91,14 @@ class MoE(nn.Module):
         n_shared = c.n_shared_experts or 0
         self.shared_experts = MLP(c.hidden_size, n_shared * c.moe_intermediate_size, c.hidden_act) if n_shared else None
         self.dispatcher = LocalDispatcher(c.num_routed)
-        self.token_drop: TokenDropPolicy | None = None
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x_BSD: torch.Tensor, token_drop: TokenDropPolicy | None = None,
+                ) -> tuple[torch.Tensor, Routing]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.gate(x_TD)
-        if self.training and self.token_drop is not None:
-            routing.keep_TK = self.token_drop(routing, B)
+        if self.training and token_drop is not None:
+            routing.keep_TK = token_drop(routing, B)
         # the shared experts run while the routed copies are in flight (with expert parallelism, an all-to-all)
         shared = self.shared_experts
         overlap = (lambda: shared(x_TD)) if shared is not None else None

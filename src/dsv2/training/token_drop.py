@@ -84,7 +84,8 @@ any realistic range never share a draw."""
 # ------------------------------------------------------------------------------------------------------------
 # token dropping and per-step MoE statistics
 class DeviceTokenDrop:
-    """MoE.token_drop policy: device-level capacity per group, protected sequences chosen per micro-batch."""
+    """The trainer's token-dropping policy (model.moe.TokenDropPolicy, passed to the training forward):
+    device-level capacity per group, protected sequences chosen per micro-batch."""
 
     def __init__(self, config: ModelConfig, capacity_factor: float):
         self.config, self.capacity_factor = config, capacity_factor

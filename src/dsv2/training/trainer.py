@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..distributed.parallel import Parallel, init_parallel
 from ..model import DeepseekV2
-from ..model.moe import MoE
+from ..model.moe import TokenDropPolicy
 from ..reproducibility import MKL_CBWR, mkl_reproducible
 from . import data as data_mod
 from .balance import MoEStats, balance_losses
@@ -104,6 +104,9 @@ class Session:
     ds: data_mod.TokenDataset
     tokenizer: Path
     dropper: DeviceTokenDrop | None
+    """The trainer's token-dropping policy: train_step sets its protect mask and reads its counters (None: none)."""
+    token_drop: TokenDropPolicy | None
+    """What the training forward drops with: the dropper, or expert parallelism's wrapping of it."""
     fingerprint: dict[str, Any]
     start_step: int
     log: MetricsLog
@@ -142,10 +145,8 @@ class Session:
         ds, tokenizer = par.in_turn(lambda: prepare_data(tc, run, model.config.vocab_size,
                                                          point.tokenizer if point is not None else None))
         dropper = DeviceTokenDrop(model.config, tc.capacity_factor) if tc.capacity_factor else None
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.token_drop = dropper
         net = par.wrap(model)
+        token_drop = par.token_drop(dropper, model.config)
         opt = build_optimizer(model, tc)
         start_step, last_ckpt = 0, None
         if point is not None:
@@ -157,7 +158,7 @@ class Session:
                 run.truncate_metrics(start_step)
         log = MetricsLog(run, par, tc, start_step)
         return cls(tc, run, par, device, autocast_dtype(tc, device), micro, accum, model.train(), net, opt, ds,
-                   tokenizer, dropper, fingerprint, start_step, log, last_ckpt, saved_at=start_step)
+                   tokenizer, dropper, token_drop, fingerprint, start_step, log, last_ckpt, saved_at=start_step)
 
     def count_bad_steps(self, record: dict[str, Any]) -> None:
         if not record.get("skipped"):
@@ -260,7 +261,8 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         if dropper:
             dropper.protect = protect_all[rows].to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            lm, routings = s.net(x, targets=y, return_routing=True)  # fused with the LM head (lm_loss.py)
+            lm, routings = s.net(x, targets=y, return_routing=True,  # fused with the LM head (lm_loss.py)
+                                 token_drop=s.token_drop)
         layer_losses = [balance_losses(r.scores_TE.view(micro, tc.seq_len, -1),
                                        r.experts_TK.view(micro, tc.seq_len, -1), model.config) for r in routings]
         aux = sum((d["total"] for d in layer_losses), torch.zeros((), device=device))
