@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp",
                     help="where the shared checkpoints are written (git-ignored)")
-    ap.add_argument("--update-readme", action="store_true", help="replace the README's benchmark section")
+    ap.add_argument("--update-readme", action="store_true", help="replace the Speed section of benchmarks/README.md")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other suites' results already in OUT/results.json (run suites at quiet times)")
     ap.add_argument("--render", action="store_true",
-                    help="only rewrite results.md, the plots (and README) from OUT/results.json")
+                    help="only rewrite results.md, the plots (and benchmarks/README.md) from OUT/results.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.dtypes, args.contexts, args.batches, args.presets = ("fp32",), (512, 2048), (1,), ("tiny",)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:
         md = report.write(json.loads((out / "results.json").read_text()), out,
-                          ROOT.parent / "README.md" if args.update_readme else None)
+                          ROOT / "README.md" if args.update_readme else None)
         print(md.read_text())
         return 0
     torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         sec["stamp"], sec["machine"] = dict(res["stamp"]), machine
         res[name] = sec
     res = common.to_jsonable(res)
-    md = report.write(res, out, ROOT.parent / "README.md" if args.update_readme else None)
+    md = report.write(res, out, ROOT / "README.md" if args.update_readme else None)
     log(f"wrote {md}")
     print(md.read_text())
     return 0

@@ -272,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/engine)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp")
     ap.add_argument("--merge", action="store_true", help="keep the other suites' results already in OUT")
-    ap.add_argument("--update-readme", action="store_true", help="replace the README's engine benchmark section")
+    ap.add_argument("--update-readme", action="store_true", help="replace the Engine section of benchmarks/README.md")
     ap.add_argument("--render", action="store_true", help="only rewrite the report from OUT/results.json")
     args = ap.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     if set(only) - set(SUITES):
         ap.error(f"unknown suites {sorted(set(only) - set(SUITES))}; choose from {SUITES}")
     out = args.out or ROOT / "results" / ("engine-quick" if args.quick else "engine")
-    readme = ROOT.parent / "README.md" if args.update_readme else None
+    readme = ROOT / "README.md" if args.update_readme else None
     if args.render:
         engine_report.write(json.loads((out / "results.json").read_text()), out, readme)
         return 0

@@ -1,5 +1,5 @@
-"""benchmarks/results/engine/results.json -> results.md (tables, targets), mla_vs_mha.png, and the README's engine
-section (between its engine-benchmarks markers)."""
+"""benchmarks/results/engine/results.json -> results.md (tables, targets), mla_vs_mha.png, and the Engine section of
+benchmarks/README.md (between its engine-benchmarks markers)."""
 
 from __future__ import annotations
 
@@ -192,8 +192,10 @@ def write(res: dict, out: Path, readme: Path | None = None) -> Path:
     print(md)
     if readme is not None and readme.exists():
         text = readme.read_text()
-        rel = out.relative_to(readme.parent)
-        body = md.split("\n", 1)[1].strip().replace("](", f"]({rel}/").replace("\n## ", "\n#### ")
+        rel = out.relative_to(readme.parent) if out.is_relative_to(readme.parent) else out
+        # one level down: the section's own heading is `## Engine`
+        body = (md.split("\n", 1)[1].strip().replace("](", f"]({rel}/")
+                .replace("\n### ", "\n#### ").replace("\n## ", "\n### "))
         block = f"{README_BEGIN}\n{body}\n{README_END}"
         if README_BEGIN not in text:
             raise SystemExit(f"{readme} has no {README_BEGIN} marker: add one where the engine's figures go")

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "engine")
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp")
-    ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--update-readme", action="store_true", help="replace the Engine section of benchmarks/README.md")
     args = ap.parse_args(argv)
     dtypes = [d for d in args.dtypes.split(",") if d]
     contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     "new_tokens": NEW_TOKENS, "notes": notes,
                     "results": {d: {p: best(v) for p, v in by.items()} for d, by in rounds.items()},
                     "all_rounds": rounds}
-    engine_report.write(common.to_jsonable(res), args.out, ROOT.parent / "README.md" if args.update_readme else None)
+    engine_report.write(common.to_jsonable(res), args.out, ROOT / "README.md" if args.update_readme else None)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""results.json -> results.md (markdown tables, targets) and PNG plots; optionally the README's results section."""
+"""results.json -> results.md (markdown tables, targets) and PNG plots; optionally the Speed section of
+benchmarks/README.md (between its benchmarks markers)."""
 
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ def markdown(res: dict) -> str:
     for name, by_rate in res["servers"].items():
         if "skipped" in by_rate:
             lines.append(f"\n{name}: skipped ({by_rate['skipped']})")
-    lines.append("\n![latency against load](benchmarks/results/serve/latency.png)")
+    lines.append("\n![latency against load](latency.png)")
     return "\n".join(lines)
 
 
@@ -247,8 +247,9 @@ def write(res: dict, out: Path, readme: Path | None) -> None:
         text = readme.read_text()
         if BEGIN not in text:
             raise SystemExit(f"{readme} has no {BEGIN} marker")
+        rel = out.relative_to(readme.parent) if out.is_relative_to(readme.parent) else out
         head, rest = text.split(BEGIN, 1)
-        readme.write_text(head + BEGIN + "\n" + md + "\n" + END + rest.split(END, 1)[1])
+        readme.write_text(head + BEGIN + "\n" + md.replace("](", f"]({rel}/") + "\n" + END + rest.split(END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--update-readme", action="store_true", help="replace the load benchmark in benchmarks/README.md")
     args = ap.parse_args(argv)
     servers = ["dsv2"] if args.quick else [s for s in args.servers.split(",") if s]
     if set(servers) - set(SERVERS):
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    write(common.to_jsonable(res), out, ROOT.parent / "README.md" if args.update_readme else None)
+    write(common.to_jsonable(res), out, ROOT / "README.md" if args.update_readme else None)
     log(f"wrote {out}")
     return 0
 
