@@ -17,6 +17,7 @@ server's threads may add and abort requests while another thread steps.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import threading
 from collections.abc import Sequence as Seq
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ...checkpoint import from_pretrained
+from ...config import ModelConfig
 from ...cpu import optimize
 from ...errors import GenerationError, RequestError
 from ...model import DeepseekV2
@@ -66,6 +68,35 @@ class Packed:
     ready: list[Sequence] = field(default_factory=list)
 
 
+def check_options(config: ModelConfig, *, cache_memory: str | int | None = None, num_blocks: int | None = None,
+                  block_size: int = 64, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                  max_model_len: int | None = None) -> int:
+    """The engine's options checked against the model's config alone (a server checks them before it loads the
+    weights): a GenerationError naming the option, else max_model_len resolved (default: the model's context)."""
+    sizes = {"block_size": block_size, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+             "num_blocks": 1 if num_blocks is None else num_blocks}
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise GenerationError(f"{name} must be >= 1 (an integer), got {value}")
+    context = config.max_position_embeddings
+    max_len = context if max_model_len is None else max_model_len
+    if not isinstance(max_len, int) or not 1 < max_len <= context:
+        raise GenerationError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
+    if block_size > max_len:
+        raise GenerationError(f"block_size {block_size} is more than max_model_len ({max_len}): no sequence would "
+                              "fill a block")
+    if cache_memory is not None:
+        parse_bytes(cache_memory)
+    return max_len
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory the device has in all (a CUDA device's, or this machine's RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class Engine:
     def __init__(self, model: DeepseekV2, tokenizer=None, *, cache_memory: str | int | None = None,
                  num_blocks: int | None = None, block_size: int = 64, max_num_seqs: int = 64,
@@ -75,28 +106,28 @@ class Engine:
         max_num_seqs full contexts take if less); block_size tokens per block; max_num_seqs sequences and
         max_num_batched_tokens tokens per step at most; dtype of the cache (default: the model's); max_model_len
         prompt and output tokens per sequence at most (default: the model's context)."""
+        config = model.config
+        self.max_model_len = check_options(config, cache_memory=cache_memory, num_blocks=num_blocks,
+                                           block_size=block_size, max_num_seqs=max_num_seqs,
+                                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
         self.model = optimize(model.eval())
         self.tokenizer = tokenizer
         w = model.model.embed_tokens.weight
         self.device, dtype = w.device, dtype or w.dtype
-        config = model.config
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise GenerationError(f"the cache dtype must be float32, bfloat16 or float16, got {dtype}")
-        if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise GenerationError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        context = config.max_position_embeddings
-        self.max_model_len = context if max_model_len is None else max_model_len
-        if not 1 < self.max_model_len <= context:
-            raise GenerationError(f"max_model_len must be in [2, {context}] (the model's context), got "
-                                  f"{max_model_len}")
+        per_token = PagedCache.bytes_per_token(model, dtype)
         if num_blocks is None:
-            per_token = PagedCache.bytes_per_token(model, dtype)
             budget = (parse_bytes(cache_memory) if cache_memory is not None else
                       min(DEFAULT_CACHE_BYTES, max_num_seqs * config.max_position_embeddings * per_token))
             num_blocks = budget // (per_token * block_size)
             if num_blocks < 1:
                 raise GenerationError(f"cache_memory {cache_memory} holds no block of {block_size} tokens "
                                       f"({per_token * block_size} bytes)")
+        size, room = num_blocks * block_size * per_token, device_memory(self.device)
+        if size > room:  # before the allocation: a clear error, not the allocator's traceback
+            raise GenerationError(f"the cache ({size / 2**30:.1f} GiB: cache_memory or num_blocks) is more than "
+                                  f"the {room / 2**30:.1f} GiB of memory {self.device} has")
         self.cache = PagedCache(model, num_blocks, block_size, dtype, self.device)
         self.pool = BlockPool(num_blocks, prefix_caching)
         self.scheduler = Scheduler(self.pool, self.cache, max_num_seqs, max_num_batched_tokens)
