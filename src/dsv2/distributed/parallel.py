@@ -11,8 +11,9 @@ Launch with torchrun; the ranks form a 2-D device mesh of shape (dp, ep), rank =
 
 The model never mentions ranks: `wrap` swaps each MoE layer's dispatcher for an `AllToAllDispatcher` (same
 dispatch()/combine() interface as moe.LocalDispatcher), shards the stacked expert weights and wraps the model in
-DDP; `token_drop` moves the trainer's token dropping to the ranks where the tokens arrive (`ArrivalTokenDrop`).
-With one process, `Parallel()` is the identity everywhere, so the trainer calls the same methods either way.
+DDP; `token_drop` moves the trainer's token dropping to the ranks where the tokens arrive (`ArrivalTokenDrop`);
+`micro_batch` syncs gradients in the last micro-batch of a step only. With one process, `Parallel()` is the
+identity everywhere, so the trainer calls the same methods either way.
 
 Exactness. The all-to-all dispatcher keeps the single-process order of token copies (by expert, then by global
 token index), so the grouped GEMMs see the same rows in the same order; dropping decides on the same global
@@ -66,6 +67,7 @@ class Parallel:
         self.comm = CommStats()
         self.expert_params: dict[int, int] = {}  # id(sharded expert parameter) -> experts in the full tensor
         self.dispatchers: list[AllToAllDispatcher] = []
+        self.syncing = True  # False inside micro_batch(last=False): gradients accumulate locally
 
     @property
     def is_main(self) -> bool:
@@ -160,10 +162,28 @@ class Parallel:
         return ArrivalTokenDrop(policy, config.num_routed, config.n_group, self.ep_group, self.comm)
 
     def _average_over_replicas(self, p: Tensor) -> None:
-        # Averaging is idempotent on the part accumulated by earlier micro-batches (already equal on the
-        # replicas), so averaging after every backward is right under gradient accumulation too.
+        # Under micro_batch only the last backward of a step averages, the sum of every micro-batch's gradient.
+        # Outside it every backward does: averaging is idempotent on the part accumulated by earlier
+        # micro-batches (already equal on the replicas), so that is right under gradient accumulation too.
+        if not self.syncing:
+            return
         dist.all_reduce(p.grad, group=self.dp_group)
         p.grad.div_(self.dp)
+
+    @contextlib.contextmanager
+    def micro_batch(self, net: nn.Module, last: bool) -> Iterator[None]:
+        """The forward and backward of one micro-batch through `net` (what wrap returned). Gradients are averaged
+        over the ranks in the last micro-batch of a step only (last=True); the others accumulate them locally
+        (DDP's no_sync, and no averaging of the expert gradients over the replicas): one all-reduce a step."""
+        if self.world == 1 or last:
+            yield
+            return
+        self.syncing = False
+        try:
+            with net.no_sync():
+                yield
+        finally:
+            self.syncing = True
 
     def is_expert(self, p: Tensor) -> bool:
         return id(p) in self.expert_params

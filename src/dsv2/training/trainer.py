@@ -260,13 +260,14 @@ def train_step(s: Session, step: int) -> dict[str, Any]:
         x, y = x_all[rows].to(device), y_all[rows].to(device)
         if dropper:
             dropper.protect = protect_all[rows].to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            lm, routings = s.net(x, targets=y, return_routing=True,  # fused with the LM head (lm_loss.py)
-                                 token_drop=s.token_drop)
-        layer_losses = [balance_losses(r.scores_TE.view(micro, tc.seq_len, -1),
-                                       r.experts_TK.view(micro, tc.seq_len, -1), model.config) for r in routings]
-        aux = sum((d["total"] for d in layer_losses), torch.zeros((), device=device))
-        ((lm + aux) / s.accum).backward()
+        with par.micro_batch(s.net, last=i == s.accum - 1):  # gradients are synced in the last one only
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                lm, routings = s.net(x, targets=y, return_routing=True,  # fused with the LM head (lm_loss.py)
+                                     token_drop=s.token_drop)
+            layer_losses = [balance_losses(r.scores_TE.view(micro, tc.seq_len, -1),
+                                           r.experts_TK.view(micro, tc.seq_len, -1), model.config) for r in routings]
+            aux = sum((d["total"] for d in layer_losses), torch.zeros((), device=device))
+            ((lm + aux) / s.accum).backward()
         lm_sum += float(lm.detach()) / s.accum
         aux_sum += float(aux.detach()) / s.accum
         stats.add(layer_losses, routings)
