@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -432,3 +433,66 @@ def test_serve_errors_are_one_line(ckpt, tmp_path):
     assert busy.returncode == 2 and "cannot listen" in busy.stderr and busy.stderr.count("\n") == 1
     bad_len = run("--model", str(ckpt), "--max-model-len", "100000", "--port", str(_free_port()))
     assert bad_len.returncode == 2 and "--max-model-len" in bad_len.stderr
+
+
+def test_openapi_lists_the_response_schemas(server, guarded):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for name in ("CompletionRequest", "CompletionResponse", "CompletionStreamResponse", "ChatCompletionRequest",
+                 "ChatCompletionResponse", "ChatCompletionChunk", "ModelList", "TokenizeResponse", "DetokenizeResponse",
+                 "ErrorResponse", "Usage", "Delta"):
+        assert name in components, name
+    paths = schema["paths"]
+    for path, method, model in (("/v1/models", "get", "ModelList"), ("/tokenize", "post", "TokenizeResponse"),
+                                ("/detokenize", "post", "DetokenizeResponse"),
+                                ("/v1/completions", "post", "CompletionResponse"),
+                                ("/v1/chat/completions", "post", "ChatCompletionResponse")):
+        responses = paths[path][method]["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + model), path
+        assert responses["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), path
+        assert "422" not in responses, path  # a bad body is a 400 in OpenAI's shape, not FastAPI's 422
+    for path, events in (("/v1/completions", "CompletionStreamResponse"), ("/v1/chat/completions",
+                                                                           "ChatCompletionChunk")):
+        stream = paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+        assert stream["schema"]["$ref"].endswith("/" + events)
+    assert "usage" not in components["ChatCompletionChunk"]["required"]
+    # open without the API key, as /health (the key guards /v1/, /tokenize and /detokenize)
+    assert httpx.get(guarded.url + "/openapi.json").status_code == 200
+    assert httpx.get(guarded.url + "/docs").status_code == 200
+    assert httpx.get(guarded.url + "/v1/models").status_code == 401
+
+
+def test_each_request_is_admitted_once(ckpt):
+    """The handler admits each prompt once (Engine.admit); the engine loop adds that Admission, unchecked."""
+    from fastapi.testclient import TestClient
+
+    from dsv2.inference.engine import Engine
+    from dsv2.inference.engine.params import Admission
+    from dsv2.serve.app import ServerConfig, build_app
+    from dsv2.serve.chat import ChatTemplate
+
+    engine = Engine.from_pretrained(ckpt, num_blocks=64, block_size=8)
+    admitted, added = [], []
+    admit, add = engine.admit, engine.add_request
+    engine.admit = lambda prompt, *a, **kw: admitted.append(prompt) or admit(prompt, *a, **kw)
+    engine.add_request = lambda rid, adm, params=None: added.append((adm, params)) or add(rid, adm, params)
+    app = build_app(engine, ServerConfig("tiny", engine.max_model_len), ChatTemplate.from_checkpoint(ckpt))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": ["naïve", "café"], "max_tokens": 2, "n": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
+        r = client.post("/v1/completions", json={"prompt": [0, 5, 6], "max_tokens": 2, "stream": True})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": CONTEXT})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    assert len(admitted) == 5 and admitted[2] == [0, 5, 6]
+    assert len(added) == 4 and all(isinstance(adm, Admission) and params is None for adm, params in added)
+
+
+def test_serve_uses_only_the_engines_public_api():
+    import dsv2.serve
+
+    for f in Path(dsv2.serve.__file__).parent.glob("*.py"):
+        used = re.findall(r"engine\.(cache|pool|scheduler|_\w+)\b", f.read_text())
+        assert not used, (f.name, used)

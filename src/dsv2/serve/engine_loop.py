@@ -1,10 +1,11 @@
 """The engine's step loop on a thread of its own, apart from the HTTP event loop.
 
 A forward can take from milliseconds (a decode step) to seconds (a long prefill chunk); on the event loop it would
-stall every connection, and a slow client would stall generation. So the loop thread alone touches the engine:
-handlers submit and abort through a command queue that the thread drains between steps, and each request's
-outputs come back on an asyncio.Queue of the handler's event loop (call_soon_threadsafe). An abort therefore takes
-effect, and frees the request's blocks, before the next step.
+stall every connection, and a slow client would stall generation. So the loop thread alone steps the engine:
+handlers submit requests the engine has admitted (Engine.admit, on the handler's side: the loop adds the Admission
+as it is, without checking it again) and abort them through a queue of commands (Add, Abort, Wake) that the thread
+drains between steps, and each request's outputs come back on an asyncio.Queue of the handler's event loop
+(call_soon_threadsafe). An abort therefore takes effect, and frees the request's blocks, before the next step.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from ..errors import GenerationError
-from ..inference.engine import Engine, RequestOutput, SamplingParams
+from ..inference.engine import CompletionOutput, Engine, RequestOutput
+from ..inference.engine.params import Admission
 from .metrics import Metrics
 from .protocol import ApiError
 
@@ -41,6 +44,27 @@ class _Tracked:
             pass
 
 
+@dataclass
+class Add:
+    """Take an admitted request; its outputs go to tracked."""
+
+    request_id: str
+    admission: Admission
+    tracked: _Tracked
+
+
+@dataclass
+class Abort:
+    """Stop a request and free its blocks (nothing if it has finished or was never taken)."""
+
+    request_id: str
+
+
+@dataclass
+class Wake:
+    """Nothing to do: wakes a loop waiting for commands (to see that it is stopping)."""
+
+
 class EngineLoop:
     def __init__(self, engine: Engine, max_queue: int = 256):
         self.engine = engine
@@ -60,7 +84,7 @@ class EngineLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._commands.put(("wake",))
+        self._commands.put(Wake())
         self._thread.join(timeout)
 
     @property
@@ -73,9 +97,8 @@ class EngineLoop:
             s["waiting"] += self._pending
         return s
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue,
-               tag: object = None) -> None:
-        """Queue a request (checked with engine.check_request already); its outputs arrive on sink as
+    def submit(self, request_id: str, admission: Admission, sink: asyncio.Queue, tag: object = None) -> None:
+        """Queue a request the engine has admitted (Engine.admit); its outputs arrive on sink as
         (tag, RequestOutput), or (tag, exception) if it fails. 503 when the queue is full."""
         tracked = _Tracked(sink, asyncio.get_running_loop(), tag, time.monotonic())
         with self._lock:  # the loop thread's last drain takes the lock too: nothing is put after it
@@ -85,10 +108,57 @@ class EngineLoop:
                 raise ApiError(503, f"the server's queue is full ({self.max_queue} requests waiting); retry later",
                                headers={"Retry-After": "1"})
             self._pending += 1
-            self._commands.put(("add", request_id, prompt_ids, params, tracked))
+            self._commands.put(Add(request_id, admission, tracked))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(Abort(request_id))
+
+    def submit_all(self, request_ids: list[str], admissions: list[Admission]) -> asyncio.Queue:
+        """Queue the requests (all or none: a 503 aborts those already queued); the outputs of the i-th come on the
+        queue tagged i."""
+        sink: asyncio.Queue = asyncio.Queue()
+        for i, (rid, adm) in enumerate(zip(request_ids, admissions, strict=True)):
+            try:
+                self.submit(rid, adm, sink, tag=i)
+            except ApiError:
+                for earlier in request_ids[:i]:
+                    self.abort(earlier)
+                raise
+        return sink
+
+    async def outputs(self, sink: asyncio.Queue, request_ids: list[str],
+                      disconnected: Callable[[], Awaitable[bool]] | None = None
+                      ) -> AsyncIterator[tuple[int, RequestOutput, list[CompletionOutput]]]:
+        """(index, output, its completions that moved) of submit_all's requests until every one has finished (a
+        completion's finish is reported once). With disconnected (a response not streamed), a client that goes
+        away ends it; a stream is cancelled by Starlette instead. What has not finished is aborted on the way out."""
+        left, done = set(range(len(request_ids))), set()
+        check_at = time.monotonic() + 1.0
+        try:
+            while left:
+                try:
+                    i, item = await asyncio.wait_for(sink.get(), timeout=1.0)
+                except TimeoutError:
+                    i, item = None, None
+                if disconnected is not None and time.monotonic() >= check_at:
+                    check_at = time.monotonic() + 1.0
+                    if await disconnected():
+                        return
+                if item is None:
+                    if not self.alive:
+                        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
+                    continue
+                if isinstance(item, Exception):
+                    left.discard(i)
+                    raise item
+                if item.finished:
+                    left.discard(i)
+                moved = [c for c in item.outputs if (i, c.index) not in done]
+                done.update((i, c.index) for c in moved if c.finish_reason)
+                yield i, item, moved
+        finally:
+            for i in left:
+                self.abort(request_ids[i])
 
     # -- the loop thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -126,26 +196,36 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _handle(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
-            _, rid, ids, params, tracked = cmd
-            with self._lock:
-                self._pending -= 1
-            try:
-                self.engine.add_request(rid, ids, params)
-            except GenerationError as e:
-                tracked.put(ApiError(400, str(e)))
-                return
-            except Exception as e:  # an engine bug: this request fails, the loop goes on
-                log.exception("add_request failed")
-                tracked.put(ApiError(500, f"the engine failed: {type(e).__name__}: {e}"))
-                return
-            self._tracked[rid] = tracked
-            self.metrics.prompt_tokens.inc(len(ids))
-        elif cmd[0] == "abort":
-            if self._tracked.pop(cmd[1], None) is not None:
-                self.engine.abort(cmd[1])
-                self.metrics.finished.labels("abort").inc()
+    def _handle(self, cmd: Add | Abort | Wake) -> None:
+        match cmd:
+            case Add():
+                self._add(cmd)
+            case Abort():
+                self._abort(cmd)
+            case Wake():
+                pass
+            case _:
+                raise TypeError(f"not an engine loop command: {cmd!r}")
+
+    def _add(self, cmd: Add) -> None:
+        with self._lock:
+            self._pending -= 1
+        try:
+            self.engine.add_request(cmd.request_id, cmd.admission)  # admitted already: not checked again
+        except GenerationError as e:  # a request id already running
+            cmd.tracked.put(ApiError(400, str(e)))
+            return
+        except Exception as e:  # an engine bug: this request fails, the loop goes on
+            log.exception("add_request failed")
+            cmd.tracked.put(ApiError(500, f"the engine failed: {type(e).__name__}: {e}"))
+            return
+        self._tracked[cmd.request_id] = cmd.tracked
+        self.metrics.prompt_tokens.inc(len(cmd.admission.prompt_ids))
+
+    def _abort(self, cmd: Abort) -> None:
+        if self._tracked.pop(cmd.request_id, None) is not None:
+            self.engine.abort(cmd.request_id)
+            self.metrics.finished.labels("abort").inc()
 
     def _deliver(self, out: RequestOutput) -> None:
         t = self._tracked.get(out.request_id)
@@ -183,6 +263,6 @@ class EngineLoop:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
+            if isinstance(cmd, Add):
                 self._pending -= 1
-                cmd[4].put(error)
+                cmd.tracked.put(error)

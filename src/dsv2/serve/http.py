@@ -1,5 +1,6 @@
 """The HTTP plumbing under the API: the API key and the body limit (ASGI middleware, before any handler), every
-error in OpenAI's shape, and the event stream that aborts its requests however it ends."""
+error in OpenAI's shape, the event stream that aborts its requests however it ends (and its `data:` lines), and the
+OpenAPI schema with the events of the streams."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ApiError
 
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")
-"""Paths --api-key guards (as vLLM: /health and /metrics stay open for probes and scrapers)."""
+"""Paths --api-key guards (as vLLM: /health and /metrics stay open for probes and scrapers, /docs and
+/openapi.json for readers)."""
 
 
 class Guard:
@@ -73,6 +77,41 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+def sse(obj: dict) -> str:
+    """One server-sent event: a `data:` line of JSON (non-ASCII as it is), then a blank line."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def sse_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's events, then [DONE]; an error after its 200 as an error event before [DONE] (as vLLM and OpenAI
+    end a failed stream)."""
+    try:
+        async for event in events:
+            yield event
+    except ApiError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"
+
+
+def openapi_schema(app: FastAPI, streams: dict[str, type[BaseModel]]) -> dict:
+    """FastAPI's schema of app, with each path in streams also answering 200 as text/event-stream events of its
+    model (FastAPI sees only the JSON response model)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in streams.items():
+            events = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+            components.update(events.pop("$defs", {}))
+            components[model.__name__] = events
+            ok = schema["paths"][path]["post"]["responses"]["200"]
+            ok.setdefault("content", {})["text/event-stream"] = {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            ok["description"] += f"; with stream: true, server-sent events `data: {model.__name__}`, then " \
+                "`data: [DONE]`"
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _error_response(e: ApiError) -> JSONResponse:

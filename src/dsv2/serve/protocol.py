@@ -1,8 +1,12 @@
-"""The OpenAI API's request bodies (pydantic) and its error shape, as `dsv2 serve` accepts and returns them.
+"""The OpenAI API's bodies (pydantic), requests and responses, and its error shape, as `dsv2 serve` accepts and
+returns them; the routes declare both, so GET /openapi.json shows both.
 
-Types are strict (a string where a number belongs is a 400, as OpenAI answers, not a silent conversion); ranges are
-SamplingParams' own checks (dsv2/inference/engine/params.py), so the engine and the server refuse the same values
-with the same words. Fields the OpenAI API has and dsv2 does not use (user, suffix, ...) are ignored.
+Requests: types are strict (a string where a number belongs is a 400, as OpenAI answers, not a silent conversion);
+ranges are SamplingParams' own checks (dsv2/inference/engine/params.py), so the engine and the server refuse the same
+values with the same words. Fields the OpenAI API has and dsv2 does not use (user, suffix, ...) are ignored.
+
+Responses: every field is on the wire, null where it is null, except those OpenAI leaves out (`_absent_if_none`): a
+stream chunk's usage until the last chunk, and a chat delta's role and content where they do not change.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.status}}
+        return ErrorResponse(error=ErrorDetail(message=self.message, param=self.param, code=self.status,
+                                               type=self.TYPES.get(self.status, "invalid_request_error"))).model_dump()
 
 
 class StreamOptions(_Body):
@@ -173,3 +177,158 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: StrictStr | None = None
     tokens: TokenIds
+
+
+# -- responses ----------------------------------------------------------------------------------------------------
+def _is_none(value) -> bool:
+    return value is None
+
+
+def _absent_if_none(description: str):
+    """A field left off the wire while it is None (where OpenAI's API leaves it out)."""
+    return Field(None, exclude_if=_is_none, description=description)
+
+
+class _Out(BaseModel):
+    # json.dumps writes a -inf logprob as -Infinity, as the server always has (pydantic's default would be null)
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(_Out):
+    """Every error: 4xx and 5xx, before a stream's 200 or as a stream's last event before [DONE]."""
+
+    error: ErrorDetail
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionStreamResponse(_Out):
+    """One event of a streamed completion (text/event-stream, `data: {...}`)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = _absent_if_none("in the last event alone, with stream_options.include_usage")
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[ChatTokenLogprob]
+    refusal: str | None = None
+
+
+class ChatMessage(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(_Out):
+    role: Literal["assistant"] | None = _absent_if_none("in each completion's first event alone")
+    content: str | None = _absent_if_none("absent in a completion's last event, which has its finish_reason")
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(_Out):
+    """One event of a streamed chat completion (text/event-stream, `data: {...}`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = _absent_if_none("in the last event alone, with stream_options.include_usage")
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "dsv2"
+    root: str | None
+    max_model_len: int
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Out):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Out):
+    prompt: str
+
+
+STREAMED = (CompletionStreamResponse, ChatCompletionChunk)
+"""The events of a stream: in the OpenAPI schema as the text/event-stream of their route (no route returns them)."""

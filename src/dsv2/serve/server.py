@@ -35,7 +35,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
     app = build_app(engine, config, chat_template)
     s = engine.stats
     print(f"dsv2 serve: {name} on http://{host}:{port}/v1 ({s['num_blocks']} cache blocks of "
-          f"{engine.cache.block_size} tokens, {s['bytes_per_token']} bytes/token; chat template: "
+          f"{s['block_size']} tokens, {s['bytes_per_token']} bytes/token; chat template: "
           f"{'yes' if chat_template else 'none'}; API key: {'required' if api_key else 'none'})", file=sys.stderr,
           flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
