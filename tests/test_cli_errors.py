@@ -232,3 +232,21 @@ def test_out_on_a_read_only_folder(corpus, tmp_path):
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("dsv2 train: error: cannot write to ") and "Read-only file system" in last
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--cache-memory", "64TiB"], ["--cache-memory", "more than the", "memory this machine has"]),
+    (["--cache-memory", "lots"], ["--cache-memory 'lots' is not a size"]),
+    (["--max-queue", "0"], ["--max-queue must be >= 1"]),
+    (["--max-queue", "-1"], ["--max-queue must be >= 1"]),
+    (["--grace", "-5"], ["--grace must be a number of seconds >= 0"]),
+    (["--block-size", "100000"], ["--block-size 100000 is more than --max-model-len (24)"]),
+    (["--max-num-seqs", "0"], ["--max-num-seqs must be >= 1"]),
+    (["--max-model-len", "1"], ["--max-model-len must be in [2, 24]"]),
+    (["--api-key", ""], ["--api-key is empty"]),
+])
+def test_serve_option_mistakes(checkpoint, capsys, extra, words):
+    """Each bad start-up option is one line and exit 2, before a port is served (and before the weights load,
+    except the cache's size against the machine's memory, which needs the model's bytes per token)."""
+    assert main(["serve", "--model", str(checkpoint), "--port", "0", *extra]) == 2
+    one_error_line(capsys, *words)

@@ -106,6 +106,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import serve
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty: give a key, or leave the flag out to serve without one")
     return serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
                  api_key=args.api_key or os.environ.get("DSV2_API_KEY") or None, max_model_len=args.max_model_len,
                  max_queue=args.max_queue, grace=args.grace, log_level=args.log_level, dtype=_torch_dtype(args.dtype),
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-memory", help="paged cache size, e.g. 4GiB (default: 1 GiB, or what max-num-seqs full "
                    "contexts take if less)")
     s.add_argument("--num-blocks", type=int, help="paged cache size in blocks (instead of --cache-memory)")
-    s.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
+    s.add_argument("--block-size", type=int, help="tokens per cache block (default 64, or --max-model-len if less)")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (chunked prefill)")
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--max-model-len", type=int, help="prompt + completion tokens at most (default: the model's "

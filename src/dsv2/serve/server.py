@@ -8,6 +8,8 @@ installed here, which it restores first, takes it.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import signal
 import socket
 import sys
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import uvicorn
 
+from ..config import ModelConfig
 from ..errors import GenerationError
-from ..inference.engine import Engine
+from ..inference.engine import Engine, check_options
 from .app import ServerConfig, build_app
 from .chat import ChatTemplate
 
@@ -24,12 +27,14 @@ from .chat import ChatTemplate
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           api_key: str | None = None, max_model_len: int | None = None, max_queue: int = 256,
           grace: float = 30.0, log_level: str = "info", **engine_kw) -> int:
-    _check_port(host, port)  # a port in use or a bad template fails before the weights load
-    chat_template = ChatTemplate.from_checkpoint(model)
+    _check_port(host, port)  # a port in use, a bad option or a bad template fails before the weights load
+    engine_kw["max_model_len"] = max_model_len
     try:
-        engine = Engine.from_pretrained(model, max_model_len=max_model_len, **engine_kw)
+        _check_options(model, max_queue, grace, engine_kw)
+        chat_template = ChatTemplate.from_checkpoint(model)
+        engine = Engine.from_pretrained(model, **engine_kw)
     except GenerationError as e:
-        raise ValueError(str(e).replace("max_model_len", "--max-model-len")) from None
+        raise ValueError(_as_flags(str(e))) from None
     name = served_model_name or Path(model).resolve().name
     config = ServerConfig(name, engine.max_model_len, api_key, max_queue, root=str(Path(model).resolve()))
     app = build_app(engine, config, chat_template)
@@ -55,6 +60,31 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
         raise OSError(f"could not listen on {host}:{port}")
     logging.getLogger("dsv2.serve").info("stopped")
     return 0
+
+
+ENGINE_OPTIONS = ("cache_memory", "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                  "max_model_len")
+"""The engine's options that its check_options takes (and `dsv2 serve` has as flags)."""
+
+
+def _check_options(model: str, max_queue: int, grace: float, engine_kw: dict) -> None:
+    """The server's and the engine's options, against the checkpoint's config.json alone (no weights loaded yet;
+    a checkpoint without one is from_pretrained's error to report)."""
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+        raise GenerationError(f"max_queue must be >= 1, got {max_queue}")
+    if not isinstance(grace, int | float) or not math.isfinite(grace) or grace < 0:
+        raise GenerationError(f"grace must be a number of seconds >= 0, got {grace}")
+    config_file = Path(model) / "config.json"
+    if config_file.is_file():
+        check_options(ModelConfig.from_json(config_file), **{k: engine_kw[k] for k in ENGINE_OPTIONS
+                                                             if engine_kw.get(k) is not None})
+
+
+def _as_flags(message: str) -> str:
+    """An option's name in a message as its `dsv2 serve` flag (max_model_len -> --max-model-len)."""
+    for name in (*ENGINE_OPTIONS, "max_queue", "grace"):
+        message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
+    return message
 
 
 def _check_port(host: str, port: int) -> None:

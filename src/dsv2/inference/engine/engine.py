@@ -43,6 +43,7 @@ from .sequence import Request, Sequence, Status
 from .stop_strings import StopStrings
 
 DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_BLOCK_SIZE = 64
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
@@ -69,12 +70,13 @@ class Packed:
 
 
 def check_options(config: ModelConfig, *, cache_memory: str | int | None = None, num_blocks: int | None = None,
-                  block_size: int = 64, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                  max_model_len: int | None = None) -> int:
+                  block_size: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                  max_model_len: int | None = None) -> tuple[int, int]:
     """The engine's options checked against the model's config alone (a server checks them before it loads the
-    weights): a GenerationError naming the option, else max_model_len resolved (default: the model's context)."""
-    sizes = {"block_size": block_size, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
-             "num_blocks": 1 if num_blocks is None else num_blocks}
+    weights): a GenerationError naming the option, else max_model_len and block_size resolved (defaults: the
+    model's context, and 64 tokens or max_model_len if less)."""
+    sizes = {"block_size": 1 if block_size is None else block_size, "max_num_seqs": max_num_seqs,
+             "max_num_batched_tokens": max_num_batched_tokens, "num_blocks": 1 if num_blocks is None else num_blocks}
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise GenerationError(f"{name} must be >= 1 (an integer), got {value}")
@@ -82,12 +84,14 @@ def check_options(config: ModelConfig, *, cache_memory: str | int | None = None,
     max_len = context if max_model_len is None else max_model_len
     if not isinstance(max_len, int) or not 1 < max_len <= context:
         raise GenerationError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
-    if block_size > max_len:
+    if block_size is None:
+        block_size = min(DEFAULT_BLOCK_SIZE, max_len)
+    elif block_size > max_len:
         raise GenerationError(f"block_size {block_size} is more than max_model_len ({max_len}): no sequence would "
                               "fill a block")
     if cache_memory is not None:
         parse_bytes(cache_memory)
-    return max_len
+    return max_len, block_size
 
 
 def device_memory(device: torch.device) -> int:
@@ -99,17 +103,18 @@ def device_memory(device: torch.device) -> int:
 
 class Engine:
     def __init__(self, model: DeepseekV2, tokenizer=None, *, cache_memory: str | int | None = None,
-                 num_blocks: int | None = None, block_size: int = 64, max_num_seqs: int = 64,
+                 num_blocks: int | None = None, block_size: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, prefix_caching: bool = True, dtype: torch.dtype | None = None,
                  max_model_len: int | None = None):
         """cache_memory (bytes, or "4GiB") or num_blocks size the paged cache (default: 1 GiB, or what
-        max_num_seqs full contexts take if less); block_size tokens per block; max_num_seqs sequences and
-        max_num_batched_tokens tokens per step at most; dtype of the cache (default: the model's); max_model_len
-        prompt and output tokens per sequence at most (default: the model's context)."""
+        max_num_seqs full contexts take if less); block_size tokens per block (default 64, or max_model_len if
+        less); max_num_seqs sequences and max_num_batched_tokens tokens per step at most; dtype of the cache
+        (default: the model's); max_model_len prompt and output tokens per sequence at most (default: the model's
+        context)."""
         config = model.config
-        self.max_model_len = check_options(config, cache_memory=cache_memory, num_blocks=num_blocks,
-                                           block_size=block_size, max_num_seqs=max_num_seqs,
-                                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+        self.max_model_len, block_size = check_options(
+            config, cache_memory=cache_memory, num_blocks=num_blocks, block_size=block_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
         self.model = optimize(model.eval())
         self.tokenizer = tokenizer
         w = model.model.embed_tokens.weight
@@ -126,8 +131,9 @@ class Engine:
                                       f"({per_token * block_size} bytes)")
         size, room = num_blocks * block_size * per_token, device_memory(self.device)
         if size > room:  # before the allocation: a clear error, not the allocator's traceback
+            where = "this machine" if self.device.type == "cpu" else str(self.device)
             raise GenerationError(f"the cache ({size / 2**30:.1f} GiB: cache_memory or num_blocks) is more than "
-                                  f"the {room / 2**30:.1f} GiB of memory {self.device} has")
+                                  f"the {room / 2**30:.1f} GiB of memory {where} has")
         self.cache = PagedCache(model, num_blocks, block_size, dtype, self.device)
         self.pool = BlockPool(num_blocks, prefix_caching)
         self.scheduler = Scheduler(self.pool, self.cache, max_num_seqs, max_num_batched_tokens)
