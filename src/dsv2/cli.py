@@ -150,6 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_from=args.init_from, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
         max_bytes=args.max_bytes, schedule=args.schedule, capacity_factor=args.capacity_factor,
         expert_parallel=args.expert_parallel, device=args.device, model=_parse_set(args.set),
+        deterministic=args.deterministic or None,
     )
     if args.resume:  # the run's own settings, with only those that may change on resume taken from the flags
         out = given.get("out", TrainConfig.out)
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.add_argument("--seed", type=_seed)
     s.add_argument("--expert-parallel", type=int, help="shard routed experts over this many ranks (torchrun)")
+    s.add_argument("--deterministic", action="store_true", help="torch's deterministic algorithms: CUDA runs "
+                   "repeat bitwise (CPU runs do without it)")
     s.add_argument("--sample-tokens", type=int, default=80, help="tokens to sample from the final checkpoint")
     s.add_argument("--sample-prompt", default="def ", help="prompt for the final sample")
     s.set_defaults(func=cmd_train)

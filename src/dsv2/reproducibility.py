@@ -11,23 +11,50 @@ has.
 
 If MKL ran before dsv2 was imported (a GEMM in the same process), the mode can no longer change:
 `mkl_reproducible()` tells, and training warns.
+
+The rest of a CPU training step is reproducible by construction: the data order and token dropping are functions
+of the seed and the step, micro-batch losses are summed in order, and every gradient that gathers copies of a row
+adds them in order (the MoE dispatch uses index_select, whose gradient is index_add_, not indexing, whose gradient
+adds with atomics). CUDA is another matter: index_add_, scatter_add_ and some cuBLAS reductions use atomics there.
+`deterministic_algorithms()` turns on torch's deterministic variants for a run (`dsv2 train --deterministic`);
+cuBLAS also needs CUBLAS_WORKSPACE_CONFIG set before CUDA starts, which dsv2 does at import, as for MKL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 MKL_CBWR = "AUTO,STRICT"
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # what torch's reproducibility notes ask cuBLAS for (CUDA >= 10.2)
 _CBWR_ALL = -1  # MKL_CBWR_ALL: query the whole mode word
 _CBWR_STRICT = 0x10000  # mkl_cbwr.h: MKL_CBWR_STRICT
 
 
 def request_reproducible_gemms() -> None:
-    """Ask MKL for CNR before its first use (no effect once MKL has run; see mkl_reproducible)."""
+    """Ask MKL for CNR before its first use (no effect once MKL has run; see mkl_reproducible), and cuBLAS for
+    a fixed workspace (used only under deterministic_algorithms)."""
     os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True) -> Iterator[None]:
+    """torch's deterministic algorithms for the duration (when `on`): an op that has none warns instead of
+    failing. The setting in force before comes back afterwards."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @functools.cache

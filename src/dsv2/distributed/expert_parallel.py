@@ -91,7 +91,7 @@ class AllToAllDispatcher(LocalDispatcher):
         order_N = torch.argsort(local_expert, stable=True)
         row_N = (recv_meta[:, 1] + recv_first[source])[order_N]
         counts_E = torch.bincount(local_expert, minlength=L)
-        x_ND = recv_x[row_N]
+        x_ND = recv_x.index_select(0, row_N)  # its gradient adds in order (moe.LocalDispatcher.dispatch)
         if x_ND.shape[0] == 0:  # grouped GEMM backward rejects empty inputs: run one zero row, ignored later
             x_ND = torch.cat([x_ND, x_ND.new_zeros(1, x_ND.shape[1])])
             counts_E = counts_E.clone()

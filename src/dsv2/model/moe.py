@@ -67,7 +67,10 @@ class LocalDispatcher:
         overlapped = overlap() if overlap is not None else None
         slot_N, counts_E = self.sort(routing)
         token_N = slot_N // routing.experts_TK.shape[1]
-        return x_TD[token_N], counts_E, Dispatched(token_N, slot_N, x_TD.shape[0], overlapped)
+        # index_select, not x_TD[token_N]: the gradient of indexing is index_put_(accumulate=True), which on a
+        # multi-threaded CPU adds each token's K copies with atomics in whatever order the threads run (two
+        # identical runs then differ in the last bits); index_select's gradient, index_add_, adds them in order.
+        return x_TD.index_select(0, token_N), counts_E, Dispatched(token_N, slot_N, x_TD.shape[0], overlapped)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
         y_ND = self.weigh(y_ND, weights_TK.flatten()[d.slot_N])

@@ -23,7 +23,7 @@ from .data import STDLIB_SOURCE
 
 PRESET_NAMES = frozenset(PRESETS)
 
-LAUNCH = frozenset({"device", "expert_parallel", "progress"})
+LAUNCH = frozenset({"device", "expert_parallel", "progress", "deterministic"})
 """Settings of the launch, not of the run: a resumed run takes them from its own flags (or the defaults), never
 from the stored settings (a run saved on 4 expert-parallel ranks resumes on 2, or in one process)."""
 RESUMABLE = LAUNCH | {"out", "max_steps", "save_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"}
@@ -87,6 +87,9 @@ class TrainConfig:
     expert_parallel: int = 1
     """Ranks the routed experts are sharded over (torchrun); see dsv2/distributed/."""
     progress: bool = True
+    deterministic: bool = False
+    """torch's deterministic algorithms during the run (dsv2/reproducibility.py): what makes CUDA runs repeat
+    bitwise; CPU runs repeat without it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):

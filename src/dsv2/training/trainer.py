@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..distributed.parallel import Parallel, init_parallel
 from ..model import DeepseekV2
 from ..model.moe import TokenDropPolicy
-from ..reproducibility import MKL_CBWR, mkl_reproducible
+from ..reproducibility import MKL_CBWR, deterministic_algorithms, mkl_reproducible
 from . import data as data_mod
 from .balance import MoEStats, balance_losses
 from .config import TrainConfig, TrainingError, absolute_paths
@@ -64,7 +64,7 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False) -> dic
         s = Session.start(tc, run, par, device, resume, overwrite)
         if isinstance(s, dict):  # a resumed run that had already finished
             return s
-        with s.log, GracefulStop() as stop:
+        with s.log, GracefulStop() as stop, deterministic_algorithms(tc.deterministic):
             for step in range(s.start_step, tc.max_steps):
                 record = train_step(s, step)  # data -> forward -> losses -> backward -> clip -> AdamW step
                 done = step + 1
