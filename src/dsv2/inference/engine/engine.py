@@ -294,10 +294,11 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Sequences running and waiting, prefix-cache queries and hits (in blocks), preemptions, free and total
-        blocks, tokens per block, cache bytes per token, max_model_len."""
+        """Sequences running and waiting (and max_num_seqs, how many may run), prefix-cache queries and hits (in
+        blocks), preemptions, free and total blocks, tokens per block, cache bytes per token, max_model_len."""
         with self._lock:
             return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                    "max_num_seqs": self.scheduler.max_num_seqs,
                     "prefix_queries": self.pool.queries, "prefix_hits": self.pool.hits,
                     "preemptions": self.scheduler.preemptions, "free_blocks": self.pool.num_free,
                     "num_blocks": self.pool.num_blocks, "block_size": self.cache.block_size,
@@ -308,7 +309,8 @@ class Engine:
         """A text prompt's token ids as the engine takes it: BOS (where the model has one), then the text's."""
         if self.tokenizer is None:
             raise RequestError("a text prompt needs a tokenizer; pass token ids", "prompt")
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + self.tokenizer.encode(text).ids
+        ids = self.tokenizer.encode_batch([text])[0].ids  # as encode(text), but it lets go of the GIL meanwhile
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
 
     # ------------------------------------------------------------------------------------------------------------
     def _sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
