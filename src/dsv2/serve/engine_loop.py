@@ -71,7 +71,7 @@ class EngineLoop:
         self.max_queue = max_queue
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}  # the loop thread's alone
-        self._pending = 0  # submitted, not yet taken by the loop thread
+        self._pending = 0  # submitted, not yet taken by the loop thread (or taken since its last snapshot)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._snapshot = engine.stats
@@ -97,14 +97,22 @@ class EngineLoop:
             s["waiting"] += self._pending
         return s
 
+    def queued(self) -> int:
+        """Requests that could not start now: those submitted or waiting in the engine, less the sequences the
+        running batch still has room for (max_num_seqs). The caller holds the lock."""
+        s = self._snapshot
+        room = max(0, s["max_num_seqs"] - s["running"])
+        return max(0, self._pending + s["waiting"] - room)
+
     def submit(self, request_id: str, admission: Admission, sink: asyncio.Queue, tag: object = None) -> None:
         """Queue a request the engine has admitted (Engine.admit); its outputs arrive on sink as
-        (tag, RequestOutput), or (tag, exception) if it fails. 503 when the queue is full."""
+        (tag, RequestOutput), or (tag, exception) if it fails. 503 when max_queue requests already wait (those
+        that can start at once do not count: see queued)."""
         tracked = _Tracked(sink, asyncio.get_running_loop(), tag, time.monotonic())
         with self._lock:  # the loop thread's last drain takes the lock too: nothing is put after it
             if not self.alive:
                 raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
-            if self._pending + self._snapshot["waiting"] >= self.max_queue:
+            if self.queued() >= self.max_queue:
                 raise ApiError(503, f"the server's queue is full ({self.max_queue} requests waiting); retry later",
                                headers={"Retry-After": "1"})
             self._pending += 1
@@ -164,8 +172,10 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain(block=not self.engine.has_unfinished())
-                self._snapshot = self.engine.stats  # what was just taken counts as waiting at once
+                taken = self._drain(block=not self.engine.has_unfinished())
+                stats = self.engine.stats
+                with self._lock:  # what was just taken counts as waiting at once, and no longer as pending
+                    self._snapshot, self._pending = stats, self._pending - taken
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
@@ -184,17 +194,20 @@ class EngineLoop:
                 self._fail_all(ApiError(503, "the server is shutting down", headers={"Retry-After": "5"}),
                                untaken=True)
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool) -> int:
+        """Handle the commands queued; how many requests were taken (Add)."""
         try:
             cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
         except queue.Empty:
-            return
+            return 0
+        taken = 0
         while True:
             self._handle(cmd)
+            taken += isinstance(cmd, Add)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return taken
 
     def _handle(self, cmd: Add | Abort | Wake) -> None:
         match cmd:
@@ -208,8 +221,6 @@ class EngineLoop:
                 raise TypeError(f"not an engine loop command: {cmd!r}")
 
     def _add(self, cmd: Add) -> None:
-        with self._lock:
-            self._pending -= 1
         try:
             self.engine.add_request(cmd.request_id, cmd.admission)  # admitted already: not checked again
         except GenerationError as e:  # a request id already running
