@@ -85,3 +85,17 @@ def test_expert_parallel_runs_repeat(corpus, tmp_path):
     assert metrics(tmp_path / "b") == a and metrics(tmp_path / "killed") == a
     ckpt = checkpoint_bytes(tmp_path / "a")
     assert checkpoint_bytes(tmp_path / "b") == ckpt == checkpoint_bytes(tmp_path / "killed")
+
+
+def test_deterministic_flag_runs_and_restores_torch_setting(corpus, tmp_path):
+    """--deterministic (for CUDA) changes nothing a CPU run computes, and leaves torch's setting as it was."""
+    import torch
+
+    from dsv2.cli import main
+
+    plain, det = tmp_path / "plain", tmp_path / "det"
+    assert main(train_argv(corpus, plain, max_steps=2, save_every=2)) == 0
+    assert main(train_argv(corpus, det, "--deterministic", max_steps=2, save_every=2)) == 0
+    assert metrics(plain) == metrics(det) and checkpoint_bytes(plain) == checkpoint_bytes(det)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert json.loads((det / "train_config.json").read_text())["deterministic"] is True
