@@ -368,9 +368,15 @@ def test_api_key(guarded):
     with pytest.raises(openai.AuthenticationError):
         guarded.client("wrong").models.list()
     r = httpx.post(guarded.url + "/v1/completions", json={"model": "tiny", "prompt": "hi"})
-    assert r.status_code == 401 and r.json()["error"]["code"] == 401
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # OpenAI's code: a string
+    assert r.headers["www-authenticate"].startswith("Bearer")  # RFC 9110: a 401 names its scheme
     assert httpx.get(guarded.url + "/health").status_code == 200  # probes need no key
     assert guarded.client("sekrit").completions.create(model="tiny", prompt="hi", max_tokens=2).usage
+    for scheme in ("bearer", "BEARER", "Bearer"):  # the scheme is case-insensitive; the key is not
+        ok = httpx.get(guarded.url + "/v1/models", headers={"Authorization": f"{scheme} sekrit"})
+        assert ok.status_code == 200, (scheme, ok.text)
+    assert httpx.get(guarded.url + "/v1/models", headers={"Authorization": "Bearer SEKRIT"}).status_code == 401
+    assert httpx.get(guarded.url + "/v1/models", headers={"Authorization": "Basic sekrit"}).status_code == 401
 
 
 def test_no_chat_template_is_a_400(guarded):

@@ -1,6 +1,7 @@
-"""The HTTP plumbing under the API: the API key and the body limit (ASGI middleware, before any handler), every
-error in OpenAI's shape, the event stream that aborts its requests however it ends (and its `data:` lines), and the
-OpenAPI schema with the events of the streams."""
+"""The HTTP plumbing under the API: the API key, the body (its size limit, read whole before any handler and taken
+as JSON whatever its Content-Type says), every error in OpenAI's shape and words (pydantic's internals never reach
+the client), the event stream that aborts its requests however it ends (and its `data:` lines), and the OpenAPI
+schema with the events of the streams."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .protocol import ApiError
+from .protocol import FIELDS, PROMPT_TYPES, ApiError
 
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 """Paths --api-key guards (as vLLM: /health and /metrics stay open for probes and scrapers, /docs and
@@ -23,7 +24,9 @@ PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
 
 class Guard:
-    """ASGI middleware: the API key (compared in constant time) and the body size limit, before any handler."""
+    """ASGI middleware, before any handler: the API key (compared in constant time; the scheme in any case, as
+    RFC 9110 has it) and the body, read whole within the size limit (a client that goes away meanwhile gets
+    nothing) and handed on as JSON."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.limit = app, api_key, max_body_bytes
@@ -32,27 +35,43 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        key = self.api_key
-        if key and scope["path"].startswith(PROTECTED):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + key.encode()):
-                return await _send_error(send, ApiError(401, "a valid API key is needed: send the header "
-                                                        "'Authorization: Bearer KEY'"))
+        if self.api_key and scope["path"].startswith(PROTECTED) and not self._authorized(headers):
+            return await _send_error(send, ApiError(401, "a valid API key is needed: send the header "
+                                                    "'Authorization: Bearer KEY'",
+                                                    headers={"WWW-Authenticate": 'Bearer realm="dsv2"'}))
         limit = self.limit
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await _send_error(send, ApiError(413, f"the request body is over {limit} bytes"))
-        seen = 0
-
-        async def counted():  # a chunked body has no length up front
-            nonlocal seen
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        while True:  # the protocol's read timeouts bound how long this waits (timeouts.py)
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:  # an HTTPException passes FastAPI's body parsing as it is (the handler shapes it)
-                raise StarletteHTTPException(413, f"the request body is over {limit} bytes")
-            return message
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > limit:  # a chunked body has no length up front
+                return await _send_error(send, ApiError(413, f"the request body is over {limit} bytes"))
+            if not message.get("more_body", False):
+                break
+        # every POST route takes JSON: a body sent as text/plain or a form (curl -d) is read as JSON too
+        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")])
+        replayed = False
 
-        return await self.app(scope, counted, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what follows the body: a disconnect
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key.encode())
 
 
 async def _send_error(send, e: ApiError) -> None:
@@ -110,8 +129,72 @@ def openapi_schema(app: FastAPI, streams: dict[str, type[BaseModel]]) -> dict:
                 "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
             ok["description"] += f"; with stream: true, server-sent events `data: {model.__name__}`, then " \
                 "`data: [DONE]`"
+        for operations in schema["paths"].values():  # HEAD is served wherever GET is: not an operation of its own
+            operations.pop("head", None)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+KINDS = {"float_type": "a number", "int_type": "an integer", "string_type": "a string", "bool_type": "a boolean",
+         "list_type": "a list", "dict_type": "an object", "model_type": "an object",
+         "model_attributes_type": "an object", "int_from_float": "an integer", "too_short": "a non-empty list"}
+HINTS = {"prompt": PROMPT_TYPES, "stop": "stop must be a string or a list of strings",
+         "content": "content must be a string or a list of text parts"}
+
+
+def _where(loc) -> list:
+    """A pydantic location as the request's fields and indices alone ("body", union members and tags dropped)."""
+    return [x for x in loc if isinstance(x, int) or x in FIELDS]
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """Pydantic's errors for a request body as one 400 in OpenAI's words: the first field at fault, named as the
+    request names it (param), and what it must be."""
+    if not errors:
+        return ApiError(400, "invalid request")
+    if errors[0].get("type") == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}".rstrip(": "))
+    field = (_where(errors[0]["loc"]) or [None])[0]
+    group = [e for e in errors if (_where(e["loc"]) or [None])[0] == field]  # the members of one union, say
+    specific = next((e for e in group if e["type"] in ("value_error", "assertion_error")), None)
+    if specific is not None:  # our own checks' words
+        where = ".".join(map(str, _where(specific["loc"])))
+        return ApiError(400, specific["msg"].removeprefix("Value error, "), param=where or None)
+    locs = [_where(e["loc"]) for e in group]
+    common = locs[0]
+    for loc in locs[1:]:
+        n = 0
+        while n < min(len(common), len(loc)) and common[n] == loc[n]:
+            n += 1
+        common = common[:n]
+    where = ".".join(map(str, common))
+    if not where:
+        return ApiError(400, "the body must be a JSON object")
+    last = common[-1]
+    if isinstance(last, str) and last in HINTS and len(group) > 1:
+        return ApiError(400, HINTS[last], param=where)
+    if group[0]["type"] == "missing":
+        return ApiError(400, f"{where} is required", param=where)
+    kinds = list(dict.fromkeys(KINDS[e["type"]] for e, loc in zip(group, locs, strict=True)
+                               if loc == common and e["type"] in KINDS))
+    if "a number" in kinds:
+        kinds = ["a number", *(k for k in kinds if k not in ("a number", "an integer"))]
+    if kinds:
+        return ApiError(400, f"{where} must be {' or '.join(kinds)}", param=where)
+    return ApiError(400, f"{where}: {group[0]['msg']}", param=where)
+
+
+def _parse_error(e: Exception) -> ApiError | None:
+    """Why FastAPI could not parse a body (it says only "There was an error parsing the body")."""
+    cause = e.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return ApiError(400, f"the body is not valid UTF-8 (byte {cause.start}: {cause.reason})")
+    if isinstance(cause, RecursionError):
+        return ApiError(400, "the body's JSON is nested too deeply")
+    if isinstance(cause, ValueError):
+        return ApiError(400, f"the body is not valid JSON ({cause})")
+    return None
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -119,7 +202,8 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape: ours, FastAPI's validation errors, Starlette's (404, 405), and bugs (500)."""
+    """Every error in OpenAI's shape: ours, FastAPI's validation errors, Starlette's (404, 405 with its Allow),
+    and bugs (500)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, e: ApiError):
@@ -127,17 +211,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return _error_response(ApiError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}"
-                                            .rstrip(": ")))
-        where = ".".join(loc)
-        return _error_response(ApiError(400, f"{where or 'body'}: {err['msg']}", param=where or None))
+        return _error_response(validation_error(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request, e: StarletteHTTPException):
-        return _error_response(ApiError(e.status_code, str(e.detail)))
+    async def _http(request, e: StarletteHTTPException):
+        if e.status_code == 400 and (parsed := _parse_error(e)) is not None:
+            return _error_response(parsed)
+        message = str(e.detail)
+        if e.status_code == 404:
+            message = f"Not Found: no route {request.method} {request.url.path}"
+        elif e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow")
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+        return _error_response(ApiError(e.status_code, message, headers=e.headers))
 
     @app.exception_handler(Exception)
     async def _bug(_request, e: Exception):

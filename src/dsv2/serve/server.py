@@ -1,5 +1,8 @@
 """Load a checkpoint into an engine and serve it on uvicorn until SIGTERM or Ctrl-C.
 
+The connection's read timeouts (headers, body) are timeouts.py's, on uvicorn's h11 protocol; keep-alive is
+uvicorn's.
+
 SIGTERM stops accepting connections, lets the requests in flight finish for up to `grace` seconds, stops the engine
 loop, and returns (exit status 0): uvicorn re-raises the signal it caught once it has shut down, and the handler
 installed here, which it restores first, takes it.
@@ -22,11 +25,17 @@ from ..errors import GenerationError
 from ..inference.engine import Engine, check_options
 from .app import ServerConfig, build_app
 from .chat import ChatTemplate
+from .timeouts import Timeouts, protocol
+
+TIMEOUTS = Timeouts()
+KEEP_ALIVE_S = 5
+"""Seconds an idle connection is kept between requests (uvicorn's default)."""
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           api_key: str | None = None, max_model_len: int | None = None, max_queue: int = 256,
-          grace: float = 30.0, log_level: str = "info", **engine_kw) -> int:
+          grace: float = 30.0, log_level: str = "info", timeouts: Timeouts = TIMEOUTS, **engine_kw) -> int:
+    """timeouts: how long a client may take to send a request's headers and body (timeouts.py)."""
     _check_port(host, port)  # a port in use, a bad option or a bad template fails before the weights load
     engine_kw["max_model_len"] = max_model_len
     try:
@@ -36,7 +45,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
     except GenerationError as e:
         raise ValueError(_as_flags(str(e))) from None
     name = served_model_name or Path(model).resolve().name
-    config = ServerConfig(name, engine.max_model_len, api_key, max_queue, root=str(Path(model).resolve()))
+    config = ServerConfig(name, engine.max_model_len, api_key, max_queue, root=Path(model).resolve().name)
     app = build_app(engine, config, chat_template)
     s = engine.stats
     print(f"dsv2 serve: {name} on http://{host}:{port}/v1 ({s['num_blocks']} cache blocks of "
@@ -46,8 +55,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"dsv2 serve: warning: listening on {host} without --api-key: anyone who can reach this port can use "
               "the model", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=grace, access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol(timeouts),
+                                           timeout_graceful_shutdown=grace, access_log=False, lifespan="on",
+                                           timeout_keep_alive=KEEP_ALIVE_S))
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # see the module docstring
     try:
         server.run()

@@ -1,0 +1,160 @@
+"""What the API sends back from the engine's outputs: a whole response (built, with its JSON, in a worker thread
+by the caller: it grows with the request) or a stream's events, for completions and chats; and the Job, one API
+request's prompts in the engine.
+
+Token ids (vLLM's prompt_token_ids and token_ids) are shown with return_token_ids, and always in a completion on a
+checkpoint without a tokenizer, whose `text` is then null (its output is its ids, never an empty text) and whose
+logprobs have no text_offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse
+
+from ..inference.engine import RequestOutput
+from ..inference.engine.params import Admission
+from .engine_loop import EngineLoop
+from .http import EventStream, sse, sse_errors
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionResponse,
+    CompletionStreamResponse,
+    Delta,
+    Usage,
+)
+from .tokens import TokenTable
+
+
+@dataclass
+class Job:
+    """One API request's prompts in the engine: request id of each, their admissions, the response's id and time."""
+
+    id: str
+    rids: list[str]
+    admissions: list[Admission]
+    created: int
+
+    @classmethod
+    def of(cls, prefix: str, admissions: list[Admission]) -> Job:
+        base = f"{prefix}-{uuid.uuid4().hex}"
+        return cls(base, [f"{base}-{i}" for i in range(len(admissions))], admissions, int(time.time()))
+
+    def usage(self, finals: dict[int, RequestOutput]) -> Usage:
+        p = sum(len(a.prompt_ids) for a in self.admissions)
+        c = sum(len(o.token_ids) for out in finals.values() for o in out.outputs)
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+class Outputs:
+    """Responses and events of one server: its model's name, its TokenTable, its engine loop; `text`: whether
+    the checkpoint has a tokenizer."""
+
+    def __init__(self, tokens: TokenTable, model_name: str, loop: EngineLoop, text: bool):
+        self.tokens, self.model_name, self.loop, self.text = tokens, model_name, loop, text
+
+    def ids(self, req: CompletionRequest | ChatCompletionRequest) -> bool:
+        """Whether a completion shows token ids: asked for, or the only output there is (no tokenizer)."""
+        return req.return_token_ids or not self.text
+
+    def completion_response(self, req: CompletionRequest, job: Job, echoes: list[str],
+                             finals: dict[int, RequestOutput]) -> JSONResponse:
+        ids, text = self.ids(req), self.text
+        choices = [CompletionChoice(
+            index=i * req.n + c.index, text=echoes[i] + c.text if text else None, finish_reason=c.finish_reason,
+            logprobs=(self.tokens.completion_logprobs(c.logprobs, len(echoes[i]) if text else None)
+                      if req.logprobs is not None else None),
+            prompt_token_ids=job.admissions[i].prompt_ids if ids else None, token_ids=c.token_ids if ids else None)
+            for i in range(len(job.rids)) for c in finals[i].outputs]
+        return JSONResponse(CompletionResponse(id=job.id, created=job.created, model=self.model_name,
+                                               choices=choices, usage=job.usage(finals)).model_dump())
+
+    def chat_response(self, req: ChatCompletionRequest, logprobs: bool, job: Job, final: RequestOutput
+                       ) -> JSONResponse:
+        ids = req.return_token_ids
+        choices = [ChatChoice(index=c.index, message=ChatMessage(content=c.text), finish_reason=c.finish_reason,
+                              logprobs=self.tokens.chat_logprobs(c.logprobs) if logprobs else None,
+                              token_ids=c.token_ids if ids else None)
+                   for c in final.outputs]
+        return JSONResponse(ChatCompletionResponse(
+            id=job.id, created=job.created, model=self.model_name, choices=choices, usage=job.usage({0: final}),
+            prompt_token_ids=job.admissions[0].prompt_ids if ids else None).model_dump())
+
+    # -- streams --------------------------------------------------------------------------------------------------
+    async def completion_events(self, req: CompletionRequest, job: Job, echoes: list[str], sink: asyncio.Queue
+                                 ) -> AsyncIterator[CompletionStreamResponse]:
+        ids, text, n, finals = self.ids(req), self.text, req.n, {}
+        sent: dict[int, int] = {}  # characters streamed per choice (text_offset of logprobs)
+
+        def event(k: int, delta: str, new_ids: list[int] | None = None, lp=None, finish: str | None = None):
+            first = k not in sent
+            sent[k] = sent.get(k, 0) + len(delta)
+            choice = CompletionChoice(index=k, text=delta if text else None, logprobs=lp, finish_reason=finish,
+                                      prompt_token_ids=job.admissions[k // n].prompt_ids if ids and first else None,
+                                      token_ids=(new_ids or []) if ids else None)
+            return CompletionStreamResponse(id=job.id, created=job.created, model=self.model_name,
+                                            choices=[choice])
+
+        if req.echo:
+            for i, e in enumerate(echoes):
+                for j in range(n):
+                    yield event(i * n + j, e)
+        async for i, out, moved in self.loop.outputs(sink, job.rids):
+            if out.finished:
+                finals[i] = out
+            for c in moved:
+                k = i * n + c.index
+                lp = (self.tokens.completion_logprobs(c.new_logprobs, sent.get(k, 0) if text else None)
+                      if c.new_logprobs and req.logprobs is not None else None)
+                if c.text_delta or lp or c.finish_reason or (ids and c.new_token_ids):
+                    yield event(k, c.text_delta, c.new_token_ids, lp, c.finish_reason)
+        if req.include_usage:
+            yield CompletionStreamResponse(id=job.id, created=job.created, model=self.model_name,
+                                           choices=[], usage=job.usage(finals))
+
+    async def chat_events(self, req: ChatCompletionRequest, logprobs: bool, job: Job, sink: asyncio.Queue
+                           ) -> AsyncIterator[ChatCompletionChunk]:
+        ids = req.return_token_ids
+
+        def event(choices: list[ChatChunkChoice], usage: Usage | None = None, first: bool = False):
+            return ChatCompletionChunk(id=job.id, created=job.created, model=self.model_name, choices=choices,
+                                       usage=usage, prompt_token_ids=job.admissions[0].prompt_ids
+                                       if ids and first else None)
+
+        def choice(index: int, delta: Delta, lp=None, finish: str | None = None, new_ids: list[int] | None = None):
+            return [ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=finish,
+                                    token_ids=(new_ids or []) if ids else None)]
+
+        final = None
+        for j in range(req.n):
+            yield event(choice(j, Delta(role="assistant", content="")), first=j == 0)
+        async for _, out, moved in self.loop.outputs(sink, job.rids):
+            final = out if out.finished else final
+            for c in moved:
+                lp = self.tokens.chat_logprobs(c.new_logprobs) if c.new_logprobs and logprobs else None
+                if c.text_delta or lp or (ids and c.new_token_ids):
+                    yield event(choice(c.index, Delta(content=c.text_delta), lp, new_ids=c.new_token_ids))
+                if c.finish_reason:
+                    yield event(choice(c.index, Delta(), finish=c.finish_reason))
+        if req.include_usage and final is not None:
+            yield event([], job.usage({0: final}))
+
+    def stream(self, events: AsyncIterator, job: Job) -> EventStream:
+        """The events as server-sent events (an error after the 200 as an error event), then [DONE]; the job's
+        requests are aborted however the response ends."""
+        async def lines() -> AsyncIterator[str]:
+            async for e in events:
+                yield sse(e.model_dump())
+
+        return EventStream(sse_errors(lines()), lambda: [self.loop.abort(r) for r in job.rids])
