@@ -87,23 +87,47 @@ def describe(config: ModelConfig, *, context_len: int = DEFAULT_CONTEXT_LEN, dty
       replaces: ``forward`` plus kv_b_proj re-applied to the T - 1 cached latents, 2 n_h (d_h + v_head_dim) d_c
       (T - 1) l. Both are None for the baselines.
     """
-    c = config
     if context_len < 1:
         raise ValueError(f"context_len must be >= 1, got {context_len}")
     if dtype_bytes < 1:
         raise ValueError(f"dtype_bytes must be >= 1, got {dtype_bytes}")
-    D, H, L, V = c.hidden_size, c.num_attention_heads, c.num_hidden_layers, c.vocab_size
-    E, K, F = c.num_routed, c.num_experts_per_tok, c.moe_intermediate_size
-    n_shared = c.n_shared_experts or 0
-    n_moe = sum(c.is_moe_layer(i) for i in range(L))
-    n_dense = L - n_moe
+    parameters, activated, activated_matmul = _parameters(config)
+    return {
+        "config": _config_summary(config),
+        "parameters": parameters,
+        "activated": activated,
+        "kv_cache": _kv_cache(config, context_len, dtype_bytes, gqa_groups),
+        "flops": _flops(config, context_len, activated_matmul),
+    }
 
-    # ---- parameters --------------------------------------------------------------------------------------
+
+def _moe_layers(c: ModelConfig) -> int:
+    return sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+
+
+def _config_summary(c: ModelConfig) -> dict[str, Any]:
+    E, n_moe = c.num_routed, _moe_layers(c)
+    return {
+        "attention_type": c.attention_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+        "dense_layers": c.num_hidden_layers - n_moe, "moe_layers": n_moe, "num_attention_heads": c.num_attention_heads,
+        "vocab_size": c.vocab_size, "n_routed_experts": E, "n_shared_experts": c.n_shared_experts or 0,
+        "num_experts_per_tok": c.num_experts_per_tok if E else 0, "q_lora_rank": c.q_lora_rank,
+        "kv_lora_rank": c.kv_lora_rank, "tie_word_embeddings": c.tie_word_embeddings,
+    }
+
+
+def _parameters(c: ModelConfig) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(describe's "parameters", its "activated", the activated matmul parameters: without_embedding less every
+    norm weight, what the matmul FLOPs count)."""
+    D, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    E, K, F = c.num_routed, c.num_experts_per_tok, c.moe_intermediate_size
+    n_moe = _moe_layers(c)
+    n_dense = L - n_moe
     attn_mm, attn_norm = _attention_shapes(c)
     attn = attn_mm + attn_norm
     dense_ffn = 3 * D * c.intermediate_size  # SwiGLU: gate_proj, up_proj, down_proj
     expert = 3 * D * F  # one routed expert's slice of gate_up_proj [E, 2F, D] and down_proj [E, D, F]
-    shared = 3 * D * n_shared * F  # one MLP of width n_shared * F
+    shared = 3 * D * (c.n_shared_experts or 0) * F  # one MLP of width n_shared * F
     gate = E * D
     moe_ffn = E * expert + shared + gate
     block_norms = 2 * D  # input_layernorm, post_attention_layernorm
@@ -112,14 +136,41 @@ def describe(config: ModelConfig, *, context_len: int = DEFAULT_CONTEXT_LEN, dty
     norms = L * (block_norms + attn_norm) + D  # + the final norm
     total = L * (attn + block_norms) + n_dense * dense_ffn + n_moe * moe_ffn + D + embedding + lm_head
 
-    # ---- activated per token ------------------------------------------------------------------------------
+    # activated per token
     routed_active = n_moe * K * expert
     act_body = L * (attn + block_norms) + n_dense * dense_ffn + n_moe * (shared + gate) + routed_active + D
     act_without_emb = act_body + V * D  # the LM head matrix, tied or not, is a matmul every token
     act_total = act_without_emb + (0 if c.tie_word_embeddings else embedding)
+    parameters = {
+        "total": total,
+        "embedding": embedding,
+        "lm_head": lm_head,
+        "attention": L * attn,
+        "dense_ffn": n_dense * dense_ffn,
+        "routed_experts": n_moe * E * expert,
+        "shared_experts": n_moe * shared,
+        "gate": n_moe * gate,
+        "norms": L * block_norms + D,  # block and final norms; attention's inner norms are in "attention"
+        "per_layer": {"attention": attn, "dense_ffn": dense_ffn, "moe_ffn": moe_ffn if n_moe else 0,
+                      "routed_expert": expert if n_moe else 0, "norms": block_norms},
+    }
+    activated = {
+        "total": act_total,
+        "without_embedding": act_without_emb,
+        "attention": L * attn,
+        "dense_ffn": n_dense * dense_ffn,
+        "routed_experts": routed_active,
+        "shared_experts": n_moe * shared,
+        "gate": n_moe * gate,
+        "lm_head": V * D,
+        "fraction_of_total": act_total / total,
+    }
+    return parameters, activated, act_without_emb - norms
 
-    # ---- KV cache (Table 1) ---------------------------------------------------------------------------------
-    d_h = c.qk_nope_head_dim
+
+def _kv_cache(c: ModelConfig, context_len: int, dtype_bytes: int, gqa_groups: int | None) -> dict[str, Any]:
+    """describe's "kv_cache": the config's own cache and Table 1's four rows."""
+    H, L, d_h = c.num_attention_heads, c.num_hidden_layers, c.qk_nope_head_dim
     if gqa_groups is None:
         gqa_groups = c.num_key_value_heads if c.num_key_value_heads < H else min(DEFAULT_GQA_GROUPS, H)
     if c.attention_type == "mla":
@@ -128,7 +179,7 @@ def describe(config: ModelConfig, *, context_len: int = DEFAULT_CONTEXT_LEN, dty
         own = c.kv_heads * (c.qk_nope_head_dim + c.v_head_dim) * L
     mla = (c.kv_lora_rank + c.qk_rope_head_dim) * L
     mha = 2 * H * d_h * L
-    kv = {
+    return {
         "dtype_bytes": dtype_bytes,
         "context_len": context_len,
         "config": _kv_entry(own, dtype_bytes, context_len, attention_type=c.attention_type),
@@ -141,8 +192,11 @@ def describe(config: ModelConfig, *, context_len: int = DEFAULT_CONTEXT_LEN, dty
         "mla_equivalent_gqa_groups": mla / (2 * d_h * L),
     }
 
-    # ---- FLOPs ----------------------------------------------------------------------------------------------
-    matmul_flops = 2 * (act_without_emb - norms)
+
+def _flops(c: ModelConfig, context_len: int, activated_matmul: int) -> dict[str, Any]:
+    """describe's "flops": forward FLOPs per token from the activated matmul parameters and the attention."""
+    H, L = c.num_attention_heads, c.num_hidden_layers
+    matmul_flops = 2 * activated_matmul
     if c.attention_type == "mla":
         per_key = 2 * H * (c.qk_head_dim + c.v_head_dim) * L
     else:
@@ -164,41 +218,7 @@ def describe(config: ModelConfig, *, context_len: int = DEFAULT_CONTEXT_LEN, dty
         # kv_b_proj re-applied to the context_len - 1 cached latents (the new token's is already in `matmul`)
         kv_b = c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)
         flops["forward_naive_decode"] = matmul_flops + attn_flops + 2 * kv_b * L * (context_len - 1)
-
-    return {
-        "config": {
-            "attention_type": c.attention_type, "hidden_size": D, "num_hidden_layers": L, "dense_layers": n_dense,
-            "moe_layers": n_moe, "num_attention_heads": H, "vocab_size": V, "n_routed_experts": E,
-            "n_shared_experts": n_shared, "num_experts_per_tok": K if E else 0, "q_lora_rank": c.q_lora_rank,
-            "kv_lora_rank": c.kv_lora_rank, "tie_word_embeddings": c.tie_word_embeddings,
-        },
-        "parameters": {
-            "total": total,
-            "embedding": embedding,
-            "lm_head": lm_head,
-            "attention": L * attn,
-            "dense_ffn": n_dense * dense_ffn,
-            "routed_experts": n_moe * E * expert,
-            "shared_experts": n_moe * shared,
-            "gate": n_moe * gate,
-            "norms": L * block_norms + D,  # block and final norms; attention's inner norms are in "attention"
-            "per_layer": {"attention": attn, "dense_ffn": dense_ffn, "moe_ffn": moe_ffn if n_moe else 0,
-                          "routed_expert": expert if n_moe else 0, "norms": block_norms},
-        },
-        "activated": {
-            "total": act_total,
-            "without_embedding": act_without_emb,
-            "attention": L * attn,
-            "dense_ffn": n_dense * dense_ffn,
-            "routed_experts": routed_active,
-            "shared_experts": n_moe * shared,
-            "gate": n_moe * gate,
-            "lm_head": V * D,
-            "fraction_of_total": act_total / total,
-        },
-        "kv_cache": kv,
-        "flops": flops,
-    }
+    return flops
 
 
 # ---------------------------------------------------------------------------------------------------------------
