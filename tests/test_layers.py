@@ -1,7 +1,8 @@
 """The package's layers: what may import what (README "Architecture"). Walks the imports of every module under
 src/dsv2 and fails on one that runs upward, or on a model module that reaches beyond torch and the standard
 library: the model knows nothing of checkpoint files, ranks, CPU kernels or servers. And in a fresh interpreter,
-importing the model loads nothing of the layers above it."""
+importing the model loads nothing of the layers above it. Modules stay under ~400 lines and functions under 80
+(the CLI's parser excepted)."""
 
 import ast
 import subprocess
@@ -109,3 +110,18 @@ def test_importing_the_model_loads_no_layer_above_it():
             "'dsv2.config', 'dsv2.errors', 'dsv2.field_types', 'dsv2.reproducibility'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+MAX_FUNCTION_LINES = 80
+LONG_ALLOWED = {("dsv2.cli", "build_parser")}  # one add_argument per line: the command line's table of contents
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and (module_name(path), node.name) not in LONG_ALLOWED:
+                    long.append(f"{module_name(path)}.{node.name}: {lines} lines")
+    assert not long, "split these into named steps:\n" + "\n".join(long)
