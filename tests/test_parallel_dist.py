@@ -5,8 +5,8 @@
   ep = 2 x dp = 2 (with gradient accumulation), and when every token goes to rank 0 (the others receive nothing);
 - dispatch counts: under group_limited_greedy no token is sent to more than topk_group ranks (and greedy does
   exceed it, so the check has teeth);
-- training through torchrun: `--expert-parallel 2` on 2 processes and `--expert-parallel 4` on 4 log the same
-  per-step losses as one process; the 4-rank checkpoint is the one-process Hugging Face layout, loads in one
+- training through torchrun: `--expert-parallel 2` on 2 processes, `--expert-parallel 4` on 4 and 2 data-parallel
+  ranks accumulating 2 micro-batches each log the same per-step losses as one process; the 4-rank checkpoint is the one-process Hugging Face layout, loads in one
   process, and resumes on 2 ranks and in one process with the same losses (optimizer moments included).
 
 Workers of the parity tests are spawned from pytest (torch.multiprocessing); training runs go through
@@ -271,6 +271,16 @@ def test_expert_parallel_2_logs_single_process_losses(single, tmp_path):
         assert r["comm_token_copies"] > 0 and r["comm_bytes"] > 0
         assert 1 <= r["comm_ranks_per_token"] <= 2  # tiny: topk_group = 2
     assert "comm_bytes" not in one[0]
+
+
+def test_data_parallel_with_accumulation_logs_single_process_losses(single, tmp_path):
+    """2 data-parallel ranks, 2 micro-batches each: gradients are synced in the last micro-batch only
+    (Parallel.micro_batch: DDP's no_sync before it), and the run logs the losses of one process with the same
+    micro-batches (4 of 2 sequences: dropping decides per micro-batch)."""
+    tok = str(single[0] / "tokenizer" / "tokenizer.json")
+    one = _train_in_process(tmp_path / "one", "--micro-batch-size", "2", "--tokenizer", tok)
+    two = _torchrun(2, tmp_path / "dp2", "--micro-batch-size", "2", "--tokenizer", tok)
+    _same_losses(one, two)
 
 
 def test_checkpoint_from_4_ranks_loads_and_resumes_on_2_and_1(single, tmp_path):
