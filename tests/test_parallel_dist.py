@@ -6,8 +6,9 @@
 - dispatch counts: under group_limited_greedy no token is sent to more than topk_group ranks (and greedy does
   exceed it, so the check has teeth);
 - training through torchrun: `--expert-parallel 2` on 2 processes, `--expert-parallel 4` on 4 and 2 data-parallel
-  ranks accumulating 2 micro-batches each log the same per-step losses as one process; the 4-rank checkpoint is the one-process Hugging Face layout, loads in one
-  process, and resumes on 2 ranks and in one process with the same losses (optimizer moments included).
+  ranks accumulating 2 micro-batches each log the same per-step losses as one process; the 4-rank checkpoint is
+  the one-process Hugging Face layout, loads in one process, and resumes on 2 ranks and in one process with the
+  same losses (optimizer moments included).
 
 Workers of the parity tests are spawned from pytest (torch.multiprocessing); training runs go through
 `python -m torch.distributed.run --standalone`, as a user would launch them.
