@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from dsv2.errors import RequestError
 from dsv2.inference.engine import Engine, SamplingParams
 from dsv2.inference.engine.blocks import BlockPool, NoFreeBlocks
 from dsv2.inference.engine.detokenizer import Detokenizer
@@ -45,7 +46,10 @@ class EngineMachine(RuleBasedStateMachine):
     def add(self, prefix, tail, n, max_tokens, greedy):
         self.count += 1
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=0 if greedy else 1.0, seed=self.count)
-        self.engine.add_request(str(self.count), prefix + tail, params)
+        try:
+            self.engine.add_request(str(self.count), prefix + tail, params)
+        except RequestError as e:  # its worst case (n copies of the prompt's partial block) is more than the cache
+            assert "cache blocks" in str(e)
 
     @rule(times=st.integers(1, 4))
     def step(self, times):

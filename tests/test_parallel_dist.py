@@ -139,11 +139,12 @@ def _parity_case(par_ep: int, cfg, accum: int, rank0_only: bool = False) -> None
             logits, loss = _loss(ref, x[rows], y[rows], cfg, droppers[1])
             (loss / (dp * accum)).backward()
             ref_logits[rows] = logits.detach()
-    for j in range(accum):
+    for j in range(accum):  # as the trainer runs them: gradients synced in the last micro-batch only
         rows = torch.arange(rank * local + j * micro, rank * local + (j + 1) * micro)
         droppers[0].protect = protect[rows]
-        logits, loss = _loss(net, x[rows], y[rows], cfg, token_drop)
-        (loss / accum).backward()
+        with par.micro_batch(net, last=j == accum - 1):
+            logits, loss = _loss(net, x[rows], y[rows], cfg, token_drop)
+            (loss / accum).backward()
         torch.testing.assert_close(logits.detach(), ref_logits[rows], **TOL)
     assert droppers[0].dropped > 0 or rank0_only  # dropping was exercised
     if rank0_only:  # the other ranks received nothing, and still took part in every exchange

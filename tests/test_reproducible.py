@@ -41,12 +41,13 @@ def checkpoint_bytes(run) -> dict[str, str]:
 def test_same_command_same_run_and_resume(corpus, tmp_path, dtype):
     argv = [*SIZED, "--dtype", dtype]
     runs = {name: tmp_path / name for name in ("a", "b", "killed")}
+    threads = {"OMP_NUM_THREADS": "2"}  # the atomics this guards against need more than one thread
     for name in ("a", "b"):
-        r = run_dsv2(train_argv(corpus, runs[name], *argv))
+        r = run_dsv2(train_argv(corpus, runs[name], *argv), env=threads)
         assert r.returncode == 0, r.stderr[-2000:]
-    r = run_dsv2(train_argv(corpus, runs["killed"], *argv), prelude=signal_at(4, signal.SIGKILL))
+    r = run_dsv2(train_argv(corpus, runs["killed"], *argv), env=threads, prelude=signal_at(4, signal.SIGKILL))
     assert r.returncode == -9, r.stderr[-2000:]
-    r = run_dsv2(["train", "--out", str(runs["killed"]), "--resume", "--sample-tokens", "0"])
+    r = run_dsv2(["train", "--out", str(runs["killed"]), "--resume", "--sample-tokens", "0"], env=threads)
     assert r.returncode == 0, r.stderr[-2000:]
     a = metrics(runs["a"])
     assert [row["step"] for row in a] == [1, 2, 3, 4, 5, 6]
@@ -87,15 +88,31 @@ def test_expert_parallel_runs_repeat(corpus, tmp_path):
     assert checkpoint_bytes(tmp_path / "b") == ckpt == checkpoint_bytes(tmp_path / "killed")
 
 
-def test_deterministic_flag_runs_and_restores_torch_setting(corpus, tmp_path):
-    """--deterministic (for CUDA) changes nothing a CPU run computes, and leaves torch's setting as it was."""
+def test_deterministic_flag_runs_and_restores_torch_setting(corpus, tmp_path, monkeypatch):
+    """--deterministic (for CUDA) turns torch's deterministic algorithms on during the steps, changes nothing a CPU
+    run computes, and leaves torch's setting as it found it (a strict one stays strict)."""
     import torch
 
     from dsv2.cli import main
+    from dsv2.training import trainer
 
+    seen = []
+    real = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda s, step: seen.append(
+        (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()))
+        or real(s, step))
     plain, det = tmp_path / "plain", tmp_path / "det"
     assert main(train_argv(corpus, plain, max_steps=2, save_every=2)) == 0
     assert main(train_argv(corpus, det, "--deterministic", max_steps=2, save_every=2)) == 0
+    assert seen == [(False, False)] * 2 + [(True, True)] * 2
     assert metrics(plain) == metrics(det) and checkpoint_bytes(plain) == checkpoint_bytes(det)
     assert not torch.are_deterministic_algorithms_enabled()
     assert json.loads((det / "train_config.json").read_text())["deterministic"] is True
+    torch.use_deterministic_algorithms(True)  # the caller's strict setting survives a run
+    try:
+        assert main(train_argv(corpus, tmp_path / "strict", "--deterministic", max_steps=1, save_every=1)) == 0
+        assert seen[-1] == (True, False)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -21,8 +21,9 @@ class GenerationError(ValueError):
 
 class RequestError(GenerationError):
     """A request the engine refuses at admission (Engine.admit). `param` names the request field at fault (the
-    OpenAI error's `param`), or None when the request as a whole is the problem."""
+    OpenAI error's `param`), or None when the request as a whole is the problem; `code` is OpenAI's error code where
+    one applies ("context_length_exceeded")."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code

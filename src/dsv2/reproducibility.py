@@ -37,7 +37,8 @@ _CBWR_STRICT = 0x10000  # mkl_cbwr.h: MKL_CBWR_STRICT
 
 def request_reproducible_gemms() -> None:
     """Ask MKL for CNR before its first use (no effect once MKL has run; see mkl_reproducible), and cuBLAS for
-    a fixed workspace (used only under deterministic_algorithms)."""
+    the fixed workspace its deterministic mode needs (read when CUDA starts, so set for every dsv2 process that
+    uses CUDA: a few MB of cuBLAS workspace per stream; the user's own setting wins)."""
     os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
 
@@ -45,12 +46,12 @@ def request_reproducible_gemms() -> None:
 @contextlib.contextmanager
 def deterministic_algorithms(on: bool = True) -> Iterator[None]:
     """torch's deterministic algorithms for the duration (when `on`): an op that has none warns instead of
-    failing. The setting in force before comes back afterwards."""
+    failing, unless the caller had made them strict already. The setting in force before comes back afterwards."""
     import torch
 
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if on:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=before[1] if before[0] else True)
     try:
         yield
     finally:

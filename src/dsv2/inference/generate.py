@@ -2,10 +2,13 @@
 
 Prompts of different lengths are left-padded into one batch; padding slots are masked out of attention and each
 row's RoPE positions start at 0 at its first real token, so a padded row computes exactly what it would alone.
+Tokens are drawn by the engine's sampler (engine/sampler.py), the rows in turn from the one seeded generator; its
+top-k keeps exactly k tokens.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -39,6 +42,11 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     """generate's settings as the engine's SamplingParams (None: no top-k / top-p cut), checked by it: a
     GenerationError for settings that cannot sample, whatever the temperature (a greedy call with a bad top_p is
     still a mistake)."""
+    if top_k is not None and not isinstance(top_k, bool):
+        try:
+            top_k = operator.index(top_k)  # numpy and torch integers too
+        except TypeError:
+            pass  # SamplingParams names it
     return SamplingParams(temperature=temperature, top_k=0 if top_k is None else top_k,
                           top_p=1.0 if top_p is None else top_p, max_tokens=None)
 

@@ -210,8 +210,8 @@ class Server:
             raise ApiError(400, f"n={req.n} is more than the server queues ({self.config.max_queue})", param="n")
         self._check_budget(req.n, req.asked, logprobs)
         prompt = await self._chat_prompt(req.messages, req.add_generation_prompt)
-        job = Job.of("chatcmpl", self._within_budget([self._admit(prompt, req, logprobs, req.asked, "messages")],
-                                                     logprobs))
+        admission = await asyncio.to_thread(self._admit, prompt, req, logprobs, req.asked, "messages")
+        job = Job.of("chatcmpl", self._within_budget([admission], logprobs))
         sink = self.loop.submit_all(job.rids, job.admissions)
         if req.stream:
             return self.outputs.stream(self.outputs.chat_events(req, logprobs is not None, job, sink), job)
@@ -229,8 +229,8 @@ class Server:
         try:
             return self.engine.admit(prompt, req.sampling_params(requested, logprobs), truncate=False)
         except RequestError as e:
-            code = "context_length_exceeded" if "context" in str(e) else None
-            raise ApiError(400, str(e), param=param if e.param in (None, "prompt") else e.param, code=code) from None
+            raise ApiError(400, str(e), param=param if e.param in (None, "prompt") else e.param,
+                           code=e.code) from None
 
     @staticmethod
     def _check_budget(seqs: int, max_tokens: int | None, logprobs: int | None) -> None:

@@ -110,6 +110,8 @@ def _logit_bias(bias: dict[str, Any]) -> dict[int, float]:
             raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
             raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for {key}")
+        if int(key) in out:  # "5" and "05": one token, two biases
+            raise ValueError(f"logit_bias names token {int(key)} twice")
         out[int(key)] = float(value)
     return out
 

@@ -44,6 +44,7 @@ from .stop_strings import StopStrings
 
 DEFAULT_CACHE_BYTES = 1 << 30
 DEFAULT_BLOCK_SIZE = 64
+CONTEXT_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for a request past the context
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
@@ -95,9 +96,10 @@ def check_options(config: ModelConfig, *, cache_memory: str | int | None = None,
 
 
 def device_memory(device: torch.device) -> int:
-    """Bytes of memory the device has in all (a CUDA device's, or this machine's RAM)."""
+    """Bytes of memory the cache may take: a CUDA device's free memory (the weights are there already), or this
+    machine's RAM in all (a coarse bound: the weights are in it too)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
+        return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -124,7 +126,7 @@ class Engine:
         per_token = PagedCache.bytes_per_token(model, dtype)
         if num_blocks is None:
             budget = (parse_bytes(cache_memory) if cache_memory is not None else
-                      min(DEFAULT_CACHE_BYTES, max_num_seqs * config.max_position_embeddings * per_token))
+                      min(DEFAULT_CACHE_BYTES, max_num_seqs * self.max_model_len * per_token))
             num_blocks = budget // (per_token * block_size)
             if num_blocks < 1:
                 raise GenerationError(f"cache_memory {cache_memory} holds no block of {block_size} tokens "
@@ -177,21 +179,27 @@ class Engine:
         return Admission(ids, replace(params, **self._length(len(ids), params, truncate)), StopStrings(params.stop))
 
     def _length(self, prompt_len: int, params: SamplingParams, truncate: bool) -> dict[str, int]:
-        """max_tokens (and min_tokens) resolved against the context and the cache."""
+        """max_tokens (and min_tokens) resolved against the context and the cache. The worst case in blocks: the
+        prompt's full blocks, shared, and for each of the n completions its own copy of the prompt's partial last
+        block (copy-on-write) plus the blocks its new tokens fill."""
         limit, bs, blocks = self.max_model_len, self.cache.block_size, self.pool.num_blocks
         room = limit - prompt_len
         if room < 1:
             raise RequestError(f"the prompt has {prompt_len} tokens; the model's context is {limit}, with no room "
-                               "for a new token", "prompt")
-        prompt_blocks = -(-prompt_len // bs)
+                               "for a new token", "prompt", CONTEXT_EXCEEDED)
+        shared, partial = divmod(prompt_len, bs)
         asked = params.max_tokens
-        if asked is None:
-            asked = max(1, min(room, (blocks - prompt_blocks) // params.n * bs))
+        if asked is None:  # as many as every completion's blocks leave
+            asked = (blocks - shared) // params.n * bs - partial
+            if asked < 1:
+                raise RequestError(f"the prompt ({prompt_len} tokens) and n={params.n} completions leave no room in "
+                                   f"the cache ({blocks} blocks of {bs} tokens): give the engine more cache_memory",
+                                   "prompt")
         elif asked > room and not truncate:
             raise RequestError(f"the model's context is {limit} tokens; this request has {prompt_len} prompt "
-                               f"tokens and asks for {asked} more", "max_tokens")
+                               f"tokens and asks for {asked} more", "max_tokens", CONTEXT_EXCEEDED)
         max_new = min(asked, room)
-        need = prompt_blocks + params.n * -(-max_new // bs)
+        need = shared + params.n * -(-(partial + max_new) // bs)
         if need > blocks:
             raise RequestError(f"the request needs up to {need} cache blocks of {bs} tokens, the cache has "
                                f"{blocks}: give the engine more cache_memory, or ask for fewer tokens", "max_tokens")
@@ -205,8 +213,7 @@ class Engine:
         with self._lock:
             if request_id in self._requests:
                 raise RequestError(f"request {request_id!r} is already running")
-            req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals),
-                          max_new=adm.params.max_tokens, stops=adm.stops)
+            req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals), stops=adm.stops)
             req.seqs.append(self._sequence(req, 0, list(adm.prompt_ids)))
             self._requests[request_id] = req
             self.scheduler.add(req.seqs[0])
@@ -249,7 +256,7 @@ class Engine:
 
     def pack(self, scheduled: list[tuple[Sequence, int]]) -> Packed:
         """The scheduled sequences' new tokens as one flat batch: each a Segment of it, and the rows to sample at
-        (the last token of each sequence whose tokens are then all computed)."""
+        (the last token of each sequence whose tokens are then all computed). A part of step, under its lock."""
         packed = Packed()
         for seq, n in scheduled:
             packed.segments.append(Segment(len(packed.ids), n, seq.num_computed, list(seq.blocks)))
@@ -260,7 +267,8 @@ class Engine:
         return packed
 
     def forward(self, batch: Packed) -> torch.Tensor:
-        """The model over the flat batch, through the paged cache: logits [len(batch.sample_at), V]."""
+        """The model over the flat batch, through the paged cache: logits [len(batch.sample_at), V]. A part of
+        step, under its lock."""
         with torch.inference_mode():
             return self.model(torch.tensor([batch.ids], device=self.device),
                               cache=StepBatch(self.cache, batch.segments, self.device),
@@ -353,7 +361,7 @@ class Engine:
             if seq.detokenizer.stopped:
                 self._finish(seq, "stop")
                 return
-        if len(seq.output_ids) >= seq.request.max_new:
+        if len(seq.output_ids) >= seq.request.params.max_tokens:  # admission cut it to the context
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -10,11 +10,15 @@ from dataclasses import dataclass, field
 from ...errors import RequestError
 from .stop_strings import StopStrings
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily."""
+
 
 @dataclass
 class SamplingParams:
-    """How to sample one request's completions. temperature 0 is greedy; the filters apply in the order
-    penalties -> temperature -> top_k -> top_p -> min_p."""
+    """How to sample one request's completions. temperature 0 (below GREEDY_BELOW) is greedy; the filters apply in
+    the order banned tokens (EOS before min_tokens) -> logit_bias -> penalties -> temperature -> top_k -> top_p ->
+    min_p."""
 
     n: int = 1
     """Completions of the prompt (they share its cache blocks)."""
@@ -48,41 +52,43 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = [
-            (_int(self.n) and self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
+        checks = [  # (field, holds, message)
+            ("n", _int(self.n) and self.n >= 1, f"n must be >= 1, got {self.n}"),
+            ("max_tokens", self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
              f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (_int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
+            ("min_tokens", _int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
-            (_finite(self.temperature) and self.temperature >= 0,
+            ("temperature", _finite(self.temperature) and self.temperature >= 0,
              f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}"),
-            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (_int(self.top_k) and self.top_k >= 0,
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            ("top_k", _int(self.top_k) and self.top_k >= 0,
              f"top_k must be >= 1, or 0 for no top-k cut, got {self.top_k}"),
-            (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
+            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            ("seed", self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
              f"seed must be in [0, 2**63), got {self.seed}"),
-            (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            ("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0,
              f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (all(_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
-            (self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            ("stop_token_ids", all(_int(t) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be token ids"),
+            ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              f"logprobs must be in [0, 20], got {self.logprobs}"),
-            (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+            ("logit_bias", self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
                 _int(t) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
              "logit_bias must map token ids to numbers in [-100, 100]"),
         ]
-        for ok, msg in checks:
+        for name, ok, msg in checks:
             if not ok:
-                raise RequestError(msg, param=msg.split(" ", 1)[0])
+                raise RequestError(msg, param=name)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so close to it that logits / T would overflow fp32 (vLLM's threshold too)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_row_pass(self) -> bool:

@@ -76,12 +76,13 @@ def _draw(logits_RV: torch.Tensor, rows: list[Row]) -> torch.Tensor:
 def sample(logits_RV: torch.Tensor, rows: list[Row]) -> tuple[list[int], list[TokenLogprob | None]]:
     """The next token of each row (logits_RV: one row of logits per entry of rows) and its logprobs."""
     logits_RV = logits_RV.float()
-    work_RV = logits_RV.clone()
-    for i, row in enumerate(rows):  # the per-row pass, only for the rows that need one
-        if row.banned:
-            work_RV[i, row.banned] = float("-inf")
-        if row.params.needs_row_pass:
-            _penalise(work_RV[i], row)
+    own = [i for i, row in enumerate(rows) if row.banned or row.params.needs_row_pass]
+    work_RV = logits_RV.clone() if own else logits_RV  # the raw logits stay for the logprobs
+    for i in own:  # the per-row pass, only for the rows that need one
+        if rows[i].banned:
+            work_RV[i, rows[i].banned] = float("-inf")
+        if rows[i].params.needs_row_pass:
+            _penalise(work_RV[i], rows[i])
     tokens_R = torch.empty(len(rows), dtype=torch.long, device=logits_RV.device)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -82,8 +82,6 @@ class Request:
     params: SamplingParams
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
-    max_new: int = 0
-    """params.max_tokens, or fewer where the model's context ends first."""
     stops: StopStrings = field(default_factory=lambda: StopStrings(()))
     """The stop strings' automaton, shared by the request's completions."""
 

@@ -34,7 +34,7 @@ class StopStrings:
             state = queue.popleft()
             for ch, child in self.goto[state].items():
                 queue.append(child)
-                self.fail[child] = self._next(self.fail[state], ch) if state else 0
+                self.fail[child] = self._next(self.fail[state], ch)  # the root's children keep 0
                 self.match[child] = max(self.match[child], self.match[self.fail[child]])
 
     def __bool__(self) -> bool:
