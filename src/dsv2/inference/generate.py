@@ -98,13 +98,14 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
         pos = positions[:, -1:]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new):
-            nxt = torch.tensor(sample(logits, rows)[0], device=device)
-            yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist(), strict=True)]
-            done |= torch.tensor([int(t) in eos for t in nxt.tolist()], device=device)
+            tokens = sample(logits, rows)[0]
+            yield [None if d else t for t, d in zip(tokens, done.tolist(), strict=True)]
+            done |= torch.tensor([t in eos for t in tokens], device=device)
             if bool(done.all()) or step == max_new - 1:
                 break
             pos = pos + 1
-            logits = model(nxt[:, None], positions=pos, cache=cache, logits_at=torch.arange(B, device=device))
+            logits = model(torch.tensor(tokens, device=device)[:, None], positions=pos, cache=cache,
+                           logits_at=torch.arange(B, device=device))
     finally:
         model.train(was_training)
 

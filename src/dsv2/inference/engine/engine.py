@@ -169,9 +169,8 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings are matched on the text: the engine needs a tokenizer (or use "
                                "stop_token_ids)", "stop")
-        ids = prompt_token_ids(self.encode(prompt) if isinstance(prompt, str) else prompt,
-                               self.model.config.vocab_size)
         vocab = self.model.config.vocab_size
+        ids = prompt_token_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, vocab)
         for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
             bad = [t for t in token_ids if t >= vocab]
             if bad:
