@@ -28,7 +28,7 @@ from pathlib import Path
 log = logging.getLogger("dsv2")
 
 SOURCE_DIR = Path(__file__).parent / "kernels"
-SOURCES = ("module.cpp", "mla_decode.cpp", "few_rows.cpp", "rms_norm.cpp")
+SOURCES = ("module.cpp", "mla_decode.cpp", "few_rows.cpp", "rms_norm.cpp", "decode_step.cpp")
 BUILD_WAIT_S = 600
 """How long a process waits for another one's build before it goes on with the PyTorch ops."""
 DONE = "built"

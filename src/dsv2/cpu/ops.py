@@ -13,6 +13,14 @@ call the ops only where the kernels are available; elsewhere they run the plain 
     mla_decode(q, kv, mask, C)  softmax(q kv^T) kv[..., :C] for one new token per sequence (flash-decoding)
     mla_decode_paged(q, blocks, table, lens, C)   the same over a paged cache, read through its block table
 
+Two more ops are a decode step's whole blocks (kernels/decode_step.cpp, run by decode_step.py):
+
+    attention_decode(x, ...)    x + MLA(RMSNorm(x)) for one new token per sequence, its cache row written first
+    ffn_decode(x, ...)          x + MoE(RMSNorm(x)) (or the dense MLP) for a few tokens
+
+Their reference is the plain model itself (decode_step.py runs model.forward wherever they do not apply; tests hold
+the two equal), so they have a fake implementation and the C++ one only.
+
 They are not differentiable: dsv2.cpu's modules call them only where no autograd graph is recorded.
 """
 
@@ -73,6 +81,13 @@ def _define() -> torch.library.Library:
     lib.define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor")
     lib.define("mla_decode(Tensor q, Tensor kv, Tensor mask, int C) -> Tensor")
     lib.define("mla_decode_paged(Tensor q, Tensor blocks, Tensor table, Tensor lens, int C) -> Tensor")
+    lib.define("attention_decode(Tensor x, Tensor norm, Tensor? q_a, Tensor? q_a_norm, Tensor q, Tensor kv_a, "
+               "Tensor kv_a_norm, Tensor kv_b, Tensor o, Tensor cos, Tensor sin, Tensor(a!) rows, Tensor slots, "
+               "Tensor kv, Tensor mask, Tensor? table, Tensor? lens, int H, int N, int R, int V, float eps, "
+               "float q_eps, float kv_eps, float scale) -> Tensor")
+    lib.define("ffn_decode(Tensor x, Tensor norm, float eps, Tensor? gate, Tensor? gate_up, Tensor? down, int top_k, "
+               "int n_group, int topk_group, bool norm_topk_prob, float scaling, Tensor? shared_gate, "
+               "Tensor? shared_up, Tensor? shared_down) -> Tensor")
     for name, reference in (("rows_dot", _rows_dot), ("rows_combine", _rows_combine), ("rms_norm", _rms_norm),
                             ("mla_decode", _mla_decode), ("mla_decode_paged", _mla_decode_paged)):
         lib.impl(name, reference, "CompositeExplicitAutograd")
@@ -80,7 +95,9 @@ def _define() -> torch.library.Library:
              "rows_combine": lambda x, w: x.new_empty((x.shape[0], x.shape[2], w.shape[2])),
              "rms_norm": lambda x, w, eps: x.new_empty(x.shape),  # the kernel returns a contiguous tensor
              "mla_decode": lambda q, kv, mask, C: q.new_empty((q.shape[0], q.shape[1], C)),
-             "mla_decode_paged": lambda q, blocks, table, lens, C: q.new_empty((q.shape[0], q.shape[1], C))}
+             "mla_decode_paged": lambda q, blocks, table, lens, C: q.new_empty((q.shape[0], q.shape[1], C)),
+             "attention_decode": lambda x, *args: x.new_empty(x.shape),
+             "ffn_decode": lambda x, *args: x.new_empty(x.shape)}
     for name, fake in fakes.items():
         torch.library.register_fake(f"dsv2::{name}", fake, lib=lib)
     _register_flops()
@@ -122,6 +139,8 @@ rows_combine = torch.ops.dsv2.rows_combine.default
 rms_norm = torch.ops.dsv2.rms_norm.default
 mla_decode = torch.ops.dsv2.mla_decode.default
 mla_decode_paged = torch.ops.dsv2.mla_decode_paged.default
+attention_decode = torch.ops.dsv2.attention_decode.default
+ffn_decode = torch.ops.dsv2.ffn_decode.default
 
 available: bool = globals().get("available", False)
 """Whether the C++ kernels serve the ops on the CPU in this process (load_kernels)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..cpu import optimize
+from ..cpu.decode_step import DecodeStep
 from ..errors import GenerationError
 from ..model import DeepseekV2
 from .engine.params import SamplingParams, prompt_token_ids
@@ -65,11 +65,12 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
                     seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
                     ) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of each prompt (None once that prompt has finished). Generation
-    stops early at EOS and at the model's context (max_position_embeddings), whichever comes first. The model
-    gets the CPU fast paths in place (dsv2.cpu.optimize: same parameters, same outputs) if it had not."""
+    stops early at EOS and at the model's context (max_position_embeddings), whichever comes first. Decode steps
+    run the fused step (dsv2.cpu.decode_step) where it applies; the model's modules are never changed (prefill
+    takes the CPU paths if the model has them: dsv2.cpu.optimize, which from_pretrained applies)."""
     prompts = check_prompts(model, prompts, max_new_tokens)
     params = check_sampling(temperature, top_k, top_p)
-    optimize(model)  # the CPU fast paths (a no-op for a model already optimized)
+    fused = DecodeStep(model)
     cfg = model.config
     eos = set(cfg.eos_token_ids if eos_token_id is None else
               ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
@@ -104,8 +105,9 @@ def stream_generate(model: DeepseekV2, prompts: Sequence[Sequence[int]], max_new
             if bool(done.all()) or step == max_new - 1:
                 break
             pos = pos + 1
-            logits = model(torch.tensor(tokens, device=device)[:, None], positions=pos, cache=cache,
-                           logits_at=torch.arange(B, device=device))
+            new = torch.tensor(tokens, device=device)[:, None]
+            logits = (fused(new, pos, cache) if fused.applies(B) else
+                      model(new, positions=pos, cache=cache, logits_at=torch.arange(B, device=device)))
     finally:
         model.train(was_training)
 

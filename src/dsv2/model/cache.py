@@ -16,7 +16,7 @@ side by side.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -47,6 +47,23 @@ def causal_mask(valid_BT: torch.Tensor, start: int) -> torch.Tensor:
     q_S = torch.arange(start, T, device=valid_BT.device)[:, None]
     k_T = torch.arange(T, device=valid_BT.device)[None, :]
     return (valid_BT[:, None, None, :] & (k_T <= q_S)) | (k_T == q_S)
+
+
+class LatentDecode(NamedTuple):
+    """One MLA layer's cache as a fused decode step (dsv2.cpu.decode_step) reads it, for a step of one new token
+    per sequence, between start() and finish(): the new tokens' rows go to `slots` [B] of `rows` [*, X] (the
+    layer's slots, flat); then they attend either to kv [B, T, X] under mask [B, T] (or an empty mask: every
+    slot) for a contiguous cache, or to kv = the blocks [N, S, X] through table [B, M] and lens [B] (paged)."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    kv: torch.Tensor
+    mask: torch.Tensor
+    table: torch.Tensor | None
+    lens: torch.Tensor | None
+
+
+NO_MASK = torch.empty(0, dtype=torch.bool)
 
 
 class CacheFullError(RuntimeError):
@@ -134,6 +151,14 @@ class KVCache:
     def kv_attention(self, attn, q_BSHK, k_BSW, v_BSW) -> torch.Tensor:
         k_BTW, v_BTW = self.update(attn.layer_idx, k=k_BSW, v=v_BSW)
         return attn.attend_kv(q_BSHK, k_BTW, v_BTW, self._mask)
+
+    def latent_decode(self, layer: int) -> LatentDecode:
+        _, B, M, X = self.storage.shape
+        if getattr(self, "_slots_at", None) != self.length:  # the same for every layer of a step
+            self._slots_at, self._slots = self.length, torch.arange(B, device=self.storage.device) * M + self.length
+        store = self.storage[layer]
+        mask = self.valid[:, : self.length + 1] if self.padded else NO_MASK
+        return LatentDecode(store.view(B * M, X), self._slots, store[:, : self.length + 1], mask, None, None)
 
     def finish(self, n_new: int) -> None:
         self.advance(n_new)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ...checkpoint import from_pretrained
 from ...config import ModelConfig
 from ...cpu import optimize
+from ...cpu.decode_step import DecodeStep
 from ...errors import GenerationError, RequestError
 from ...model import DeepseekV2
 from ...tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
@@ -117,7 +118,8 @@ class Engine:
         self.max_model_len, block_size = check_options(
             config, cache_memory=cache_memory, num_blocks=num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
-        self.model = optimize(model.eval())
+        self.model = optimize(model.eval())  # the engine owns its model: eval mode, the CPU paths for prefill
+        self.fused = DecodeStep(self.model)  # decode-only steps: a few C++ calls per layer
         self.tokenizer = tokenizer
         w = model.model.embed_tokens.weight
         self.device, dtype = w.device, dtype or w.dtype
@@ -269,8 +271,12 @@ class Engine:
         """The model over the flat batch, through the paged cache: logits [len(batch.sample_at), V]. A part of
         step, under its lock."""
         with torch.inference_mode():
-            return self.model(torch.tensor([batch.ids], device=self.device),
-                              cache=StepBatch(self.cache, batch.segments, self.device),
+            ids = torch.tensor([batch.ids], device=self.device)
+            step = StepBatch(self.cache, batch.segments, self.device)
+            n = len(batch.ids)
+            if step.decode_only and self.fused.applies(n) and batch.sample_at == list(range(n)):
+                return self.fused(ids, step.positions(1, n, self.device), step)
+            return self.model(ids, cache=step,
                               logits_at=torch.tensor(batch.sample_at, dtype=torch.long, device=self.device))
 
     def _sampled(self, ready: list[Sequence]) -> tuple[list[Sequence], list[int]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...model.cache import causal_mask
+from ...model.cache import NO_MASK, LatentDecode, causal_mask
 
 
 def cache_widths(model) -> dict[str, int]:
@@ -149,6 +149,17 @@ class StepBatch:
             span = slice(s.start, s.start + s.n_new)
             out[:, span] = attn.attend_kv(q_BSHK[:, span], k_TW[None], v_TW[None], mask)
         return out
+
+    def latent_decode(self, layer: int) -> LatentDecode:
+        """The fused decode step's view of one layer (a step of decode tokens only: `decode_only`)."""
+        blocks = self.cache.storage[layer]
+        return LatentDecode(blocks.view(-1, self.cache.width), self.slots, blocks, NO_MASK, self.decode_table,
+                            self.decode_lens)
+
+    @property
+    def decode_only(self) -> bool:
+        """Every segment is one new token after a cached prefix (its rows are then in segment order)."""
+        return not self.prefill
 
     def _gathered(self, s: Segment) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The slots of a prefill segment's whole context (cached prefix and new tokens) and its attention mask:
