@@ -262,3 +262,12 @@ def to_jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def replace_section(readme: Path, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the markers `begin` and `end` in readme with body (SystemExit if they are absent)."""
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} markers: add them where the section goes")
+    head, rest = text.split(begin, 1)
+    readme.write_text(head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1])

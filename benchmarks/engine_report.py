@@ -43,6 +43,11 @@ def targets(res: dict) -> list[list]:
                          f"{v['decode_tok_per_s']:.1f}x", v["decode_tok_per_s"] >= 2])
     pe = res.get("peers")
     for dname, by in (pe or {}).get("results", {}).items():
+        share = _bandwidth_share(pe, by.get("dsv2", {})).get(256)
+        if share is not None:
+            rows.append([f"batch-1 decode at context 256, {dname}: bytes/time >= 85% of read bandwidth",
+                         f"{100 * share:.0f}%", share >= 0.85])
+    for dname, by in (pe or {}).get("results", {}).items():
         ours = by.get("dsv2")
         others = {p: v for p, v in by.items() if p != "dsv2" and "error" not in v}
         if not ours or not others:
@@ -65,6 +70,15 @@ def _peer_rows(pe: dict) -> list[tuple]:
     out.append((f"decode ms/step, batch {pe['batch']}, context 2048", lambda v: v["batched_ms"], True))
     out.append(("prefill tokens/s, 2048 tokens", lambda v: v["prefill_tok_s"], False))
     return out
+
+
+def _bandwidth_share(pe: dict, ours: dict) -> dict[int, float]:
+    """Per context: the bytes a batch-1 step reads (active weights + the context's cache) / its time, as a share of
+    the read bandwidth measured in the same run."""
+    if "read_GBps" not in pe or "bytes_per_token" not in ours:
+        return {}
+    return {int(c): nbytes / (ours["decode_ms"].get(c, ours["decode_ms"].get(str(c))) * 1e-3) / 1e9 / pe["read_GBps"]
+            for c, nbytes in ours["bytes_per_token"].items()}
 
 
 def _stamp(sec: dict) -> str:
@@ -144,6 +158,11 @@ def markdown(res: dict) -> str:
                 rows.append([label + (" (lower is better)" if lower else "")]
                             + [get(by[p]) if "error" not in by[p] else "failed" for p in peers])
             parts += [f"### {dname}", "", _table(["figure"] + peers, rows), ""]
+            share = _bandwidth_share(pe, by.get("dsv2", {}))
+            if share:
+                parts += ["dsv2 batch-1 decode, bytes read per token (active weights + cache) / time, against the "
+                          f"read bandwidth measured in this run ({pe['read_GBps']:.1f} GB/s, a sum over 1 GiB on all "
+                          "threads): " + ", ".join(f"context {c}: {100 * v:.0f}%" for c, v in share.items()), ""]
         for p, why in pe.get("notes", {}).items():
             parts += [f"- {p} skipped: {why}"]
         failed = {f"{p} ({d})": v["error"] for d, by in pe["results"].items() for p, v in by.items() if "error" in v}

@@ -33,6 +33,7 @@ from dsv2.inference.engine.paged import PagedCache
 
 from . import common
 from .common import free_memory, load_dsv2
+from .decode import active_weight_bytes
 from .protocol import run_cell
 
 ROOT = Path(__file__).resolve().parent
@@ -133,8 +134,11 @@ def run_dsv2(ckpt: Path, dname: str, spec: list[dict], threads: int) -> dict:
         return moved
 
     run_cell(add, step, engine.has_unfinished, [spec[0]["prompts"][0][:64]], 4, "warm-up")
-    return figures({c["name"]: run_cell(add, step, engine.has_unfinished, c["prompts"], c["max_tokens"], c["name"])
-                    for c in spec})
+    got = figures({c["name"]: run_cell(add, step, engine.has_unfinished, c["prompts"], c["max_tokens"], c["name"])
+                   for c in spec})
+    # what a batch-1 step must read at each context: the active weights and the context's cache rows
+    weights, per_token = active_weight_bytes(model), PagedCache.bytes_per_token(model, engine.cache.storage.dtype)
+    return {**got, "bytes_per_token": {c: weights + c * per_token for c in got["decode_ms"]}}
 
 
 def run_vllm(ckpt: Path, dname: str, spec: list[dict], threads: int, log) -> dict:
@@ -162,14 +166,18 @@ def run_llama(model: Path, contexts, threads: int) -> dict:
         return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
 
     common_args = ["-m", str(model), "-t", str(threads), "-fa", "1"]
-    dec = jsonl([str(LLAMA_BIN / "llama-bench"), *common_args, "-p", "0", "-n", str(NEW_TOKENS - 1), "-r", "1",
-                 "-d", ",".join(map(str, contexts)), "-o", "jsonl"])
+    # decode: the better of flash attention off and on at each depth
+    dec = jsonl([str(LLAMA_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-fa", "0,1", "-p", "0",
+                 "-n", str(NEW_TOKENS - 1), "-r", "1", "-d", ",".join(map(str, contexts)), "-o", "jsonl"])
+    decode_ms: dict[int, float] = {}
+    for r in dec:
+        decode_ms[int(r["n_depth"])] = min(decode_ms.get(int(r["n_depth"]), float("inf")), 1e3 / r["avg_ts"])
     pre = jsonl([str(LLAMA_BIN / "llama-bench"), *common_args, "-p", "2048", "-n", "0", "-r", "1", "-o", "jsonl"])
     bat = jsonl([str(LLAMA_BIN / "llama-batched-bench"), "-m", str(model), "-t", str(threads), "-fa", "on",
                  "-c", str(BATCH * (2048 + NEW_TOKENS) + 64), "-npp", "2048", "-ntg", str(NEW_TOKENS - 1),
                  "-npl", str(BATCH), "--output-format", "jsonl"])
-    return {"decode_ms": {int(r["n_depth"]): 1e3 / r["avg_ts"] for r in dec},
-            "prefill_tok_s": pre[0]["avg_ts"], "batched_ms": 1e3 * bat[0]["t_tg"] / bat[0]["tg"]}
+    return {"decode_ms": decode_ms, "prefill_tok_s": pre[0]["avg_ts"],
+            "batched_ms": 1e3 * bat[0]["t_tg"] / bat[0]["tg"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,6 +186,7 @@ def best(rounds: list[dict]) -> dict:
     if not ok:
         return rounds[-1]
     out = {"decode_ms": {c: min(r["decode_ms"][c] for r in ok) for c in ok[0]["decode_ms"]},
+           **({"bytes_per_token": ok[0]["bytes_per_token"]} if "bytes_per_token" in ok[0] else {}),
            "batched_ms": min(r["batched_ms"] for r in ok),
            "prefill_tok_s": max(r["prefill_tok_s"] for r in ok), "rounds": len(ok)}
     return out
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = prepare(args.workdir)
     vocab = common.bench_config().vocab_size
     rounds: dict = {d: {p: [] for p in peers} for d in dtypes}
+    torch.set_num_threads(args.threads)
+    bandwidth = [common.memory_bandwidth()]  # both cores' read rate, at the start and the end of the run
     for r in range(args.rounds):
         spec = cells(vocab, contexts, seed=r)
         for dname in dtypes:
@@ -230,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     got = run_llama(gguf(ckpt, dname, log), contexts, args.threads)
                 rounds[dname][peer].append(got)
                 log(f"  {got}")
+    bandwidth.append(common.memory_bandwidth())
     res_file = args.out / "results.json"
     res = json.loads(res_file.read_text()) if res_file.exists() else {"stamp": common.stamp(args.threads),
                                                                         "dtype": "bf16"}
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     res["commands"] = [c for c in res.get("commands", []) if c != command] + [command]
     res["peers"] = {"stamp": common.stamp(args.threads), "contexts": contexts, "batch": BATCH,
                     "new_tokens": NEW_TOKENS, "notes": notes,
+                    "read_GBps": max(b["read_GBps"] for b in bandwidth), "bandwidth": bandwidth,
                     "results": {d: {p: best(v) for p, v in by.items()} for d, by in rounds.items()},
                     "all_rounds": rounds}
     engine_report.write(common.to_jsonable(res), args.out, ROOT / "README.md" if args.update_readme else None)

@@ -89,8 +89,9 @@ def test_rows_dot_equals_reference(counts, R, K, dtype, seed):
 @given(G=st.integers(1, 4), N=st.integers(1, 40), M=st.integers(1, 9), C=st.sampled_from([1, 8, 23, 24, 100, 200]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 999))
 def test_per_head_products_equal_reference(G, N, M, C, dtype, seed):
-    """x @ w per head by rows_combine (4-query x 24/16/8-column tiles, single columns, 96-column task blocks),
-    through CpuMLA.absorb_query's transposed input: within 1e-5 of fp64; apply_w_uv (rows_dot per head) too."""
+    """x @ w per head by rows_combine (a head per task for one query; 4-query x 24/16/8-column tiles, single
+    columns, 96-column task blocks), through CpuMLA.absorb_query's transposed input: within 1e-5 of fp64;
+    apply_w_uv (rows_dot per head) too."""
     g = torch.Generator().manual_seed(seed)
     mla = _cpu_mla()
     x = torch.randn(G, M, N, generator=g)

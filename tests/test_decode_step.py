@@ -78,7 +78,7 @@ def test_one_step_over_the_paged_cache(kernels, name, dtype):
     pc.storage.normal_(generator=g)
     tables = [[7, 2], [0, 9, 4], [12, 5, 1, 3, 14]]
     cached = [5, 11, 16]
-    segments = [Segment(i, 1, n, t) for i, (n, t) in enumerate(zip(cached, tables))]
+    segments = [Segment(i, 1, n, t) for i, (n, t) in enumerate(zip(cached, tables, strict=True))]
     ids = torch.randint(2, model.config.vocab_size, (3,), generator=g)
     with torch.inference_mode():
         mine = copy.deepcopy(pc)
