@@ -18,6 +18,7 @@
 #include <cmath>
 #include <numeric>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 torch::Tensor mla_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, int64_t C);
@@ -26,6 +27,8 @@ torch::Tensor mla_decode_paged(torch::Tensor q, torch::Tensor blocks, torch::Ten
 torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> ends);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w);
+std::vector<torch::Tensor> rows_dots(
+    const std::vector<std::tuple<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>>>& products);
 
 namespace {
 
@@ -99,11 +102,6 @@ void route_token(const float* s, int64_t E, int64_t K, int64_t n_group, int64_t 
     weights[k] = K > 1 && norm_topk_prob ? weights[k] / (sum + 1e-20f) : static_cast<float>(weights[k] * scaling);
 }
 
-torch::Tensor swiglu(const torch::Tensor& h, const torch::Tensor& gate, const torch::Tensor& up,
-                     const torch::Tensor& down) {
-  return rows_dot(at::silu(rows_dot(h, gate, std::nullopt)) * rows_dot(h, up, std::nullopt), down, std::nullopt);
-}
-
 }  // namespace
 
 // x [B, D] (one new token per sequence); norm [D] (input_layernorm); q_a [Q, D] and q_a_norm [Q] (q_lora_rank) or
@@ -129,10 +127,11 @@ torch::Tensor attention_decode(torch::Tensor x, torch::Tensor norm, optional<tor
                   slots.size(0) == B && slots.scalar_type() == at::kLong,
               "attention_decode: rows [*, C + R] contiguous and slots [B] int64 expected");
   const auto h = rms_norm(x, norm, eps);
-  const auto q = q_a.has_value() ? rows_dot(rms_norm(rows_dot(h, *q_a, std::nullopt), *q_a_norm, q_eps), q_w,
-                                            std::nullopt)
-                                 : rows_dot(h, q_w, std::nullopt);  // [B, H (N + R)]
-  const auto latent = rows_dot(h, kv_a, std::nullopt);             // [B, C + R]: c_KV and k_R
+  // the products of h in one parallel loop: q (or its compression c_Q) and the KV latent [c_KV | k_R]
+  const auto first = rows_dots({{h, q_a.has_value() ? *q_a : q_w, std::nullopt}, {h, kv_a, std::nullopt}});
+  const auto q = q_a.has_value() ? rows_dot(rms_norm(first[0], *q_a_norm, q_eps), q_w, std::nullopt)
+                                 : first[0];  // [B, H (N + R)]
+  const auto& latent = first[1];             // [B, C + R]
   // the new cache rows [RMSNorm(c_KV) | rope(k_R)] in the model's dtype, then the cache's
   auto new_rows = torch::empty({B, X}, x.options());
   new_rows.narrow(1, 0, C).copy_(rms_norm(latent.narrow(1, 0, C), kv_a_norm, kv_eps));
@@ -173,9 +172,12 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor norm, double eps, option
   TORCH_CHECK(gate.has_value() || shared_gate.has_value(), "ffn_decode: neither routed nor shared experts given");
   const int64_t T = x.size(0);
   const auto h = rms_norm(x, norm, eps);
-  torch::Tensor y;
+  // the products of u in one parallel loop (the routed experts' and the shared experts' gate and up), then those
+  // of their activations in another (the down projections)
+  std::vector<std::tuple<torch::Tensor, torch::Tensor, optional<torch::Tensor>>> ups, downs;
+  torch::Tensor token, w_n;
   if (gate.has_value()) {
-    const int64_t E = gate->size(0), F = down->size(2), K = top_k;
+    const int64_t E = gate->size(0), K = top_k;
     TORCH_CHECK(K >= 1 && K <= E && n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group,
                 "ffn_decode: bad routing settings");
     const auto scores = at::softmax(rows_dot(h.to(at::kFloat), *gate, std::nullopt), -1).contiguous();  // [T, E]
@@ -188,8 +190,9 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor norm, double eps, option
     std::vector<int64_t> slot(T * K);
     std::iota(slot.begin(), slot.end(), 0);
     std::stable_sort(slot.begin(), slot.end(), [&](int64_t a, int64_t b) { return experts[a] < experts[b]; });
-    auto token = torch::empty({T * K}, at::kLong), ends = torch::zeros({E}, at::kLong);
-    auto w_n = torch::empty({T * K, 1}, x.options().dtype(at::kFloat));
+    token = torch::empty({T * K}, at::kLong);
+    w_n = torch::empty({T * K, 1}, x.options().dtype(at::kFloat));
+    auto ends = torch::zeros({E}, at::kLong);
     int64_t *tp = token.data_ptr<int64_t>(), *ep = ends.data_ptr<int64_t>();
     for (int64_t n = 0; n < T * K; ++n) {
       tp[n] = slot[n] / K;
@@ -197,13 +200,24 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor norm, double eps, option
       ++ep[experts[slot[n]]];
     }
     for (int64_t e = 1; e < E; ++e) ep[e] += ep[e - 1];
-    const auto gu = rows_dot(h.index_select(0, token), *gate_up, ends);  // [T K, 2F]
-    const auto out = rows_dot(at::silu(gu.narrow(1, 0, F)) * gu.narrow(1, F, F), *down, ends);
-    y = torch::zeros({T, x.size(1)}, x.options()).index_add_(0, token, (out * w_n).to(x.scalar_type()));
+    ups.emplace_back(h.index_select(0, token), *gate_up, ends);  // [T K, 2F]
+    downs.emplace_back(torch::Tensor(), *down, ends);
   }
   if (shared_gate.has_value()) {
-    const auto s = swiglu(h, *shared_gate, *shared_up, *shared_down);
-    y = y.defined() ? y + s : s;
+    ups.emplace_back(h, *shared_gate, std::nullopt);
+    ups.emplace_back(h, *shared_up, std::nullopt);
+    downs.emplace_back(torch::Tensor(), *shared_down, std::nullopt);
   }
+  const auto up = rows_dots(ups);
+  if (gate.has_value()) {
+    const int64_t F = down->size(2);
+    std::get<0>(downs[0]) = at::silu(up[0].narrow(1, 0, F)) * up[0].narrow(1, F, F);
+  }
+  if (shared_gate.has_value()) std::get<0>(downs.back()) = at::silu(up[up.size() - 2]) * up.back();
+  const auto out = rows_dots(downs);
+  torch::Tensor y;
+  if (gate.has_value())
+    y = torch::zeros({T, x.size(1)}, x.options()).index_add_(0, token, (out[0] * w_n).to(x.scalar_type()));
+  if (shared_gate.has_value()) y = y.defined() ? y + out.back() : out.back();
   return x + y;
 }
