@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from dsv2.cpu.decode_step import DecodeStep
+
 from . import common
 from .common import DTYPES, free_memory, hf_available, load_dsv2, load_hf, measure_peers, set_hf_experts
 
@@ -124,6 +126,7 @@ def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf
             results["equivalence"] = check_equivalence(path, ids, lat, hf)
             log(f"  equivalence (fp32): {results['equivalence']}")
         weight_bytes = active_weight_bytes(model)
+        fused = DecodeStep(model)
         warm_up(model, batches)
         settle(model, hf, lat, contexts[0], dtype)
         for ctx in contexts:
@@ -138,8 +141,12 @@ def run(path, *, contexts=(512, 2048, 8192), batches=(1, 8), dtypes=("fp32", "bf
                     if peer.startswith("dsv2"):
                         cache = dsv2_cache(model, lat, ctx, batch, room, dtype)
 
-                        def fn(model=model, toks=toks, cache=cache, absorb=peer == "dsv2 absorbed", step=step):
-                            model(toks[next(step)], cache=cache, absorb=absorb)
+                        def fn(model=model, toks=toks, cache=cache, absorb=peer == "dsv2 absorbed", step=step,
+                               fused=fused, batch=batch):
+                            if absorb and fused.applies(batch):  # as dsv2.generate decodes
+                                fused(toks[next(step)], cache.positions(batch, 1, None), cache)
+                            else:
+                                model(toks[next(step)], cache=cache, absorb=absorb)
                     else:
                         cache = hf_cache(hf, lat, ctx, batch, dtype)
 

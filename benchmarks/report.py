@@ -125,7 +125,8 @@ def markdown(res: dict) -> str:
                   "![decode latency](decode.png)", "",
                   "load: 1-min load average when the cell started (the run's own threads included). "
                   "Cells whose first step took over 8 s are a single sample. dsv2 absorbed = MLA weight absorption "
-                  "over the preallocated latent cache; dsv2 naive = the same model re-expanding the latent each "
+                  "over the preallocated latent cache, by the fused decode step where it applies (as dsv2.generate "
+                  "decodes: batch <= 16); dsv2 naive = the same model re-expanding the latent each "
                   "step (what transformers does).", ""]
         if "equivalence" in dec:
             e = dec["equivalence"]
