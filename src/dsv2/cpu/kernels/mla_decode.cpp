@@ -5,8 +5,10 @@
 //     o_k = sum_t softmax_t(s) kv_t[:C]     the latent output; W_UV is applied by the caller
 // The cache is cut into chunks of CHUNK tokens and each (b, chunk) is one task of at::parallel_for: a thread
 // streams its chunk from memory once while scoring it, then accumulates p @ kv[:, :C] while the chunk is still in
-// its L2, with the chunk's own maximum (safe softmax). A second loop merges the chunks by their maxima. bf16 rows
-// are widened in registers as they are loaded, fp16 rows into an fp32 copy of the chunk; all arithmetic is fp32.
+// its L2, with the chunk's own maximum (safe softmax). A second loop merges the chunks by their maxima. bf16 and fp16
+// rows are widened into an fp32 copy of the chunk first (each row is read by every query group of both products:
+// widening it in registers each time made a bf16 cache slower to attend than an fp32 one of twice the bytes); all
+// arithmetic is fp32.
 //
 // Scoring and accumulating are the register-tiled micro-kernels of tiles.h; the softmax's exponentials are
 // vectorised too. mla_decode_paged runs the same chunks over a paged cache, a block per chunk, through the block
@@ -89,17 +91,22 @@ void attend_rows(const float* q, const E* r, int64_t rs, const bool* mask, int64
   accumulate(s, K, r, rs, n, C, acc, C);
 }
 
-// Rows of a chunk as the tiles read them: fp32 and bf16 in place, others (fp16) widened into `wide`.
+// Rows of a chunk as the tiles read them: fp32 in place, others (bf16, fp16) widened into `wide`.
 template <typename scalar_t>
-auto chunk_rows(const scalar_t* rows, int64_t rs, int64_t n, int64_t X, std::vector<float>& wide) {
-  constexpr bool in_place = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-  using E = std::conditional_t<in_place, scalar_t, float>;
-  if constexpr (in_place) {
-    return std::pair<const E*, int64_t>{rows, rs};
+std::pair<const float*, int64_t> chunk_rows(const scalar_t* rows, int64_t rs, int64_t n, int64_t X,
+                                            std::vector<float>& wide) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return {rows, rs};
   } else {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t x = 0; x < X; ++x) wide[t * X + x] = static_cast<float>(rows[t * rs + x]);
-    return std::pair<const E*, int64_t>{wide.data(), X};
+    const int64_t X8 = std::is_same_v<scalar_t, c10::BFloat16> ? X - X % 8 : 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* r = rows + t * rs;
+      float* w = wide.data() + t * X;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+        for (int64_t x = 0; x < X8; x += 8) store8(w + x, load8(r + x));
+      for (int64_t x = X8; x < X; ++x) w[x] = static_cast<float>(r[x]);
+    }
+    return {wide.data(), X};
   }
 }
 
@@ -108,7 +115,7 @@ template <typename scalar_t, typename Rows>
 void attend_chunks(const float* q, const std::vector<std::pair<int64_t, int64_t>>& tasks, const Rows& rows_of,
                    int64_t max_rows, int64_t row_stride, int64_t K, int64_t X, int64_t C, float* part_acc,
                    float* part_m, float* part_l) {
-  constexpr bool in_place = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool in_place = std::is_same_v<scalar_t, float>;
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wide(in_place ? 0 : max_rows * X), s(max_rows * K), shift(K);
     for (int64_t task = begin; task < end; ++task) {
