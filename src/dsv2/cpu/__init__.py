@@ -4,7 +4,8 @@ The model (dsv2.model) is plain PyTorch. optimize() gives its modules the CPU cl
 with the same parameters, so state dicts, checkpoints and optimizers see no difference), which run the C++
 kernels registered as torch.library custom ops (ops.py, kernels/, built at first use by build.py) where they
 apply and the plain method everywhere else: under autograd, on other devices, for shapes the kernels do not take.
-from_pretrained, generate and the trainer call it, so users get the fast paths without asking.
+from_pretrained, the engine and the trainer call it on the models they own; for a model built by hand it is explicit
+(generate never changes a caller's modules). Decode steps run fused, without any class change: decode_step.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The model never manages a cache. It calls, per forward, `cache.start(...)` and `cache.finish(...)`, and in each
 attention layer `cache.mla(...)` (MLA) or `cache.kv_attention(...)` (the baselines), handing over the layer's
 queries and new cache entries: the cache stores the entries and runs the attention over what it holds, by the
-layer's own methods (MLA.naive / MLA.absorbed / MLA.paged_latent_attention, BaselineAttention.attend_kv). So a
+layer's own methods (MLA.naive / MLA.absorbed / MLA.paged_latent_attention, BaselineAttention.attend_kv). A fused
+decode step (dsv2.cpu.decode_step) bypasses the layers and asks a cache for its rows instead (`latent_decode`). So a
 cache decides its layout and which path each token takes: KVCache below (contiguous, left-padded batches, the
 absorbed path for single-token steps) for dsv2.generate, the engine's paged cache (dsv2/inference/engine) for
 ragged batches.
