@@ -21,14 +21,7 @@
 #include <tuple>
 #include <vector>
 
-torch::Tensor mla_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, int64_t C);
-torch::Tensor mla_decode_paged(torch::Tensor q, torch::Tensor blocks, torch::Tensor table, torch::Tensor lens,
-                               int64_t C);
-torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> ends);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
-torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w);
-std::vector<torch::Tensor> rows_dots(
-    const std::vector<std::tuple<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>>>& products);
+#include "kernels.h"
 
 namespace {
 

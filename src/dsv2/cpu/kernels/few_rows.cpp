@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels.h"
 #include "tiles.h"
 
 namespace {
