@@ -244,12 +244,8 @@ def write(res: dict, out: Path, readme: Path | None) -> None:
     (out / "results.md").write_text(md + "\n")
     plot(res, out)
     if readme is not None:
-        text = readme.read_text()
-        if BEGIN not in text:
-            raise SystemExit(f"{readme} has no {BEGIN} marker")
         rel = out.relative_to(readme.parent) if out.is_relative_to(readme.parent) else out
-        head, rest = text.split(BEGIN, 1)
-        readme.write_text(head + BEGIN + "\n" + md.replace("](", f"]({rel}/") + "\n" + END + rest.split(END, 1)[1])
+        common.replace_section(readme, BEGIN, END, md.replace("](", f"]({rel}/"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ class DecodeStep:
         if any(isinstance(b.mlp, MoE) and not isinstance(b.mlp.dispatcher, LocalDispatcher)
                for b in model.model.layers):
             return "expert parallelism dispatches the routed experts across ranks"
-        weights = [p for p in model.parameters()]
+        weights = list(model.parameters())
         if any(p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) for p in weights):
             return "the kernels take fp32 or bf16 CPU weights"
         if len({p.dtype for p in weights}) != 1:

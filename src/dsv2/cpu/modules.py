@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import MLA, BaselineAttention, attend
+from ..model.cache import NO_MASK
 from ..model.experts import RoutedExperts
 from ..model.moe import LocalDispatcher
 from ..model.norm import RMSNorm
@@ -53,7 +54,6 @@ MIN_BLOCK_ROWS = 256
 """Fewest token copies per block: below that the per-block cost of a grouped GEMM call dominates."""
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_NO_MASK = torch.empty(0, dtype=torch.bool)
 
 
 def no_grad_needed(*tensors: torch.Tensor) -> bool:
@@ -160,7 +160,7 @@ class CpuMLA(_FlashAttention, MLA):
     def latent_attention(self, q_BQX, kv_BTX, mask_B1ST, S, H) -> torch.Tensor:
         if (S == 1 and kv_BTX.device.type == "cpu" and kv_BTX.stride(-1) == 1 and no_grad_needed(q_BQX, kv_BTX)
                 and kv_BTX.dtype in (torch.float32, torch.bfloat16, torch.float16) and ops.available):
-            mask = _NO_MASK if mask_B1ST is None else mask_B1ST[:, 0, 0, :].contiguous()
+            mask = NO_MASK if mask_B1ST is None else mask_B1ST[:, 0, 0, :].contiguous()
             return ops.mla_decode(q_BQX.float().contiguous(), kv_BTX, mask, self.kv_rank)
         return super().latent_attention(q_BQX, kv_BTX, mask_B1ST, S, H)
 

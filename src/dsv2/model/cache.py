@@ -93,6 +93,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.padded = False  # some slot holds padding: attention needs an explicit mask (see DeepseekV2.forward)
+        self._slots_at, self._slots = -1, None  # latent_decode's write slots, for the step at length _slots_at
 
     @property
     def batch_size(self) -> int:
@@ -155,7 +156,7 @@ class KVCache:
 
     def latent_decode(self, layer: int) -> LatentDecode:
         _, B, M, X = self.storage.shape
-        if getattr(self, "_slots_at", None) != self.length:  # the same for every layer of a step
+        if self._slots_at != self.length:  # the same for every layer of a step
             self._slots_at, self._slots = self.length, torch.arange(B, device=self.storage.device) * M + self.length
         store = self.storage[layer]
         mask = self.valid[:, : self.length + 1] if self.padded else NO_MASK

@@ -18,7 +18,8 @@ torch::Tensor attention_decode(torch::Tensor x, torch::Tensor norm, std::optiona
                                std::optional<torch::Tensor> q_a_norm, torch::Tensor q_w, torch::Tensor kv_a,
                                torch::Tensor kv_a_norm, torch::Tensor kv_b, torch::Tensor o_w, torch::Tensor cos,
                                torch::Tensor sin, torch::Tensor rows, torch::Tensor slots, torch::Tensor kv,
-                               torch::Tensor mask, std::optional<torch::Tensor> table, std::optional<torch::Tensor> lens,
+                               torch::Tensor mask, std::optional<torch::Tensor> table,
+                               std::optional<torch::Tensor> lens,
                                int64_t H, int64_t N, int64_t R, int64_t V, double eps, double q_eps, double kv_eps,
                                double scale);
 torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor norm, double eps, std::optional<torch::Tensor> gate,

@@ -160,8 +160,9 @@ inline void score_single(const float* q, const c10::BFloat16* r, int64_t rs, int
 }
 #endif
 
-// s[t*st + k*sk] = r_t . q_k for n rows (row stride rs) and K queries (contiguous, X wide). With several queries, rows read
-// straight from memory (stream) are fetched a block ahead: the first query group of a block would otherwise wait on memory.
+// s[t*st + k*sk] = r_t . q_k for n rows (row stride rs) and K queries (contiguous, X wide). With several queries,
+// rows read straight from memory (stream) are fetched a block ahead: the first query group of a block would
+// otherwise wait on memory.
 template <typename E>
 void scores(const float* q, int64_t K, const E* r, int64_t rs, int64_t n, int64_t X, float* s, int64_t st,
             int64_t sk, bool stream) {
