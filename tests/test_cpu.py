@@ -122,8 +122,12 @@ def test_few_row_kernels_reject_bad_input():
         k.rows_dot(torch.randn(3, 7), w, torch.tensor([1, 3]))
     with pytest.raises(RuntimeError, match="x must be fp32 or bf16"):
         k.rows_dot(x.double(), w, torch.tensor([1, 3]))
-    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+    with pytest.raises(RuntimeError, match="fp32, bf16 or uint8"):
         k.rows_dot(x, w.half(), torch.tensor([1, 3]))
+    with pytest.raises(RuntimeError, match="blocked int8/int4 rows of 8 values"):  # 7 bytes: no int8/int4 format
+        k.rows_dot(x, torch.zeros(2, 5, 7, dtype=torch.uint8), torch.tensor([1, 3]))
+    with pytest.raises(RuntimeError, match="cols is the width of a quantized w"):
+        k.rows_combine(torch.randn(2, 5, 3), torch.zeros(2, 5, 34, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="differ in G or N"):
         k.rows_combine(torch.randn(2, 4, 3), torch.randn(2, 5, 8))
 

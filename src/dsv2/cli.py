@@ -1,4 +1,4 @@
-"""The `dsv2` command: info, generate, serve, train, plot, upcycle, routing-sim, ablate."""
+"""The `dsv2` command: info, generate, serve, quantize, train, plot, upcycle, routing-sim, ablate."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     dtype = _torch_dtype(args.dtype)
-    model = from_pretrained(args.model, dtype=dtype)
+    model = from_pretrained(args.model, dtype=dtype, quantize=_recipe(args))
     from .tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 
     tok_path = Path(args.model) / TOKENIZER_FILE
@@ -113,7 +113,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_queue=args.max_queue, grace=args.grace, log_level=args.log_level, dtype=_torch_dtype(args.dtype),
                  max_num_seqs=args.max_num_seqs,
                  cache_memory=args.cache_memory, num_blocks=args.num_blocks, block_size=args.block_size,
-                 max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
+                 max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
+                 quantize=_recipe(args))
+
+
+def _recipe(args: argparse.Namespace, method: str | None = None):
+    """--quantize/--method, --group-size and --lm-head as a dsv2.quant Recipe (None: no quantization)."""
+    method = method or getattr(args, "quantize", None)
+    if method is None:
+        if getattr(args, "group_size", None) is not None:
+            raise ValueError("--group-size applies with --quantize")
+        return None
+    from .quant.recipe import Recipe
+
+    return Recipe.build(method, args.group_size, lm_head=getattr(args, "lm_head", False))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quant.checkpoint import quantize_checkpoint
+
+    recipe = _recipe(args, args.method)
+    stats = quantize_checkpoint(args.input, args.output, recipe, progress=not args.quiet)
+    print(f"dsv2 quantize: {args.output}: {stats['quantized']} weights quantized ({recipe.describe()}), "
+          f"{stats['bytes_in'] / 2**20:,.1f} MiB -> {stats['bytes_out'] / 2**20:,.1f} MiB", file=sys.stderr)
+    return 0
 
 
 def _parse_set(items: list[str] | None) -> dict[str, object] | None:
@@ -261,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed)
     s.add_argument("--no-bos", action="store_true", help="do not prepend BOS to a text prompt")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")
+    s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights while loading (a quantized "
+                   "checkpoint needs no flag: dsv2 quantize)")
+    s.add_argument("--group-size", type=int, help="columns per scale (default: int8 per output channel, int4 32)")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
@@ -273,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize "
                    "(or set DSV2_API_KEY)")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")
+    s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights while loading (a quantized "
+                   "checkpoint needs no flag: dsv2 quantize)")
+    s.add_argument("--group-size", type=int, help="columns per scale (default: int8 per output channel, int4 32)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoding together at most")
     s.add_argument("--cache-memory", help="paged cache size, e.g. 4GiB (default: 1 GiB, or what max-num-seqs full "
                    "contexts take if less)")
@@ -286,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized checkpoint (compressed-tensors "
+                       "format), a tensor at a time")
+    s.add_argument("input", help="float checkpoint directory (Hugging Face layout)")
+    s.add_argument("output", help="folder for the quantized checkpoint")
+    s.add_argument("--method", choices=["int8", "int4"], required=True)
+    s.add_argument("--group-size", type=int, help="columns per scale (default: int8 per output channel, int4 32)")
+    s.add_argument("--lm-head", action="store_true", help="quantize lm_head too (default: kept in float)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("train", help="train or fine-tune (no flags: the tiny preset on the built-in corpus)")
     s.add_argument("--config", help="YAML or TOML file of training settings (flags override it)")

@@ -5,23 +5,31 @@ model.safetensors.index.json. The names are mapped by hf_names.py; this file han
 atomic writes, and checks that name the file or tensor at fault.
 
 Loading builds the model on the meta device and copies tensor by tensor from memory-mapped files into the
-allocated parameters, so peak memory is one model plus one tensor, never two models.
+allocated parameters, so peak memory is one model plus one tensor, never two models. A quantized model (dsv2.quant)
+loads the same way: a float tensor is quantized as it is read (so the float model never exists), a stored
+compressed-tensors one (`.weight_packed` + `.weight_scale` + `.weight_shape`) is converted exactly; saving writes
+the quantized rows back in that layout.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..cpu import optimize
 from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write, write_safetensors
 from ..model import DeepseekV2
+from ..quant import formats as qf
+from ..quant.convert import quantize_model, recipe_of
+from ..quant.recipe import Recipe
 from .hf_names import official_names, official_tensors, slot
 
 SINGLE_FILE = "model.safetensors"
@@ -42,7 +50,7 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
     limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = total = 0
-    for name, t in official_tensors(dict(model.named_parameters()) if params is None else params):
+    for name, t in _tensors_to_save(model, params):
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -65,6 +73,37 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     atomic_write(path / "config.json", json.dumps(cfg, indent=2) + "\n")
+
+
+PACKED_SUFFIXES = ("_packed", "_scale", "_shape")
+"""compressed-tensors' pack-quantized parts of a weight `X.weight`: X.weight_packed, X.weight_scale, X.weight_shape."""
+
+
+def quantized_targets(model: DeepseekV2) -> dict[str, tuple[torch.Tensor, int]]:
+    """dsv2 weight name -> (its quantized rows, values per row) for the model's quantized modules (dsv2.quant)."""
+    out = {}
+    for mname, m in model.named_modules():
+        rows = getattr(m, "quantized_rows", None)
+        if rows is not None:
+            out.update({f"{mname}.{attr}": v for attr, v in rows().items()})
+    return out
+
+
+def _tensors_to_save(model: DeepseekV2, params: dict[str, torch.Tensor] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(official name, tensor): the parameters, and each quantized weight as its three compressed-tensors tensors."""
+    yield from official_tensors(dict(model.named_parameters()) if params is None else params)
+    targets = quantized_targets(model)
+    cols = {}
+    for official, (name, _, _) in official_names({n: t for n, (t, _) in targets.items()}).items():
+        cols[official] = targets[name][1]
+    for official, rows in official_tensors({n: t for n, (t, _) in targets.items()}):
+        K = cols[official]
+        bits, _ = qf.block_format(K, rows.shape[-1])
+        q, scale = qf.from_blocks(rows, K)
+        dtype = next(model.parameters()).dtype
+        yield f"{official}_packed", qf.pack_int32(q, bits)
+        yield f"{official}_scale", scale.to(dtype)  # bf16 values, exact in the model's dtype
+        yield f"{official}_shape", torch.tensor(rows.shape[:-1] + (K,), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,9 +150,12 @@ def _open(file: Path):
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, allow_non_finite: bool = False) -> DeepseekV2:
+                    device: torch.device | str | None = None, allow_non_finite: bool = False,
+                    quantize: str | Recipe | None = None) -> DeepseekV2:
     """Load a checkpoint directory in the official layout, in eval mode with the CPU fast paths on
-    (dsv2.cpu.optimize). dtype None keeps the checkpoint's dtype.
+    (dsv2.cpu.optimize). dtype None keeps the checkpoint's dtype (of the weights kept in float, and of dequantized
+    ones). quantize "int8" | "int4" (or a dsv2.quant Recipe) quantizes a float checkpoint while it loads; a quantized
+    checkpoint (config.json's quantization_config) loads as it was quantized, with no flag.
 
     A tensor holding NaN or infinity is an error naming it (a diverged run's weights), unless allow_non_finite."""
     path = Path(path)
@@ -123,10 +165,20 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         config = ModelConfig.from_json(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(f"invalid config: {e}") from None
-    files = checkpoint_files(path)
-    dtype = dtype or _checkpoint_dtype(files)
-    with torch.device("meta"):
-        model = DeepseekV2(config)
+    try:
+        stored = recipe_of(config)
+        if quantize is not None and stored is not None:
+            raise CheckpointError(f"{path} is already quantized ({stored.describe()}); load it without quantize")
+        recipe = stored or (Recipe.build(quantize) if isinstance(quantize, str) else quantize)
+        config.extra.pop("quantization_config", None)
+        files = checkpoint_files(path)
+        dtype = dtype or _checkpoint_dtype(files)
+        with torch.device("meta"):
+            model = DeepseekV2(config)
+        if recipe is not None:
+            quantize_model(model, recipe, dtype)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     model = model.to(dtype).to_empty(device=device or "cpu")
     if config.tie_word_embeddings:  # to_empty gives each module a new Parameter, which unties the two
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -139,7 +191,10 @@ def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = 
     """Copy every stored tensor into its parameter slot; error on missing, unexpected, duplicated, misshapen,
     non-float or (unless allow_non_finite) non-finite tensors."""
     params = dict(model.named_parameters())
+    quantized = quantized_targets(model)
+    params.update({n: t for n, (t, _) in quantized.items()})
     names = official_names(params)
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # official weight name -> its compressed-tensors parts so far
     stacked: dict[str, list[str]] = {}  # internal stacked expert tensor -> the official names it covers
     for official, (name, part, _) in names.items():
         if part is not None:
@@ -147,12 +202,24 @@ def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = 
     seen: set[str] = set()
     stored_in: dict[str, str] = {}  # tensor name -> the file that held it
     unexpected: list[str] = []
+    bar = tqdm(total=sum(len(_keys(f)) for f in files), unit="tensor", desc="loading", disable=None, leave=False)
     for file in files:
         with _open(file) as f:
             for key in f.keys():
+                bar.update()
                 if key in stored_in:
                     raise CheckpointError(f"tensor {key!r} is stored twice, in {stored_in[key]} and {file.name}")
                 stored_in[key] = file.name
+                base = key[: key.rfind("_")] if key.endswith(PACKED_SUFFIXES) else None
+                if base in names and params[names[base][0]].dtype == torch.uint8:
+                    parts = packed.setdefault(base, {})
+                    parts[key[len(base) + 1:]] = _read(f, key, file)
+                    if {"packed", "scale", "shape"} <= parts.keys():
+                        name, part, j = names[base]
+                        _load_packed(slot(params[name], part, j), packed.pop(base), quantized[name][1], base,
+                                     file.name, allow_non_finite)
+                        seen.add(base)
+                    continue
                 if key in names:
                     name, part, j = names[key]
                     dst, covered = slot(params[name], part, j), [key]
@@ -165,21 +232,31 @@ def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = 
                     continue
                 info = f.get_slice(key)
                 shape = tuple(info.get_shape())
-                if shape != tuple(dst.shape):
+                q_name = names[key][0] if key in names else key
+                K = quantized[q_name][1] if q_name in quantized else None
+                expected = tuple(dst.shape) if K is None else (*dst.shape[:-1], K)
+                if shape != expected:
                     raise CheckpointError(f"tensor {key!r} in {file.name} has shape {shape}, the config "
-                                          f"expects {tuple(dst.shape)}")
+                                          f"expects {expected}")
                 if info.get_dtype() not in _FLOAT_DTYPES:
                     raise CheckpointError(f"tensor {key!r} in {file.name} is {info.get_dtype()}; a model weight "
                                           f"must be floating-point ({', '.join(_FLOAT_DTYPES)})")
-                try:
-                    dst.copy_(f.get_tensor(key))
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"cannot read tensor {key!r} from {file} (truncated or corrupt?): "
-                                          f"{e}") from None
-                if not allow_non_finite and not bool(torch.isfinite(dst).all()):
+                src = _read(f, key, file)
+                if not allow_non_finite and not bool(torch.isfinite(src).all()):
                     raise CheckpointError(f"tensor {key!r} in {file.name} holds NaN or infinite values (a diverged "
                                           "run?); pass allow_non_finite=True to load it anyway")
+                if K is None:
+                    dst.copy_(src)
+                else:  # quantized as it is read: the float tensor is released before the next one
+                    bits, g = qf.block_format(K, dst.shape[-1])
+                    scheme = qf.Scheme(bits, 0 if g == K else g)
+                    dst.copy_(qf.to_blocks(*qf.quantize(src, scheme, key), bits))
+                del src
                 seen.update(covered)
+    bar.close()
+    for base in packed:
+        missing = sorted({"packed", "scale", "shape"} - packed[base].keys())
+        raise CheckpointError(f"quantized weight {base!r} lacks {', '.join(f'{base}_{m}' for m in missing)}")
     problems = []
     for label, items in (("missing", [n for n in names if n not in seen]), ("unexpected", unexpected)):
         if items:
@@ -187,3 +264,35 @@ def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = 
             problems.append(f"{label} tensors ({len(items)}): {', '.join(items[:8])}{more}")
     if problems:
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
+
+
+def _keys(file: Path) -> list[str]:
+    with _open(file) as f:
+        return list(f.keys())
+
+
+def _read(f, key: str, file: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read tensor {key!r} from {file} (truncated or corrupt?): {e}") from None
+
+
+def _load_packed(dst: torch.Tensor, parts: dict[str, torch.Tensor], K: int, base: str, fname: str,
+                 allow_non_finite: bool) -> None:
+    """Stored compressed-tensors parts of one weight -> its blocked rows (exact: same integers, same scales)."""
+    bits, g = qf.block_format(K, dst.shape[-1])
+    R = dst.shape[-2]
+    packed, scale, shape = parts["packed"], parts["scale"], parts["shape"]
+    where = f"quantized weight {base!r} in {fname}"
+    if shape.tolist() != [R, K]:
+        raise CheckpointError(f"{where} has weight_shape {shape.tolist()}, the config expects {[R, K]}")
+    if packed.dtype != torch.int32 or tuple(packed.shape) != (R, K * bits // 32):
+        raise CheckpointError(f"{where}: weight_packed is {packed.dtype} {tuple(packed.shape)}, the config's int{bits} "
+                              f"expects int32 {(R, K * bits // 32)}")
+    if not scale.is_floating_point() or tuple(scale.shape) != (R, K // g):
+        raise CheckpointError(f"{where}: weight_scale has shape {tuple(scale.shape)}, the config's group size "
+                              f"expects {(R, K // g)}")
+    if not allow_non_finite and not bool(torch.isfinite(scale).all()):
+        raise CheckpointError(f"{where}: weight_scale holds NaN or infinite values")
+    dst.copy_(qf.to_blocks(qf.unpack_int32(packed, bits, K), scale.to(torch.bfloat16), bits))

@@ -24,7 +24,7 @@ from ..model.attention import MLA
 from ..model.experts import ACTIVATIONS
 from ..model.moe import MLP, LocalDispatcher, MoE
 from . import ops
-from .modules import NATIVE_BF16_EXPERT_ROWS, SMALL_ROWS
+from .modules import NATIVE_BF16_EXPERT_ROWS, SMALL_ROWS, kernel_weight
 
 SILU = ACTIVATIONS["silu"]
 
@@ -52,18 +52,21 @@ class DecodeStep:
         if any(isinstance(b.mlp, MoE) and not isinstance(b.mlp.dispatcher, LocalDispatcher)
                for b in model.model.layers):
             return "expert parallelism dispatches the routed experts across ranks"
-        weights = list(model.parameters())
+        weights = list(model.parameters())  # quantized rows (dsv2.quant) are buffers: any mix of them is read
         if any(p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) for p in weights):
             return "the kernels take fp32 or bf16 CPU weights"
         if len({p.dtype for p in weights}) != 1:
             return "the weights are of mixed dtypes"
+        if any(b.device.type != "cpu" for b in model.buffers()):
+            return "the kernels take CPU weights"
         if not ops.load_kernels():
             return "the CPU kernels are not built"
         return None
 
     def max_rows(self) -> int:
         """Sequences per step the few-row kernels serve (a grouped GEMM beats them past it: modules.py)."""
-        if self.model.lm_head.weight.dtype == torch.bfloat16 and ops.native_bf16():
+        experts = [b.mlp.experts for b in self.model.model.layers if isinstance(b.mlp, MoE)]
+        if experts and kernel_weight(experts[0], "gate_up_proj").dtype == torch.bfloat16 and ops.native_bf16():
             return NATIVE_BF16_EXPERT_ROWS
         return SMALL_ROWS
 
@@ -84,29 +87,31 @@ class DecodeStep:
             x_TD = self._ffn(layer, x_TD)
         cache.finish(S)
         norm = m.model.norm
-        return ops.rows_dot(ops.rms_norm(x_TD, norm.weight, norm.eps), m.lm_head.weight)
+        return ops.rows_dot(ops.rms_norm(x_TD, norm.weight, norm.eps), kernel_weight(m.lm_head))
 
     @staticmethod
     def _attention(layer, x_BD, cos_BR, sin_BR, lat) -> torch.Tensor:
         a: MLA = layer.self_attn
         lora = hasattr(a, "q_a_proj")
-        q_a, q_a_norm = (a.q_a_proj.weight, a.q_a_layernorm) if lora else (None, None)
-        q = a.q_b_proj.weight if lora else a.q_proj.weight
+        w = kernel_weight
+        q_a, q_a_norm = (w(a.q_a_proj), a.q_a_layernorm) if lora else (None, None)
+        q = w(a.q_b_proj) if lora else w(a.q_proj)
         return ops.attention_decode(
             x_BD, layer.input_layernorm.weight, q_a, None if q_a_norm is None else q_a_norm.weight, q,
-            a.kv_a_proj_with_mqa.weight, a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.weight, cos_BR, sin_BR,
+            w(a.kv_a_proj_with_mqa), a.kv_a_layernorm.weight, w(a.kv_b_proj), w(a.o_proj), cos_BR, sin_BR,
             lat.rows, lat.slots, lat.kv, lat.mask, lat.table, lat.lens, a.n_heads, a.nope, a.rope, a.v_dim,
             layer.input_layernorm.eps, 0.0 if q_a_norm is None else q_a_norm.eps, a.kv_a_layernorm.eps, a.scale)
 
     @staticmethod
     def _ffn(layer, x_BD) -> torch.Tensor:
         mlp, norm = layer.mlp, layer.post_attention_layernorm
+        w = kernel_weight
         if isinstance(mlp, MLP):
             return ops.ffn_decode(x_BD, norm.weight, norm.eps, None, None, None, 1, 1, 1, False, 1.0,
-                                  mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-        g, s = mlp.gate, mlp.shared_experts
+                                  w(mlp.gate_proj), w(mlp.up_proj), w(mlp.down_proj))
+        g, s, e = mlp.gate, mlp.shared_experts, mlp.experts
         grouped = g.method != "greedy" and g.topk_group < g.n_group
-        return ops.ffn_decode(x_BD, norm.weight, norm.eps, g.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj,
+        return ops.ffn_decode(x_BD, norm.weight, norm.eps, g.weight, w(e, "gate_up_proj"), w(e, "down_proj"),
                               g.top_k, g.n_group if grouped else 1, g.topk_group if grouped else 1,
                               g.norm_topk_prob, g.scaling, *(None, None, None) if s is None else
-                              (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight))
+                              (w(s.gate_proj), w(s.up_proj), w(s.down_proj)))

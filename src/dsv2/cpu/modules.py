@@ -39,6 +39,7 @@ from ..model.cache import NO_MASK
 from ..model.experts import RoutedExperts
 from ..model.moe import LocalDispatcher
 from ..model.norm import RMSNorm
+from ..quant.formats import dequantize_blocks
 from . import ops
 
 SMALL_ROWS = 16
@@ -77,8 +78,20 @@ def few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
     """The few-row ops apply (the caller checks the row count): CPU inference, fp32/bf16 weights with contiguous
     rows, the kernels loaded."""
     return (x.device.type == "cpu" and w.device.type == "cpu" and w.stride(-1) == 1
-            and w.dtype in (torch.float32, torch.bfloat16) and x.is_floating_point() and no_grad_needed(x, w)
-            and ops.available)
+            and w.dtype in (torch.float32, torch.bfloat16, torch.uint8) and x.is_floating_point()
+            and no_grad_needed(x, w) and ops.available)
+
+
+def kernel_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor the ops read for a module's weight: its quantized rows (`<name>_q`, uint8 blocked int8/int4 rows:
+    dsv2.quant) where it has them, else the parameter itself."""
+    q = getattr(module, f"{name}_q", None)
+    return q if isinstance(q, torch.Tensor) else getattr(module, name)
+
+
+def _dense(w: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """w in dtype; quantized rows (uint8) of K values dequantized."""
+    return dequantize_blocks(w, K, dtype) if w.dtype == torch.uint8 else w.to(dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,18 +144,22 @@ class CpuBaselineAttention(_FlashAttention, BaselineAttention):
 
 
 class CpuMLA(_FlashAttention, MLA):
+    def absorb_weights(self) -> torch.Tensor:
+        return kernel_weight(self.kv_b_proj)  # quantized rows are read in place (or dequantized below)
+
     def absorb_query(self, q_nope_HMN: torch.Tensor, w_uk_HNC: torch.Tensor) -> torch.Tensor:
+        quantized = w_uk_HNC.dtype == torch.uint8
         if q_nope_HMN.shape[1] <= SMALL_ROWS and few_rows(q_nope_HMN, w_uk_HNC):
-            return ops.rows_combine(q_nope_HMN.transpose(1, 2).float(), w_uk_HNC)
+            return ops.rows_combine(q_nope_HMN.transpose(1, 2).float(), w_uk_HNC, self.kv_rank if quantized else 0)
         dtype = matmul_dtype(q_nope_HMN)
-        return super().absorb_query(q_nope_HMN.to(dtype), w_uk_HNC.to(dtype))
+        return super().absorb_query(q_nope_HMN.to(dtype), _dense(w_uk_HNC, self.kv_rank, dtype))
 
     def apply_w_uv(self, o_lat_HMC: torch.Tensor, w_uv_HVC: torch.Tensor) -> torch.Tensor:
-        G, M, _ = o_lat_HMC.shape
+        G, M, C = o_lat_HMC.shape
         if M <= SMALL_ROWS and few_rows(o_lat_HMC, w_uv_HVC):
             return ops.rows_dot(o_lat_HMC.reshape(G * M, -1).float(), w_uv_HVC, _ends(M, G)).view(G, M, -1)
         dtype = matmul_dtype(o_lat_HMC)
-        return super().apply_w_uv(o_lat_HMC.to(dtype), w_uv_HVC.to(dtype))
+        return super().apply_w_uv(o_lat_HMC.to(dtype), _dense(w_uv_HVC, C, dtype))
 
     def matmul_dtype(self, t: torch.Tensor) -> torch.dtype:
         return matmul_dtype(t)

@@ -8,10 +8,13 @@ load_kernels() does that once per process (dsv2.cpu.optimize calls it) and sets 
 call the ops only where the kernels are available; elsewhere they run the plain model's paths.
 
     rows_dot(x, w, ends=None)   y[n] = w[g] x[n] for the rows n of group g (x W^T: linears, routed experts, W_UV)
-    rows_combine(x, w)          y[g, m] = sum_n x[g, n, m] w[g, n] (x W: W_UK absorbed into the query)
+    rows_combine(x, w, cols=0)  y[g, m] = sum_n x[g, n, m] w[g, n] (x W: W_UK absorbed into the query)
     rms_norm(x, w, eps)         RMSNorm of a few rows, as dsv2.model.norm.RMSNorm
     mla_decode(q, kv, mask, C)  softmax(q kv^T) kv[..., :C] for one new token per sequence (flash-decoding)
     mla_decode_paged(q, blocks, table, lens, C)   the same over a paged cache, read through its block table
+
+rows_dot's and rows_combine's w may be quantized (dsv2.quant): uint8 blocked int8/int4 rows, each K values (rows_dot:
+x's width; rows_combine: `cols`) in blocks of [bf16 scale | values], streamed in place (kernels/quantized.h).
 
 Two more ops are a decode step's whole blocks (kernels/decode_step.cpp, run by decode_step.py):
 
@@ -37,7 +40,17 @@ import torch.nn.functional as F
 from . import build
 
 
+def _dense(w: torch.Tensor, K: int) -> torch.Tensor:
+    """w as a float matrix: a quantized weight (uint8 blocked int8/int4 rows of K values) dequantized to fp32."""
+    if w.dtype != torch.uint8:
+        return w
+    from ..quant.formats import dequantize_blocks
+
+    return dequantize_blocks(w, K)
+
+
 def _rows_dot(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
+    w = _dense(w, x.shape[-1])
     if ends is None:  # x [..., K], w [R, K]
         return F.linear(x.float(), w.float()).to(x.dtype)
     bounds = [0, *ends.tolist()]  # x [N, K], w [G, R, K], ends [G] cumulative
@@ -45,8 +58,9 @@ def _rows_dot(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor | None = None
     return torch.cat(parts).to(x.dtype) if parts else x.new_empty(0, w.shape[1])
 
 
-def _rows_combine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x [G, N, M], w [G, N, C] -> [G, M, C]
-    return torch.bmm(x.float().transpose(1, 2), w.float()).to(x.dtype)
+def _rows_combine(x: torch.Tensor, w: torch.Tensor, cols: int = 0) -> torch.Tensor:
+    # x [G, N, M], w [G, N, C] (or quantized: C = cols values per row) -> [G, M, C]
+    return torch.bmm(x.float().transpose(1, 2), _dense(w, cols).float()).to(x.dtype)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,7 +91,7 @@ def _mla_decode_paged(q: torch.Tensor, blocks: torch.Tensor, table: torch.Tensor
 def _define() -> torch.library.Library:
     lib = torch.library.Library("dsv2", "DEF")
     lib.define("rows_dot(Tensor x, Tensor w, Tensor? ends=None) -> Tensor")
-    lib.define("rows_combine(Tensor x, Tensor w) -> Tensor")
+    lib.define("rows_combine(Tensor x, Tensor w, int cols=0) -> Tensor")
     lib.define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor")
     lib.define("mla_decode(Tensor q, Tensor kv, Tensor mask, int C) -> Tensor")
     lib.define("mla_decode_paged(Tensor q, Tensor blocks, Tensor table, Tensor lens, int C) -> Tensor")
@@ -92,7 +106,7 @@ def _define() -> torch.library.Library:
                             ("mla_decode", _mla_decode), ("mla_decode_paged", _mla_decode_paged)):
         lib.impl(name, reference, "CompositeExplicitAutograd")
     fakes = {"rows_dot": lambda x, w, ends=None: x.new_empty((*x.shape[:-1], w.shape[-2])),
-             "rows_combine": lambda x, w: x.new_empty((x.shape[0], x.shape[2], w.shape[2])),
+             "rows_combine": lambda x, w, cols=0: x.new_empty((x.shape[0], x.shape[2], cols or w.shape[2])),
              "rms_norm": lambda x, w, eps: x.new_empty(x.shape),  # the kernel returns a contiguous tensor
              "mla_decode": lambda q, kv, mask, C: q.new_empty((q.shape[0], q.shape[1], C)),
              "mla_decode_paged": lambda q, blocks, table, lens, C: q.new_empty((q.shape[0], q.shape[1], C)),
@@ -113,8 +127,8 @@ def _register_flops() -> None:
         return 2 * math.prod(x_shape) * w_shape[-2]
 
     @register_flop_formula(torch.ops.dsv2.rows_combine)
-    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * math.prod(x_shape) * w_shape[2]
+    def _(x_shape, w_shape, cols=0, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape) * (cols or w_shape[2])
 
     @register_flop_formula(torch.ops.dsv2.mla_decode)
     def _(q_shape, kv_shape, mask_shape, C, *args, out_shape=None, **kwargs) -> int:

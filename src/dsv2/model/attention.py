@@ -113,7 +113,7 @@ class MLA(nn.Module):
         the attention-weighted latents [B, Q, C]."""
         B, S, H, N = q_nope_BSHN.shape
         C = self.kv_rank
-        w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + self.v_dim, C).split([N, self.v_dim], 1)
+        w_uk_HNC, w_uv_HVC = self.absorb_weights().view(H, N + self.v_dim, -1).split([N, self.v_dim], 1)
         # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: map each head's query into the latent space, then score
         # [q_lat ; q_R] against [c_KV ; k_R] in one matmul (the softmax scale folded into the query)
         q_lat_HMC = self.absorb_query(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
@@ -127,6 +127,10 @@ class MLA(nn.Module):
     # -- the seam (see the module docstring): plain PyTorch here -------------------------------------------------
     def attend(self, q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale) -> torch.Tensor:
         return attend(q_BHSK, k_BHTK, v_BHTV, mask_B1ST, scale)
+
+    def absorb_weights(self) -> torch.Tensor:
+        """kv_b_proj's weight [H (N + V), C] as absorb_query and apply_w_uv take it (per head: W_UK rows, then W_UV)."""
+        return self.kv_b_proj.weight
 
     def absorb_query(self, q_nope_HMN: torch.Tensor, w_uk_HNC: torch.Tensor) -> torch.Tensor:
         """W_UK^T q per head: [H, M, N] x [H, N, C] -> [H, M, C] (the caller casts once)."""

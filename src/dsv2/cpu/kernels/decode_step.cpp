@@ -98,7 +98,8 @@ void route_token(const float* s, int64_t E, int64_t K, int64_t n_group, int64_t 
 }  // namespace
 
 // x [B, D] (one new token per sequence); norm [D] (input_layernorm); q_a [Q, D] and q_a_norm [Q] (q_lora_rank) or
-// undefined; q [H (N + R), D or Q]; kv_a [C + R, D]; kv_a_norm [C]; kv_b [H (N + V), C]; o [D, H V]; cos, sin
+// undefined; q [H (N + R), D or Q]; kv_a [C + R, D]; kv_a_norm [C]; kv_b [H (N + V), C]; o [D, H V] (the
+// projections may be blocked int8/int4 rows, uint8 [rows, bytes]: dsv2.quant); cos, sin
 // [B, R/2] fp32 (the new tokens' positions). The cache: rows [*, C + R] (the layer's slots, flat) gets the new
 // rows at slots [B]; then either kv [B, T, C + R] with mask [B, T] (or empty) for a contiguous cache, or kv the
 // blocks [N, S, C + R] read through table [B, M] and lens [B]. Returns x + attention, like x.
@@ -111,7 +112,9 @@ torch::Tensor attention_decode(torch::Tensor x, torch::Tensor norm, optional<tor
                                double scale) {
   check_rows(x, "attention_decode");
   const int64_t B = x.size(0), C = kv_a.size(0) - R, X = C + R;
-  TORCH_CHECK(R % 2 == 0 && C > 0 && kv_b.size(0) == H * (N + V) && kv_b.size(1) == C && q_w.size(0) == H * (N + R),
+  const bool kv_b_quantized = kv_b.scalar_type() == at::kByte;  // blocked int8/int4 rows of C values (quantized.h)
+  TORCH_CHECK(R % 2 == 0 && C > 0 && kv_b.size(0) == H * (N + V) && (kv_b_quantized || kv_b.size(1) == C) &&
+                  q_w.size(0) == H * (N + R),
               "attention_decode: weight shapes do not match the head dims");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == B &&
                   cos.size(1) == R / 2 && sin.sizes() == cos.sizes(),
@@ -129,9 +132,9 @@ torch::Tensor attention_decode(torch::Tensor x, torch::Tensor norm, optional<tor
   auto new_rows = torch::empty({B, X}, x.options());
   new_rows.narrow(1, 0, C).copy_(rms_norm(latent.narrow(1, 0, C), kv_a_norm, kv_eps));
   // the queries [W_UK^T q_nope | rope(q_pe)] * scale, fp32 [B, H, C + R]
-  const auto w_b = kv_b.view({H, N + V, C});
+  const auto w_b = kv_b.view({H, N + V, -1});
   const auto q_lat = rows_combine(q.view({B, H, N + R}).narrow(2, 0, N).permute({1, 2, 0}).to(at::kFloat),
-                                    w_b.narrow(1, 0, N));  // [H, B, C] fp32
+                                  w_b.narrow(1, 0, N), kv_b_quantized ? C : 0);  // [H, B, C] fp32
   auto q_x = torch::empty({B, H, X}, x.options().dtype(at::kFloat));
   q_x.narrow(2, 0, C).copy_(q_lat.permute({1, 0, 2}));
   q_x.narrow(2, 0, C).mul_(scale);
@@ -153,7 +156,7 @@ torch::Tensor attention_decode(torch::Tensor x, torch::Tensor norm, optional<tor
 }
 
 // x [T, D] (a few tokens); norm [D] (post_attention_layernorm). Routed experts (all given or none): gate [E, D]
-// (the router), gate_up [E, 2F, D], down [E, D, F], routing by top_k, n_group, topk_group, norm_topk_prob and
+// (the router), gate_up [E, 2F, D], down [E, D, F] (or either as blocked int8/int4 rows: uint8 [E, rows, bytes]), routing by top_k, n_group, topk_group, norm_topk_prob and
 // scaling (model/router.py). Shared experts or a dense MLP: shared_gate, shared_up [F', D], shared_down [D, F']
 // (SiLU). Returns x + FFN, like x.
 torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor norm, double eps, optional<torch::Tensor> gate,
@@ -203,7 +206,7 @@ torch::Tensor ffn_decode(torch::Tensor x, torch::Tensor norm, double eps, option
   }
   const auto up = rows_dots(ups);
   if (gate.has_value()) {
-    const int64_t F = down->size(2);
+    const int64_t F = gate_up->size(1) / 2;
     std::get<0>(downs[0]) = at::silu(up[0].narrow(1, 0, F)) * up[0].narrow(1, F, F);
   }
   if (shared_gate.has_value()) std::get<0>(downs.back()) = at::silu(up[up.size() - 2]) * up.back();

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "quantized.h"
 #include "tiles.h"
 
 namespace {
@@ -33,8 +34,17 @@ torch::Tensor checked_x(const torch::Tensor& x, const torch::Tensor& w, int64_t 
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors expected");
   TORCH_CHECK(fp32_or_bf16(x), name, ": x must be fp32 or bf16");
   TORCH_CHECK(w.stride(2) == 1, name, ": w rows must be contiguous");
-  TORCH_CHECK(fp32_or_bf16(w), name, ": w must be fp32 or bf16");
+  TORCH_CHECK(fp32_or_bf16(w) || w.scalar_type() == at::kByte, name,
+              ": w must be fp32, bf16 or uint8 (dsv2.quant's blocked int8/int4 rows)");
   return x.to(at::kFloat).contiguous();
+}
+
+// the format of a quantized (uint8) weight whose rows hold K values
+QFormat checked_format(const torch::Tensor& w, int64_t K, const char* name) {
+  const QFormat f = block_format(K, w.size(-1));
+  TORCH_CHECK(f.bits != 0, name, ": a uint8 w must be blocked int8/int4 rows of ", K, " values (", w.size(-1),
+              " bytes is not)");
+  return f;
 }
 
 // rows_dot multiplies bf16 natively here (dp_rows below): bf16 weights and bf16 x
@@ -135,6 +145,7 @@ namespace {
 struct Product {
   torch::Tensor x, w, ends, y;
   bool native;
+  QFormat qf;  // bits 0: fp32/bf16 w
   int64_t N, K, R;
   std::vector<int64_t> shape;
   at::ScalarType dtype;
@@ -153,8 +164,13 @@ Product prepare(const torch::Tensor& x_in, const torch::Tensor& w_in, const std:
   // bf16 products keep x as it is; the widening tiles read an fp32 copy (checked_x's checks apply to both)
   p.x = p.native ? (checked_x(x2.narrow(0, 0, 0), p.w, 2, "rows_dot"), x2.contiguous())
                  : checked_x(x2, p.w, 2, "rows_dot");
-  TORCH_CHECK(p.x.size(1) == p.w.size(2), "rows_dot: x rows (", p.x.size(1), ") and w rows (", p.w.size(2),
-              ") differ");
+  if (p.w.scalar_type() == at::kByte) {
+    p.qf = checked_format(p.w, p.x.size(1), "rows_dot");
+    if (p.qf.bits == 4) p.x = deinterleave16(p.x);  // int4's nibble order (quantized.h)
+  } else {
+    TORCH_CHECK(p.x.size(1) == p.w.size(2), "rows_dot: x rows (", p.x.size(1), ") and w rows (", p.w.size(2),
+                ") differ");
+  }
   p.N = p.x.size(0), p.K = p.x.size(1), p.R = p.w.size(1);
   const int64_t G = p.w.size(0);
   if (ends.has_value()) {
@@ -186,6 +202,7 @@ void run_task(const Product& p, int64_t g, int64_t r0) {
   if (p.native) return dp_rows(p.x.data_ptr<BF16>() + m0 * p.K, M, p.w.data_ptr<BF16>() + w0, ws1, n, p.K, yb, p.R);
 #endif
   const float* xp = p.x.data_ptr<float>() + m0 * p.K;
+  if (p.qf.bits != 0) return q_rows(xp, M, p.w.data_ptr<uint8_t>() + w0, ws1, n, p.K, p.qf, yb, p.R);
   with_rows(p.w, [&](const auto* wp) { scores(xp, M, wp + w0, ws1, n, p.K, yb, 1, p.R, true); });
 }
 
@@ -225,15 +242,27 @@ std::vector<torch::Tensor> rows_dots(
   return out;
 }
 
-// x [G, N, M] (each x row transposed: the n-th entries of the M rows side by side), w [G, N, C] -> y [G, M, C]
-torch::Tensor rows_combine(torch::Tensor x_in, torch::Tensor w) {
+// x [G, N, M] (each x row transposed: the n-th entries of the M rows side by side), w [G, N, C] -> y [G, M, C];
+// a quantized w (uint8 blocked rows) holds C = cols values per row
+torch::Tensor rows_combine(torch::Tensor x_in, torch::Tensor w, int64_t cols) {
   const auto x = checked_x(x_in, w, 3, "rows_combine");
   TORCH_CHECK(x.size(0) == w.size(0) && x.size(1) == w.size(1),
               "rows_combine: x [G, N, M] and w [G, N, C] differ in G or N");
-  const int64_t G = x.size(0), N = x.size(1), M = x.size(2), C = w.size(2);
+  const bool quantized = w.scalar_type() == at::kByte;
+  TORCH_CHECK(quantized == (cols > 0), "rows_combine: cols is the width of a quantized w, and only that");
+  const int64_t G = x.size(0), N = x.size(1), M = x.size(2), C = quantized ? cols : w.size(2);
   auto y = torch::zeros({G, M, C}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (quantized) {  // one task per group (MLA's heads): each reads its rows once, all M rows of y in cache
+    const QFormat f = checked_format(w, C, "rows_combine");
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int64_t ws0 = w.stride(0), ws1 = w.stride(1);
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) q_combine(xp + g * N * M, N, M, wp + g * ws0, ws1, C, f, yp + g * M * C);
+    });
+    return (f.bits == 4 ? deinterleave16(y, true) : y).to(x_in.scalar_type());
+  }
   const int64_t blocks = (C + COL_BLOCK - 1) / COL_BLOCK, ws0 = w.stride(0), ws1 = w.stride(1);
   if (M == 1 && G >= 2 * at::get_num_threads()) {  // batch-1 decode, one task per head: enough to balance
     with_rows(w, [&](const auto* wp) {

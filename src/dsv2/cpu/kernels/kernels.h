@@ -13,7 +13,7 @@ torch::Tensor mla_decode_paged(torch::Tensor q, torch::Tensor blocks, torch::Ten
                                int64_t C);
 torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> ends);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
-torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w);
+torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w, int64_t cols);
 torch::Tensor attention_decode(torch::Tensor x, torch::Tensor norm, std::optional<torch::Tensor> q_a,
                                std::optional<torch::Tensor> q_a_norm, torch::Tensor q_w, torch::Tensor kv_a,
                                torch::Tensor kv_a_norm, torch::Tensor kv_b, torch::Tensor o_w, torch::Tensor cos,

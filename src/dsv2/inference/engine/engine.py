@@ -153,11 +153,12 @@ class Engine:
         self._lock = threading.RLock()
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **kw) -> Engine:
-        """A checkpoint directory (its tokenizer.json too, if there is one); keywords as Engine()."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, quantize=None, **kw) -> Engine:
+        """A checkpoint directory (its tokenizer.json too, if there is one); quantize as dsv2.from_pretrained;
+        keywords as Engine()."""
         tok = Path(path) / TOKENIZER_FILE
-        return cls(from_pretrained(path, dtype=dtype, device=device), load_tokenizer(tok) if tok.exists() else None,
-                   **kw)
+        model = from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
+        return cls(model, load_tokenizer(tok) if tok.exists() else None, **kw)
 
     # -- the stepping API -----------------------------------------------------------------------------------------
     def admit(self, prompt: str | Seq[int], params: SamplingParams | None = None, *, truncate: bool = True
