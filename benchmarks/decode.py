@@ -11,6 +11,7 @@ over identical cache contents, and the run checks that (a) transformers' own pre
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 
 import torch
@@ -74,7 +75,8 @@ def active_weight_bytes(model) -> int:
     embedding table (one row)."""
     cfg = model.config
     total = 0
-    for name, p in model.named_parameters():
+    quantized = ((n, b) for n, b in model.named_buffers() if n.endswith("_q"))  # dsv2.quant's rows
+    for name, p in itertools.chain(model.named_parameters(), quantized):
         nb = p.numel() * p.element_size()
         if ".experts." in name:
             nb = nb * cfg.num_experts_per_tok // cfg.num_routed

@@ -166,7 +166,7 @@ Product prepare(const torch::Tensor& x_in, const torch::Tensor& w_in, const std:
                  : checked_x(x2, p.w, 2, "rows_dot");
   if (p.w.scalar_type() == at::kByte) {
     p.qf = checked_format(p.w, p.x.size(1), "rows_dot");
-    if (p.qf.bits == 4) p.x = deinterleave16(p.x);  // int4's nibble order (quantized.h)
+    if (p.qf.bits == 4) p.x = deinterleave(p.x, Q_CHUNK);  // int4's nibble order (quantized.h)
   } else {
     TORCH_CHECK(p.x.size(1) == p.w.size(2), "rows_dot: x rows (", p.x.size(1), ") and w rows (", p.w.size(2),
                 ") differ");
@@ -261,7 +261,7 @@ torch::Tensor rows_combine(torch::Tensor x_in, torch::Tensor w, int64_t cols) {
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) q_combine(xp + g * N * M, N, M, wp + g * ws0, ws1, C, f, yp + g * M * C);
     });
-    return (f.bits == 4 ? deinterleave16(y, true) : y).to(x_in.scalar_type());
+    return (f.bits == 4 ? deinterleave(y, 16, true) : y).to(x_in.scalar_type());
   }
   const int64_t blocks = (C + COL_BLOCK - 1) / COL_BLOCK, ws0 = w.stride(0), ws1 = w.stride(1);
   if (M == 1 && G >= 2 * at::get_num_threads()) {  // batch-1 decode, one task per head: enough to balance

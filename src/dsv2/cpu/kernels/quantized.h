@@ -6,9 +6,9 @@
 // fits), so a quantized weight is one uint8 tensor and passes where an fp32/bf16 weight does.
 //     q_rows:    y[m, r] = w_r . x_m          (rows_dot)
 //     q_combine: y[m, :] += sum_n x[n, m] w_n  (rows_combine: MLA's W_UK)
-// int4's nibble order pairs the low nibbles of 8 bytes with the even elements of 16 values: x is given to q_rows with
-// each 16 values reordered evens-then-odds (deinterleave16), and q_combine's output comes out in that order too
-// (its caller undoes it), so no shuffle runs in the inner loops.
+// int4's nibble order pairs the low nibbles of n bytes with the even elements of 2n values: x is given to q_rows with
+// each Q_CHUNK values reordered evens-then-odds (deinterleave), and q_combine's output comes out in such an order
+// too (its caller undoes it), so no shuffle runs in the inner loops.
 #pragma once
 
 #include <torch/extension.h>
@@ -48,46 +48,106 @@ inline float bf16_at(const uint8_t* p) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+// 8 int8 values widened to fp32 (one sign-extending load and one conversion with AVX2: GCC lowers the generic
+// conversion of an 8-byte vector to byte extracts, which made the products compute-bound at a fifth of the bandwidth)
 inline v8 int8x8(const uint8_t* p) {
+#if defined(__AVX2__)
+  return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
   v8i8 b;
   std::memcpy(&b, p, 8);
   return __builtin_convertvector(__builtin_convertvector(b, v8i), v8);
+#endif
 }
 // 16 int4 values from 8 bytes: the evens (low nibbles) and the odds (high nibbles), 8 lanes each, minus 8
 inline void int4x16(const uint8_t* p, v8& even, v8& odd) {
+#if defined(__AVX2__)
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i eight = _mm256_set1_epi32(8);
+  even = (v8)_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(w, _mm256_set1_epi32(15)), eight));
+  odd = (v8)_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(w, 4), eight));
+#else
   v8u8 b;
   std::memcpy(&b, p, 8);
   const v8i w = __builtin_convertvector(b, v8i);
   even = __builtin_convertvector((w & 15) - 8, v8);
   odd = __builtin_convertvector((w >> 4) - 8, v8);
+#endif
 }
 
-// y[m * ys] = w . x_m for MQ rows x (K fp32 each, int4: deinterleaved) and one blocked weight row w
+#if defined(__AVX512F__)
+// 16 lanes: the values of a block in chunks of 32 (int8: two loads of 16; int4: 16 bytes, evens and odds), each
+// block's products summed apart and scaled once (one multiply per block, not per value), two chains per row of x
+constexpr int64_t Q_CHUNK = 32;  // the int4 x order: each 32 values evens then odds
+template <int BITS>
+[[gnu::always_inline]] inline void chunk32(const uint8_t* q, __m512& w0, __m512& w1) {
+  if constexpr (BITS == 8) {
+    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  } else {  // a nibble n is the value n - 8: one table lookup (vpermps reads an index's low 4 bits) per 16 values
+    const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    w0 = _mm512_permutexvar_ps(b, table);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  }
+}
+
 template <int MQ, int BITS>
 [[gnu::always_inline]] inline void q_row(const float* x, int64_t K, const uint8_t* w, int64_t g, float* y,
                                          int64_t ys) {
-  v8 acc[MQ][2];
-  for (int m = 0; m < MQ; ++m) acc[m][0] = acc[m][1] = v8{};
+  __m512 acc[MQ];
+  for (int m = 0; m < MQ; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t bb = 2 + g * BITS / 8;
   for (int64_t k0 = 0; k0 < K; k0 += g, w += bb) {
-    const float s = bf16_at(w);
+    __m512 part[MQ][2];
+    for (int m = 0; m < MQ; ++m) part[m][0] = part[m][1] = _mm512_setzero_ps();
+    const uint8_t* q = w + 2;
+    for (int64_t k = 0; k < g; k += 32, q += 32 * BITS / 8) {
+      __m512 w0, w1;
+      chunk32<BITS>(q, w0, w1);
+      for (int m = 0; m < MQ; ++m) {
+        part[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k0 + k), part[m][0]);
+        part[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k0 + k + 16), part[m][1]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(bf16_at(w));
+    for (int m = 0; m < MQ; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(part[m][0], part[m][1]), s, acc[m]);
+  }
+  for (int m = 0; m < MQ; ++m) y[m * ys] = _mm512_reduce_add_ps(acc[m]);
+}
+#else
+constexpr int64_t Q_CHUNK = 16;  // the int4 x order: each 16 values evens then odds
+// y[m * ys] = w . x_m for MQ rows x (K fp32 each, int4: in Q_CHUNK order) and one blocked weight row w; each block's
+// products summed apart and scaled once
+template <int MQ, int BITS>
+[[gnu::always_inline]] inline void q_row(const float* x, int64_t K, const uint8_t* w, int64_t g, float* y,
+                                         int64_t ys) {
+  v8 acc[MQ];
+  for (int m = 0; m < MQ; ++m) acc[m] = v8{};
+  const int64_t bb = 2 + g * BITS / 8;
+  for (int64_t k0 = 0; k0 < K; k0 += g, w += bb) {
+    v8 part[MQ][2];
+    for (int m = 0; m < MQ; ++m) part[m][0] = part[m][1] = v8{};
     const uint8_t* q = w + 2;
     for (int64_t k = 0; k < g; k += 16, q += 16 * BITS / 8) {
       v8 w0, w1;
       if constexpr (BITS == 8) {
-        w0 = int8x8(q), w1 = int8x8(q + 8);
+        w0 = pinned(int8x8(q)), w1 = pinned(int8x8(q + 8));
       } else {
         int4x16(q, w0, w1);
+        w0 = pinned(w0), w1 = pinned(w1);
       }
-      w0 = pinned(w0 * s), w1 = pinned(w1 * s);
       for (int m = 0; m < MQ; ++m) {
-        acc[m][0] += w0 * load8(x + m * K + k0 + k);
-        acc[m][1] += w1 * load8(x + m * K + k0 + k + 8);
+        part[m][0] += w0 * load8(x + m * K + k0 + k);
+        part[m][1] += w1 * load8(x + m * K + k0 + k + 8);
       }
     }
+    const float s = bf16_at(w);
+    for (int m = 0; m < MQ; ++m) acc[m] += (part[m][0] + part[m][1]) * s;
   }
-  for (int m = 0; m < MQ; ++m) y[m * ys] = hsum(acc[m][0] + acc[m][1]);
+  for (int m = 0; m < MQ; ++m) y[m * ys] = hsum(acc[m]);
 }
+#endif
 
 template <int BITS>
 void q_rows_bits(const float* x, int64_t M, const uint8_t* w, int64_t ws, int64_t n, int64_t K, int64_t g, float* y,
@@ -151,10 +211,11 @@ inline void q_combine(const float* x, int64_t N, int64_t M, const uint8_t* w, in
     q_combine_bits<4>(x, N, M, w, ws, C, f.group, y);
 }
 
-// Each 16 values of rows [n, K] reordered evens then odds (int4's nibble order), or back (inverse = true)
-inline torch::Tensor deinterleave16(const torch::Tensor& t, bool inverse = false) {
-  // forward: 16 values as 8 (even, odd) pairs, transposed to [evens | odds]; inverse: the other way round
-  const auto v = inverse ? t.reshape({-1, 2, 8}) : t.reshape({-1, 8, 2});
+// Each `chunk` values of t reordered evens then odds (int4's nibble order), or back (inverse = true): q_rows takes x
+// in Q_CHUNK order, q_combine gives y in the order of 16
+inline torch::Tensor deinterleave(const torch::Tensor& t, int64_t chunk, bool inverse = false) {
+  // forward: the values as (even, odd) pairs, transposed to [evens | odds]; inverse: the other way round
+  const auto v = inverse ? t.reshape({-1, 2, chunk / 2}) : t.reshape({-1, chunk / 2, 2});
   return v.transpose(1, 2).contiguous().view(t.sizes());
 }
 
