@@ -39,6 +39,9 @@ _PATTERNS = {
     "dense": r"re:.*mlp\.(gate_proj|up_proj|down_proj)$",
     "lm_head": "lm_head",
 }
+INT4_MIX = {"dense": "int8", "kv_a": "int8"}
+"""`--quantize int4` keeps these families at int8: int4 on them alone costs most of int4's KL divergence while they
+hold ~1% of V2-Lite's weights (the sensitivity table of benchmarks/quant_accuracy.py)."""
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
 
@@ -69,10 +72,12 @@ class Recipe:
     def build(method: str, group_size: int | None = None, lm_head: bool = False,
               families: dict[str, str] | None = None) -> Recipe:
         """`method` for every family but lm_head (with it if lm_head); `families` overrides some: family -> method
-        ("int8", "int4", or "none" to keep it in float)."""
+        ("int8", "int4", or "none" to keep it in float). None: the default mix (INT4_MIX for int4); {}: none."""
         base = Scheme.parse(method, group_size)
         schemes = {f: base for f in FAMILIES if f != "lm_head" or lm_head}
-        for fam, m in (families or {}).items():
+        if families is None:
+            families = INT4_MIX if method == "int4" else {}
+        for fam, m in families.items():
             if fam not in FAMILIES:
                 raise ConfigError(f"unknown module family {fam!r}; choose from {', '.join(FAMILIES)}")
             if m == "none":
