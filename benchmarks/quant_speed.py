@@ -1,8 +1,9 @@
 """Quantized decode and prefill against llama.cpp's formats of the same bits: `python -m benchmarks.quant_speed`.
 
 The peers benchmark's checkpoint (benchmarks/peers.prepare: the V2-Lite-shaped 4-layer model, random weights) runs
-in dsv2 as bf16, int8 and int4 (quantized while loading: `from_pretrained(quantize=...)`), and in llama.cpp as its
-converter's bf16 GGUF and `llama-quantize`'s Q8_0 and Q4_0 of it. Per variant: batch-1 decode ms/token after
+in dsv2 as bf16, int8 and int4 (quantized while loading: `from_pretrained(quantize=...)`; "+head": lm_head quantized
+to int8 too, as llama.cpp's Q8_0 and Q4_0 files quantize theirs), and in llama.cpp as its converter's bf16 GGUF and
+`llama-quantize`'s Q8_0 and Q4_0 of it. Per variant: batch-1 decode ms/token after
 prompts of 256 and 2K tokens, prefill tokens/s of a 2K-token prompt. dsv2 is driven through its engine
 (benchmarks/protocol.py); llama.cpp through llama-bench (`-fa 1`, the better setting at these depths here; decode
 `-n 32 -d CTX`, prefill `-p 2048 -n 0`). The variants run in alternating rounds, each figure the best of its rounds;
@@ -24,19 +25,21 @@ import torch
 from dsv2 import Engine, SamplingParams
 from dsv2.cpu import ops
 from dsv2.inference.engine.paged import PagedCache
+from dsv2.quant.recipe import INT4_MIX, Recipe
 
 from . import common
 from .decode import active_weight_bytes
 from .peers import LLAMA_BIN, NEW_TOKENS, ROOT, gguf, prepare
 from .protocol import run_cell
 
-DSV2 = {"bf16": None, "int8": "int8", "int4": "int4"}
-LLAMA = {"bf16": None, "Q8_0": "Q8_0", "Q4_0": "Q4_0"}
-PAIRS = [("bf16", "bf16"), ("int8", "Q8_0"), ("int4", "Q4_0")]
+DSV2 = {"bf16": lambda: None, "int8": lambda: "int8", "int4": lambda: "int4",
+        "int8+head": lambda: Recipe.build("int8", lm_head=True),  # lm_head quantized too, as llama.cpp's files have it
+        "int4+head": lambda: Recipe.build("int4", families={**INT4_MIX, "lm_head": "int8"})}
+PAIRS = [("bf16", "bf16"), ("int8", "Q8_0"), ("int8+head", "Q8_0"), ("int4", "Q4_0"), ("int4+head", "Q4_0")]
 
 
 @torch.inference_mode()
-def run_dsv2(ckpt: Path, quantize: str | None, contexts: list[int], threads: int, seed: int) -> dict:
+def run_dsv2(ckpt: Path, quantize: str | Recipe | None, contexts: list[int], threads: int, seed: int) -> dict:
     torch.set_num_threads(threads)
     engine = Engine.from_pretrained(ckpt, dtype=torch.bfloat16, quantize=quantize, max_num_seqs=1,
                                     prefix_caching=False, num_blocks=(max(contexts) + NEW_TOKENS + 64) // 64 + 2,
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="256,2048")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--variants", default="bf16,int8,int4")
+    ap.add_argument("--variants", default="bf16,int8,int8+head,int4,int4+head")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repack", type=int, default=0, help="llama-bench --repack (1 asserts for deepseek2 quantized "
                     "weights on some CPUs)")
@@ -144,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for v in variants:
             log(f"round {r} dsv2 {v}")
-            rounds["dsv2"][v].append(run_dsv2(ckpt, DSV2[v], contexts, args.threads, seed=r))
+            rounds["dsv2"][v].append(run_dsv2(ckpt, DSV2[v](), contexts, args.threads, seed=r))
             log(f"  {rounds['dsv2'][v][-1]}")
-            if llama:
+            if llama and v in ("bf16", "int8", "int4"):  # each llama.cpp file once per round
                 kind = pairs[v]
                 log(f"round {r} llama.cpp {kind}")
                 got = run_llama(llama_model(ckpt, kind, log), contexts, args.threads, args.repack)

@@ -35,6 +35,7 @@ from dsv2.quant.formats import (
     from_blocks,
     pack_int32,
     quantize,
+    quantize_reference,
     to_blocks,
     unpack_int32,
 )
@@ -135,6 +136,34 @@ def test_rows_dot_on_quantized_rows_is_the_reference(method, counts, rows, block
         close(got, want, 1e-5 if x_dtype == torch.float32 else 2**-8)
     got = ops.rows_dot(x, w[0])
     close(got, ops._rows_dot(x, w[0]), 1e-5 if x_dtype == torch.float32 else 2**-8)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("method,group", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_kernel_is_the_reference(method, group, dtype):
+    """The C++ quantizer (what loading runs) computes the reference's integers and scales; int4's choice between
+    candidate scales may differ only where two candidates' errors tie up to summation order."""
+    scheme = Scheme.parse(method, group)
+    w = (torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.02).to(dtype)
+    got = from_blocks(ops.quantize_rows(w, scheme.bits, scheme.group, list(INT4_CLIPS)), 256)
+    want = quantize_reference(w, scheme)
+    if scheme.bits == 8:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    g = scheme.group or 256
+    err = [(dequantize(*qs) - w.float()).reshape(64, -1, g).square().sum(-1) for qs in (got, want)]
+    assert bool((err[0] <= err[1] * (1 + 1e-5)).all())
+    assert (got[0] == want[0]).float().mean() > 0.99
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("method,group", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_kernel_is_exact(method, group, dtype):
+    scheme = Scheme.parse(method, group)
+    w = to_blocks(*quantize(torch.randn(3, 40, 256), scheme), scheme.bits)
+    assert torch.equal(ops.dequantize(w, 256, dtype), ops._dequantize(w, 256, dtype))
+    assert torch.equal(ops.dequantize(w[1], 256, dtype), ops._dequantize(w[1], 256, dtype))
 
 
 @pytest.mark.usefixtures("kernels")

@@ -250,7 +250,7 @@ def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = 
                 else:  # quantized as it is read: the float tensor is released before the next one
                     bits, g = qf.block_format(K, dst.shape[-1])
                     scheme = qf.Scheme(bits, 0 if g == K else g)
-                    dst.copy_(qf.to_blocks(*qf.quantize(src, scheme, key), bits))
+                    dst.copy_(qf.quantize_blocks(src, scheme, key))
                 del src
                 seen.update(covered)
     bar.close()

@@ -13,6 +13,9 @@ call the ops only where the kernels are available; elsewhere they run the plain 
     mla_decode(q, kv, mask, C)  softmax(q kv^T) kv[..., :C] for one new token per sequence (flash-decoding)
     mla_decode_paged(q, blocks, table, lens, C)   the same over a paged cache, read through its block table
 
+    dequantize(w, cols, dtype)  a quantized weight (below) as a dense one: the many-row (prefill) GEMMs' input
+    quantize_rows(w, bits, group, clips)   a float weight as quantized rows (dsv2.quant.formats.quantize)
+
 rows_dot's and rows_combine's w may be quantized (dsv2.quant): uint8 blocked int8/int4 rows, each K values (rows_dot:
 x's width; rows_combine: `cols`) in blocks of [bf16 scale | values], streamed in place (kernels/quantized.h).
 
@@ -47,6 +50,18 @@ def _dense(w: torch.Tensor, K: int) -> torch.Tensor:
     from ..quant.formats import dequantize_blocks
 
     return dequantize_blocks(w, K)
+
+
+def _dequantize(w: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    from ..quant.formats import dequantize_blocks
+
+    return dequantize_blocks(w, cols, dtype)
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group: int, clips: list[float]) -> torch.Tensor:
+    from ..quant.formats import Scheme, quantize_reference, to_blocks
+
+    return to_blocks(*quantize_reference(w, Scheme(bits, group), clips=tuple(clips)), bits)
 
 
 def _rows_dot(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,6 +108,8 @@ def _define() -> torch.library.Library:
     lib.define("rows_dot(Tensor x, Tensor w, Tensor? ends=None) -> Tensor")
     lib.define("rows_combine(Tensor x, Tensor w, int cols=0) -> Tensor")
     lib.define("rms_norm(Tensor x, Tensor w, float eps) -> Tensor")
+    lib.define("dequantize(Tensor w, int cols, ScalarType dtype) -> Tensor")
+    lib.define("quantize_rows(Tensor w, int bits, int group, float[] clips) -> Tensor")
     lib.define("mla_decode(Tensor q, Tensor kv, Tensor mask, int C) -> Tensor")
     lib.define("mla_decode_paged(Tensor q, Tensor blocks, Tensor table, Tensor lens, int C) -> Tensor")
     lib.define("attention_decode(Tensor x, Tensor norm, Tensor? q_a, Tensor? q_a_norm, Tensor q, Tensor kv_a, "
@@ -103,11 +120,16 @@ def _define() -> torch.library.Library:
                "int n_group, int topk_group, bool norm_topk_prob, float scaling, Tensor? shared_gate, "
                "Tensor? shared_up, Tensor? shared_down) -> Tensor")
     for name, reference in (("rows_dot", _rows_dot), ("rows_combine", _rows_combine), ("rms_norm", _rms_norm),
+                            ("dequantize", _dequantize), ("quantize_rows", _quantize_rows),
                             ("mla_decode", _mla_decode), ("mla_decode_paged", _mla_decode_paged)):
         lib.impl(name, reference, "CompositeExplicitAutograd")
     fakes = {"rows_dot": lambda x, w, ends=None: x.new_empty((*x.shape[:-1], w.shape[-2])),
              "rows_combine": lambda x, w, cols=0: x.new_empty((x.shape[0], x.shape[2], cols or w.shape[2])),
              "rms_norm": lambda x, w, eps: x.new_empty(x.shape),  # the kernel returns a contiguous tensor
+             "dequantize": lambda w, cols, dtype: w.new_empty((*w.shape[:-1], cols), dtype=dtype),
+             "quantize_rows": lambda w, bits, group, clips: w.new_empty(
+                 (*w.shape[:-1], w.shape[-1] // (group or w.shape[-1]) * (2 + (group or w.shape[-1]) * bits // 8)),
+                 dtype=torch.uint8),
              "mla_decode": lambda q, kv, mask, C: q.new_empty((q.shape[0], q.shape[1], C)),
              "mla_decode_paged": lambda q, blocks, table, lens, C: q.new_empty((q.shape[0], q.shape[1], C)),
              "attention_decode": lambda x, *args: x.new_empty(x.shape),
@@ -151,6 +173,8 @@ _LIB = globals().get("_LIB") or _define()
 rows_dot = torch.ops.dsv2.rows_dot.default
 rows_combine = torch.ops.dsv2.rows_combine.default
 rms_norm = torch.ops.dsv2.rms_norm.default
+dequantize = torch.ops.dsv2.dequantize.default
+quantize_rows = torch.ops.dsv2.quantize_rows.default
 mla_decode = torch.ops.dsv2.mla_decode.default
 mla_decode_paged = torch.ops.dsv2.mla_decode_paged.default
 attention_decode = torch.ops.dsv2.attention_decode.default

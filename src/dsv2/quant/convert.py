@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.experts import ACTIVATIONS, RoutedExperts
-from .formats import quantize, to_blocks
+from .formats import quantize_blocks
 from .modules import QuantLinear, QuantRoutedExperts
 from .recipe import Recipe
 
@@ -66,7 +66,7 @@ def _quantized(module: nn.Module, name: str, recipe: Recipe, dtype: torch.dtype)
             q = QuantLinear(module.in_features, module.out_features, scheme, dtype, name)
         if meta:
             return q
-        q.weight_q = to_blocks(*quantize(module.weight, scheme, name), scheme.bits).to(module.weight.device)
+        q.weight_q = quantize_blocks(module.weight, scheme, name)
         return q
     if isinstance(module, RoutedExperts) and not isinstance(module, QuantRoutedExperts):
         scheme = recipe.scheme_for(f"{name}.0.gate_proj")
@@ -79,7 +79,7 @@ def _quantized(module: nn.Module, name: str, recipe: Recipe, dtype: torch.dtype)
             return q
         for attr in ("gate_up_proj", "down_proj"):
             w = getattr(module, attr)
-            rows = [to_blocks(*quantize(w[e], scheme, f"{name}.{e}.{attr}"), scheme.bits) for e in range(w.shape[0])]
+            rows = [quantize_blocks(w[e], scheme, f"{name}.{e}.{attr}") for e in range(w.shape[0])]
             setattr(q, f"{attr}_q", torch.stack(rows).to(w.device))
         return q
     return None

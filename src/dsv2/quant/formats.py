@@ -85,7 +85,26 @@ def block_format(K: int, row_bytes: int) -> tuple[int, int]:
 # quantize / dequantize (integers and scales)
 @torch.no_grad()
 def quantize(w_RK: torch.Tensor, scheme: Scheme, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [..., R, K], scale bf16 [..., R, K / group]) with w ~= q * scale, computed in fp32."""
+    """(q int8 [..., R, K], scale bf16 [..., R, K / group]) with w ~= q * scale, computed in fp32 (by the C++ kernel
+    on the CPU where it is built: the same arithmetic, many times faster)."""
+    return from_blocks(quantize_blocks(w_RK, scheme, name), w_RK.shape[-1])
+
+
+@torch.no_grad()
+def quantize_blocks(w_RK: torch.Tensor, scheme: Scheme, name: str = "weight") -> torch.Tensor:
+    """w quantized straight to blocked rows (what loading stores)."""
+    from ..cpu import ops
+
+    g = scheme.group_of(w_RK.shape[-1], name)
+    if w_RK.device.type == "cpu" and ops.load_kernels():
+        return ops.quantize_rows(w_RK, scheme.bits, 0 if g == w_RK.shape[-1] else g, list(INT4_CLIPS))
+    return to_blocks(*quantize_reference(w_RK, scheme, name), scheme.bits)
+
+
+@torch.no_grad()
+def quantize_reference(w_RK: torch.Tensor, scheme: Scheme, name: str = "weight",
+                       clips: tuple[float, ...] = INT4_CLIPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize() in PyTorch ops: the reference the kernel is held to (and the path off the CPU)."""
     K = w_RK.shape[-1]
     g = scheme.group_of(K, name)
     w = w_RK.float().reshape(*w_RK.shape[:-1], K // g, g)
@@ -95,7 +114,7 @@ def quantize(w_RK: torch.Tensor, scheme: Scheme, name: str = "weight") -> tuple[
         q = torch.round(w / scale).clamp_(-128, 127)
     else:
         best_err = best_q = scale = None
-        for clip in INT4_CLIPS:
+        for clip in clips:
             s = _bf16_scale(amax * (clip / 7.5))
             q = torch.round(w / s).clamp_(-8, 7)
             err = (q * s - w).square_().sum(-1, keepdim=True)
@@ -135,7 +154,9 @@ def to_blocks(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     else:  # element 2j in the low nibble of byte j, offset by 8 (compressed-tensors' order)
         u = (values.to(torch.int16) + 8).to(torch.uint8)
         payload = u[..., 0::2] | (u[..., 1::2] << 4)
-    scale_bytes = scale.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(*lead, R, G, 2)
+    # a fresh standard-strided copy: contiguous() keeps odd strides of size-1 dims, which a dtype view refuses
+    scale_bytes = scale.to(torch.bfloat16).clone(memory_format=torch.contiguous_format).view(torch.uint8)
+    scale_bytes = scale_bytes.reshape(*lead, R, G, 2)
     return torch.cat([scale_bytes, payload], -1).reshape(*lead, R, -1)
 
 

@@ -32,6 +32,13 @@ EXPERT_CHUNK_BYTES = 64 * 2**20
 order, and a small fraction of any model's size)."""
 
 
+def dense(w: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """Quantized rows -> the dense weight in dtype: the C++ kernel on the CPU (where built), else the reference."""
+    if w.device.type == "cpu" and ops.available and dtype in (torch.float32, torch.bfloat16):
+        return ops.dequantize(w, K, dtype)
+    return dequantize_blocks(w, K, dtype)
+
+
 class QuantLinear(nn.Module):
     """y = x W^T with W held as blocked int8/int4 rows; no bias (DeepSeek-V2's linears have none)."""
 
@@ -43,13 +50,13 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_blocks(self.weight_q, self.in_features, self.dtype)
+        return dense(self.weight_q, self.in_features, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         if rows <= SMALL_ROWS and few_rows(x, self.weight_q):
             return ops.rows_dot(x, self.weight_q)
-        w = dequantize_blocks(self.weight_q, self.in_features, gemm_dtype(x, rows))
+        w = dense(self.weight_q, self.in_features, gemm_dtype(x, rows))
         return F.linear(x.to(w.dtype), w).to(x.dtype)
 
     def quantized_rows(self) -> dict[str, tuple[torch.Tensor, int]]:
@@ -76,11 +83,11 @@ class QuantRoutedExperts(RoutedExperts):
 
     @property
     def gate_up_proj(self) -> torch.Tensor:
-        return dequantize_blocks(self.gate_up_proj_q, self.hidden, self.dtype)
+        return dense(self.gate_up_proj_q, self.hidden, self.dtype)
 
     @property
     def down_proj(self) -> torch.Tensor:
-        return dequantize_blocks(self.down_proj_q, self.inter, self.dtype)
+        return dense(self.down_proj_q, self.inter, self.dtype)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         ends_E = counts_E.cumsum(0)
@@ -96,8 +103,8 @@ class QuantRoutedExperts(RoutedExperts):
             s, t = bounds[e0], bounds[e1]
             if s == t:
                 continue
-            w_up_EDX = dequantize_blocks(self.gate_up_proj_q[e0:e1], self.hidden, dtype).transpose(-2, -1)
-            w_down_EFD = dequantize_blocks(self.down_proj_q[e0:e1], self.inter, dtype).transpose(-2, -1)
+            w_up_EDX = dense(self.gate_up_proj_q[e0:e1], self.hidden, dtype).transpose(-2, -1)
+            w_down_EFD = dense(self.down_proj_q[e0:e1], self.inter, dtype).transpose(-2, -1)
             ends = (ends_E[e0:e1] - s).to(torch.int32)
             y_ND[s:t] = self.swiglu(x_ND[s:t].to(dtype), w_up_EDX, w_down_EFD, ends).to(x_ND.dtype)
         return y_ND

@@ -10,6 +10,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -153,13 +156,26 @@ struct Product {
   const int64_t* e() const { return ends.defined() ? ends.data_ptr<int64_t>() : &N; }  // one group: ends = {N}
 };
 
+// the groups with rows (1 without ends); ends is checked by prepare
+int64_t groups(const std::optional<torch::Tensor>& ends) {
+  if (!ends.has_value() || ends->scalar_type() != at::kLong || ends->dim() != 1) return 1;
+  const auto e = ends->contiguous();
+  const int64_t* p = e.data_ptr<int64_t>();
+  int64_t n = 0;
+  for (int64_t g = 0, start = 0; g < e.size(0); start = p[g++]) n += p[g] > start;
+  return std::max<int64_t>(n, 1);
+}
+
 Product prepare(const torch::Tensor& x_in, const torch::Tensor& w_in, const std::optional<torch::Tensor>& ends) {
   TORCH_CHECK(w_in.dim() == 3 || (w_in.dim() == 2 && !ends.has_value()),
               "rows_dot: w [R, K] (no ends) or w [G, R, K] with ends expected");
   TORCH_CHECK(w_in.dim() == 2 || x_in.dim() == 2, "rows_dot: grouped rows take x [N, K]");
   Product p;
   p.w = w_in.dim() == 3 ? w_in : w_in.unsqueeze(0);
-  p.native = native_bf16_product(x_in, p.w);
+  // int4 x bf16 natively where the groups average two rows or more (with one row the widening tiles are faster)
+  const bool q4 = p.w.scalar_type() == at::kByte && block_format(x_in.size(-1), p.w.size(-1)).bits == 4;
+  p.native = native_bf16_product(x_in, p.w) ||
+             (Q4_BF16 && q4 && x_in.scalar_type() == at::kBFloat16 && x_in.numel() >= 2 * x_in.size(-1) * groups(ends));
   const auto x2 = x_in.reshape({-1, x_in.size(-1)});
   // bf16 products keep x as it is; the widening tiles read an fp32 copy (checked_x's checks apply to both)
   p.x = p.native ? (checked_x(x2.narrow(0, 0, 0), p.w, 2, "rows_dot"), x2.contiguous())
@@ -199,6 +215,9 @@ void run_task(const Product& p, int64_t g, int64_t r0) {
   const int64_t w0 = g * p.w.stride(0) + r0 * p.w.stride(1), ws1 = p.w.stride(1);
   float* yb = p.y.data_ptr<float>() + m0 * p.R + r0;
 #if defined(__AVX512BF16__)
+  if (p.native && p.qf.bits == 4)
+    return q4_rows_bf16(p.x.data_ptr<BF16>() + m0 * p.K, M, p.w.data_ptr<uint8_t>() + w0, ws1, n, p.K, p.qf.group, yb,
+                        p.R);
   if (p.native) return dp_rows(p.x.data_ptr<BF16>() + m0 * p.K, M, p.w.data_ptr<BF16>() + w0, ws1, n, p.K, yb, p.R);
 #endif
   const float* xp = p.x.data_ptr<float>() + m0 * p.K;
@@ -281,4 +300,102 @@ torch::Tensor rows_combine(torch::Tensor x_in, torch::Tensor w, int64_t cols) {
     });
   });
   return y.to(x_in.scalar_type());
+}
+
+// w uint8 [..., R, bytes]: blocked int8/int4 rows of K values -> the dense weight [..., R, K] in dtype (fp32 or bf16),
+// each value q * its block's scale (rounded once to dtype): the many-row (prefill) path's GEMM input
+torch::Tensor dequantize(torch::Tensor w, int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() >= 1, "dequantize: w must be uint8 rows");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize: dtype must be fp32 or bf16");
+  const QFormat f = checked_format(w, K, "dequantize");
+  const auto wc = w.contiguous();
+  auto sizes = wc.sizes().vec();
+  sizes.back() = K;
+  auto out = torch::empty(sizes, wc.options().dtype(dtype));
+  const int64_t rows = wc.numel() / std::max<int64_t>(wc.size(-1), 1), rb = wc.size(-1), bb = f.block_bytes();
+  const uint8_t* src = wc.data_ptr<uint8_t>();
+  auto run = [&](auto* dst) {
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const uint8_t* row = src + r * rb;
+        auto* o = dst + r * K;
+        for (int64_t k0 = 0; k0 < K; k0 += f.group, row += bb) {
+          const float s = bf16_at(row);
+          const uint8_t* q = row + 2;
+          if (f.bits == 8) {
+            for (int64_t k = 0; k < f.group; ++k) o[k0 + k] = static_cast<float>(static_cast<int8_t>(q[k])) * s;
+          } else {
+            for (int64_t j = 0; j < f.group / 2; ++j) {
+              o[k0 + 2 * j] = static_cast<float>((q[j] & 15) - 8) * s;
+              o[k0 + 2 * j + 1] = static_cast<float>((q[j] >> 4) - 8) * s;
+            }
+          }
+        }
+      }
+    });
+  };
+  if (dtype == at::kFloat)
+    run(out.data_ptr<float>());
+  else
+    run(out.data_ptr<c10::BFloat16>());
+  return out;
+}
+
+// w [..., K] (fp32, bf16 or fp16) -> its blocked int8/int4 rows, as dsv2.quant.formats.quantize + to_blocks compute
+// them (the same fp32 arithmetic; int4 picks, per group, the scale of least squared error among the clips given):
+// a checkpoint of billions of weights quantizes as it loads at the memory's pace, not at that of a dozen tensor ops
+torch::Tensor quantize_rows(torch::Tensor w, int64_t bits, int64_t group, std::vector<double> clips) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_floating_point() && w.dim() >= 1, "quantize_rows: w must be a float CPU tensor");
+  TORCH_CHECK(bits == 8 || bits == 4, "quantize_rows: bits must be 8 or 4");
+  const int64_t K = w.size(-1), g = group > 0 ? group : K;
+  TORCH_CHECK(K % g == 0 && g % 32 == 0, "quantize_rows: groups of a multiple of 32 must divide K");
+  TORCH_CHECK(bits == 8 || !clips.empty(), "quantize_rows: int4 needs clips");
+  const auto wf = w.to(at::kFloat).contiguous();
+  const int64_t rows = wf.numel() / std::max<int64_t>(K, 1), bb = 2 + g * bits / 8, rb = K / g * bb;
+  auto sizes = wf.sizes().vec();
+  sizes.back() = rb;
+  auto out = torch::empty(sizes, wf.options().dtype(at::kByte));
+  const float* src = wf.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  std::vector<float> fclips(clips.begin(), clips.end());
+  for (auto& c : fclips) c = static_cast<float>(static_cast<double>(c) / 7.5);  // as torch: a Python float scalar
+  auto bf16 = [](float v) { return static_cast<float>(c10::BFloat16(v)); };
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> q(g), best(g);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < K / g; ++b) {
+        const float* x = src + r * K + b * g;
+        uint8_t* o = dst + r * rb + b * bb;
+        float amax = 0.f;
+        for (int64_t k = 0; k < g; ++k) amax = std::max(amax, std::fabs(x[k]));
+        float scale;
+        if (bits == 8) {
+          scale = bf16(amax / 127.f);
+          if (!(scale > 0.f)) scale = 1.f;
+          for (int64_t k = 0; k < g; ++k) best[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] / scale), -128.f, 127.f));
+        } else {
+          float best_err = 0.f;
+          for (size_t c = 0; c < fclips.size(); ++c) {
+            float s = bf16(amax * fclips[c]);
+            if (!(s > 0.f)) s = 1.f;
+            float err = 0.f;
+            for (int64_t k = 0; k < g; ++k) {
+              q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(x[k] / s), -8.f, 7.f));
+              const float d = q[k] * s - x[k];
+              err += d * d;
+            }
+            if (c == 0 || err < best_err) best_err = err, scale = s, best = q;
+          }
+        }
+        const c10::BFloat16 sb(scale);
+        std::memcpy(o, &sb, 2);
+        if (bits == 8)
+          std::memcpy(o + 2, best.data(), g);
+        else
+          for (int64_t j = 0; j < g / 2; ++j)
+            o[2 + j] = static_cast<uint8_t>((best[2 * j] + 8) | ((best[2 * j + 1] + 8) << 4));
+      }
+    }
+  });
+  return out;
 }

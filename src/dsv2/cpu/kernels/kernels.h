@@ -13,6 +13,8 @@ torch::Tensor mla_decode_paged(torch::Tensor q, torch::Tensor blocks, torch::Ten
                                int64_t C);
 torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> ends);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor dequantize(torch::Tensor w, int64_t K, at::ScalarType dtype);
+torch::Tensor quantize_rows(torch::Tensor w, int64_t bits, int64_t group, std::vector<double> clips);
 torch::Tensor rows_combine(torch::Tensor x, torch::Tensor w, int64_t cols);
 torch::Tensor attention_decode(torch::Tensor x, torch::Tensor norm, std::optional<torch::Tensor> q_a,
                                std::optional<torch::Tensor> q_a_norm, torch::Tensor q_w, torch::Tensor kv_a,

@@ -164,6 +164,60 @@ void q_rows_bits(const float* x, int64_t M, const uint8_t* w, int64_t ws, int64_
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+// int4 weights against bf16 x where the CPU multiplies bf16 natively: a nibble becomes the bf16 of its value by one
+// word lookup (vpermw reads an index's low 4 bits), and vdpbf16ps multiplies 16 pairs per instruction, a third of
+// the instructions of widening to fp32 (which leaves int4 compute-bound below the memory's rate). The products of
+// bf16 values are exact in fp32, so this is the fp32 result up to summation order. x in Q_CHUNK order, as bf16.
+constexpr bool Q4_BF16 = true;
+using BF16x = c10::BFloat16;
+template <int MQ>
+[[gnu::always_inline]] inline void q4_row_bf16(const BF16x* x, int64_t K, const uint8_t* w, int64_t g, float* y,
+                                               int64_t ys) {
+  const __m256i table = _mm256_setr_epi16(
+      static_cast<short>(0xc100), static_cast<short>(0xc0e0), static_cast<short>(0xc0c0), static_cast<short>(0xc0a0),
+      static_cast<short>(0xc080), static_cast<short>(0xc040), static_cast<short>(0xc000), static_cast<short>(0xbf80),
+      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0);  // bf16 of -8 .. 7
+  __m256 acc[MQ];
+  for (int m = 0; m < MQ; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t bb = 2 + g / 2;
+  for (int64_t k0 = 0; k0 < K; k0 += g, w += bb) {
+    __m256 part[MQ][2];  // evens and odds apart: two short chains per block, not one of twice the latency
+    for (int m = 0; m < MQ; ++m) part[m][0] = part[m][1] = _mm256_setzero_ps();
+    const uint8_t* q = w + 2;
+    for (int64_t k = 0; k < g; k += 32, q += 16) {
+      const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      const __m256bh even = (__m256bh)_mm256_permutexvar_epi16(b, table);
+      const __m256bh odd = (__m256bh)_mm256_permutexvar_epi16(_mm256_srli_epi16(b, 4), table);
+      for (int m = 0; m < MQ; ++m) {
+        const auto* xm = reinterpret_cast<const __m256i*>(x + m * K + k0 + k);
+        part[m][0] = _mm256_dpbf16_ps(part[m][0], even, (__m256bh)_mm256_loadu_si256(xm));
+        part[m][1] = _mm256_dpbf16_ps(part[m][1], odd, (__m256bh)_mm256_loadu_si256(xm + 1));
+      }
+    }
+    const __m256 s = _mm256_set1_ps(bf16_at(w));
+    for (int m = 0; m < MQ; ++m) acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[m][0], part[m][1]), s, acc[m]);
+  }
+  for (int m = 0; m < MQ; ++m) y[m * ys] = hsum((v8)acc[m]);
+}
+
+inline void q4_rows_bf16(const BF16x* x, int64_t M, const uint8_t* w, int64_t ws, int64_t n, int64_t K, int64_t g,
+                         float* y, int64_t ys) {
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* row = w + r * ws;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) q4_row_bf16<4>(x + m * K, K, row, g, y + m * ys + r, ys);
+    switch (M - m) {
+      case 3: q4_row_bf16<3>(x + m * K, K, row, g, y + m * ys + r, ys); break;
+      case 2: q4_row_bf16<2>(x + m * K, K, row, g, y + m * ys + r, ys); break;
+      case 1: q4_row_bf16<1>(x + m * K, K, row, g, y + m * ys + r, ys); break;
+    }
+  }
+}
+#else
+constexpr bool Q4_BF16 = false;
+#endif
+
 // y[m * ys + r] = w_r . x_m for M rows of x (contiguous, K wide) and n blocked weight rows (stride ws bytes)
 inline void q_rows(const float* x, int64_t M, const uint8_t* w, int64_t ws, int64_t n, int64_t K, QFormat f, float* y,
                    int64_t ys) {
