@@ -22,8 +22,10 @@ LAYERS = {  # a layer: the layers it may import (besides itself; every layer may
     "dsv2.config": {"dsv2.field_types"},
     "dsv2.presets": {"dsv2.config"},
     "dsv2.model": {"dsv2.config"},
-    "dsv2.cpu": {"dsv2.config", "dsv2.model"},
-    "dsv2.checkpoint": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.files"},
+    "dsv2.quant.formats": set(),  # the quantized layouts: torch only (the kernels read them)
+    "dsv2.cpu": {"dsv2.config", "dsv2.model", "dsv2.quant.formats"},
+    "dsv2.quant": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.quant.formats"},
+    "dsv2.checkpoint": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.files", "dsv2.quant", "dsv2.quant.formats"},
     "dsv2.inference": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer"},
     "dsv2.serve": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer", "dsv2.inference"},
     "dsv2.distributed": {"dsv2.config", "dsv2.model"},

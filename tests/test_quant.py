@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 import dsv2
 from dsv2 import Engine, SamplingParams, from_pretrained, generate, save_pretrained
+from dsv2.checkpoint.quantize import quantize_checkpoint
 from dsv2.cpu import ops
 from dsv2.cpu.decode_step import DecodeStep
 from dsv2.errors import CheckpointError, ConfigError
-from dsv2.quant.checkpoint import quantize_checkpoint
 from dsv2.quant.convert import quantize_model
 from dsv2.quant.formats import (
     INT4_CLIPS,

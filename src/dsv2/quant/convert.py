@@ -14,6 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..cpu import ops
 from ..errors import ConfigError
 from ..model.experts import ACTIVATIONS, RoutedExperts
 from .formats import quantize_blocks
@@ -42,6 +43,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, dtype: torch.dtype | None =
     if model.config.attention_type != "mla":
         raise ConfigError("quantization covers MLA models (the MHA/GQA/MQA baselines are not quantized)")
     dtype = dtype or model.model.embed_tokens.weight.dtype
+    ops.load_kernels()  # the quantizer's and the quantized modules' kernels
     if model.config.tie_word_embeddings and "lm_head" in recipe.schemes:
         raise ConfigError("lm_head is tied to the embeddings, which stay in float: it cannot be quantized")
     for parent_name, parent in list(model.named_modules()):

@@ -92,13 +92,14 @@ def quantize(w_RK: torch.Tensor, scheme: Scheme, name: str = "weight") -> tuple[
 
 @torch.no_grad()
 def quantize_blocks(w_RK: torch.Tensor, scheme: Scheme, name: str = "weight") -> torch.Tensor:
-    """w quantized straight to blocked rows (what loading stores)."""
-    from ..cpu import ops
-
+    """w quantized straight to blocked rows (what loading stores): through the op dsv2.cpu defines (its C++ kernel
+    on the CPU where loaded, else this file's reference), or the reference where dsv2.cpu is not imported."""
     g = scheme.group_of(w_RK.shape[-1], name)
-    if w_RK.device.type == "cpu" and ops.load_kernels():
-        return ops.quantize_rows(w_RK, scheme.bits, 0 if g == w_RK.shape[-1] else g, list(INT4_CLIPS))
-    return to_blocks(*quantize_reference(w_RK, scheme, name), scheme.bits)
+    try:
+        op = torch.ops.dsv2.quantize_rows
+    except (AttributeError, RuntimeError):
+        return to_blocks(*quantize_reference(w_RK, scheme, name), scheme.bits)
+    return op(w_RK, scheme.bits, 0 if g == w_RK.shape[-1] else g, list(INT4_CLIPS))
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The `dsv2` command: info, generate, serve, quantize, train, plot, upcycle, routing-sim, ablate."""
+"""The `dsv2` command: info, generate, serve, quantize, train, plot, upcycle, routing-sim, ablate (the commands that
+transform or inspect files are in transforms.py)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def _torch_dtype(name: str):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .presets import get_config
-    from .tools.info import describe, format_info
+    from ..presets import get_config
+    from ..tools.info import describe, format_info
 
     config = get_config(args.config)
     if args.context is None:
@@ -51,15 +52,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-
-    from .checkpoint import from_pretrained
-    from .errors import GenerationError
-    from .inference.generate import check_prompts, check_sampling, generate
+    from ..checkpoint import from_pretrained
+    from ..errors import GenerationError
+    from ..inference.generate import check_prompts, check_sampling, generate
+    from .transforms import recipe
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
     dtype = _torch_dtype(args.dtype)
-    model = from_pretrained(args.model, dtype=dtype, quantize=_recipe(args))
-    from .tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
+    model = from_pretrained(args.model, dtype=dtype, quantize=recipe(args))
+    from ..tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 
     tok_path = Path(args.model) / TOKENIZER_FILE
     tokenizer = None
@@ -104,7 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve.server import serve
+    from ..serve.server import serve
+    from .transforms import recipe
 
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty: give a key, or leave the flag out to serve without one")
@@ -114,29 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_num_seqs=args.max_num_seqs,
                  cache_memory=args.cache_memory, num_blocks=args.num_blocks, block_size=args.block_size,
                  max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
-                 quantize=_recipe(args))
-
-
-def _recipe(args: argparse.Namespace, method: str | None = None):
-    """--quantize/--method, --group-size and --lm-head as a dsv2.quant Recipe (None: no quantization)."""
-    method = method or getattr(args, "quantize", None)
-    if method is None:
-        if getattr(args, "group_size", None) is not None:
-            raise ValueError("--group-size applies with --quantize")
-        return None
-    from .quant.recipe import Recipe
-
-    return Recipe.build(method, args.group_size, lm_head=getattr(args, "lm_head", False))
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quant.checkpoint import quantize_checkpoint
-
-    recipe = _recipe(args, args.method)
-    stats = quantize_checkpoint(args.input, args.output, recipe, progress=not args.quiet)
-    print(f"dsv2 quantize: {args.output}: {stats['quantized']} weights quantized ({recipe.describe()}), "
-          f"{stats['bytes_in'] / 2**20:,.1f} MiB -> {stats['bytes_out'] / 2**20:,.1f} MiB", file=sys.stderr)
-    return 0
+                 quantize=recipe(args))
 
 
 def _parse_set(items: list[str] | None) -> dict[str, object] | None:
@@ -154,9 +134,9 @@ def _parse_set(items: list[str] | None) -> dict[str, object] | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.config import TrainConfig, TrainingError, resumed_config, train_settings
-    from .training.run_dir import RunDir
-    from .training.trainer import train
+    from ..training.config import TrainConfig, TrainingError, resumed_config, train_settings
+    from ..training.run_dir import RunDir
+    from ..training.trainer import train
 
     if args.resume and args.overwrite:
         raise TrainingError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
@@ -206,45 +186,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    from .tools.plot import plot_run
-
-    paths = plot_run(args.run_dir)
-    if not paths:
-        raise ValueError(f"nothing to plot in {args.run_dir}: its metrics.jsonl has no step with a loss")
-    for path in paths:
-        print(path)
-    return 0
-
-
-def cmd_routing_sim(args: argparse.Namespace) -> int:
-    from .tools.routing_sim import run
-
-    _, table, paths = run(args.out, checkpoint=args.checkpoint, n_experts=args.experts, n_devices=args.devices,
-                          top_k=args.top_k, n_tokens=args.tokens, logit_std=args.logit_std, seed=args.seed,
-                          data=args.data)
-    print(table)
-    for path in paths.values():
-        print(path)
-    return 0
-
-
-def cmd_upcycle(args: argparse.Namespace) -> int:
-    from .presets import get_config
-    from .training.upcycle import upcycle_checkpoint
-
-    model = upcycle_checkpoint(args.dense_dir, get_config(args.config), args.out_dir, seed=args.seed,
-                               routed_scale=args.routed_scale)
-    print(f"upcycled MoE checkpoint ({model.num_parameters() / 1e6:.1f}M parameters) written to {args.out_dir}")
-    return 0
-
-
 def cmd_ablate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .experiments import SUITES, run_suite
-    from .experiments.runner import Interrupted
-    from .experiments.suites import DEFAULT_BUDGET, FLAG_FIELDS, QUICK_BUDGET
+    from ..experiments import SUITES, run_suite
+    from ..experiments.runner import Interrupted
+    from ..experiments.suites import DEFAULT_BUDGET, FLAG_FIELDS, QUICK_BUDGET
 
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k) is not None}
     budget = dataclasses.replace(QUICK_BUDGET if args.quick else DEFAULT_BUDGET, **flags)
@@ -262,6 +209,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .transforms import cmd_plot, cmd_quantize, cmd_routing_sim, cmd_upcycle
+
     p = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in PyTorch: train, fine-tune, serve.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -404,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distributed.parallel import RankError
-    from .errors import CheckpointError, ConfigError, GenerationError
-    from .training.config import TrainingError
+    from ..distributed.parallel import RankError
+    from ..errors import CheckpointError, ConfigError, GenerationError
+    from ..training.config import TrainingError
 
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"  # one line, no source excerpt

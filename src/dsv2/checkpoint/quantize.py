@@ -1,0 +1,149 @@
+"""`dsv2 quantize IN OUT`: a float checkpoint to a quantized one, a tensor at a time (the model is never built).
+
+Each stored tensor is read from its shard, quantized if the recipe covers it (compressed-tensors' weight_packed,
+weight_scale, weight_shape: formats.py) or copied as it is, and collected into output shards of at most
+max_shard_bytes, each written atomically; config.json gains the recipe's quantization_config, and the checkpoint's
+other files (tokenizer, generation config, chat template) are copied. Peak memory: one output shard and one tensor.
+The result loads with from_pretrained (no flag), `dsv2 generate|serve --model OUT`, and the tools that read
+compressed-tensors' pack-quantized checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..files import atomic_write, write_safetensors
+from ..quant.convert import recipe_of, with_recipe
+from ..quant.formats import pack_int32, quantize
+from ..quant.recipe import Recipe
+from .io import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, _keys, _open, _read, checkpoint_files
+
+_STACKED = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
+                        max_shard_bytes: int | None = None, progress: bool = True) -> dict:
+    """Write the quantized checkpoint; returns {"tensors", "quantized", "bytes_in", "bytes_out"}."""
+    src, dst = Path(src), Path(dst)
+    config, files = _source(src, dst, recipe)
+    out = _Shards(dst, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    stats = {"tensors": 0, "quantized": 0, "bytes_in": 0}
+    dtype = None
+    bar = tqdm(total=sum(len(_keys(f)) for f in files), unit="tensor", desc="quantizing",
+               disable=not progress or None)
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                t = _read(f, key, file)
+                bar.update()
+                stats["tensors"] += 1
+                stats["bytes_in"] += t.numel() * t.element_size()
+                dtype = dtype or (t.dtype if t.is_floating_point() else None)
+                for name, w in _per_expert(key, t):
+                    scheme = recipe.scheme_for(name.removesuffix(".weight")) if name.endswith(".weight") else None
+                    if scheme is None or w.dim() != 2 or not w.is_floating_point():
+                        out.put(name, w)
+                        continue
+                    if not bool(torch.isfinite(w).all()):
+                        raise CheckpointError(f"tensor {name!r} in {file.name} holds NaN or infinite values")
+                    try:
+                        q, scale = quantize(w, scheme, name)
+                    except ConfigError as e:
+                        raise CheckpointError(str(e)) from None
+                    out.put(f"{name}_packed", pack_int32(q, scheme.bits))
+                    out.put(f"{name}_scale", scale.to(w.dtype))
+                    out.put(f"{name}_shape", torch.tensor(w.shape, dtype=torch.int64))
+                    stats["quantized"] += 1
+                del t
+    bar.close()
+    stats["bytes_out"] = out.finish()
+    for extra in src.iterdir():  # tokenizer, generation config, chat template ...
+        if extra.is_file() and not extra.name.startswith("model") and extra.name != "config.json":
+            shutil.copy2(extra, dst / extra.name)
+    cfg = with_recipe(config, recipe).to_dict()
+    cfg["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
+    atomic_write(dst / "config.json", json.dumps(cfg, indent=2) + "\n")
+    return stats
+
+
+def _source(src: Path, dst: Path, recipe: Recipe) -> tuple[ModelConfig, list[Path]]:
+    """The source checkpoint's config and files, checked: a float MLA checkpoint the recipe fits."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a checkpoint directory")
+    if src.resolve() == dst.resolve():
+        raise CheckpointError("the output folder must differ from the input checkpoint")
+    try:
+        config = ModelConfig.from_json(src / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"invalid config: {e}") from None
+    stored = recipe_of(config)
+    if stored is not None:
+        raise CheckpointError(f"{src} is already quantized ({stored.describe()}); quantize its float original")
+    if config.attention_type != "mla":
+        raise CheckpointError("quantization covers MLA models (the MHA/GQA/MQA baselines are not quantized)")
+    if config.tie_word_embeddings and "lm_head" in recipe.schemes:
+        raise CheckpointError("lm_head is tied to the embeddings, which stay in float: it cannot be quantized")
+    return config, checkpoint_files(src)
+
+
+class _Shards:
+    """Output shards of at most `limit` bytes, each written atomically under a temporary name, named (and indexed)
+    once their number is known."""
+
+    def __init__(self, dst: Path, limit: int):
+        self.dst, self.limit = dst, limit
+        dst.mkdir(parents=True, exist_ok=True)
+        for stale in dst.glob("model*.safetensors*"):  # never mix the shards of an older output with these
+            stale.unlink()
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.shard and self.size + nbytes > self.limit:
+            self._flush()
+        self.shard[name] = t.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        if self.shard:
+            tmp = self.dst / f".shard-{len(self.written):05d}.safetensors"
+            write_safetensors(tmp, self.shard, metadata={"format": "pt"})
+            self.written.append((tmp, list(self.shard)))
+            self.shard, self.size = {}, 0
+
+    def finish(self) -> int:
+        self._flush()
+        n = len(self.written)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (tmp, keys), name in zip(self.written, names, strict=True):
+            os.replace(tmp, self.dst / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write(self.dst / INDEX_FILE, json.dumps(index, indent=2))
+        return self.total
+
+
+def _per_expert(key: str, t: torch.Tensor):
+    """(name, tensor) for a stored tensor: the stacked expert form (experts.gate_up_proj [E, 2F, D], experts.down_proj
+    [E, D, F]) as the per-expert official tensors, anything else as it is."""
+    base, _, last = key.rpartition(".")
+    if not base.endswith(".experts") or last not in _STACKED or t.dim() != 3:
+        yield key, t
+        return
+    parts = _STACKED[last]
+    for j in range(t.shape[0]):
+        for p, rows in zip(parts, t[j].chunk(len(parts)), strict=True):
+            yield f"{base}.{j}.{p}.weight", rows

@@ -1,0 +1,61 @@
+"""The `dsv2` commands that transform or inspect files: quantize, upcycle, plot, routing-sim."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def recipe(args: argparse.Namespace, method: str | None = None):
+    """--quantize/--method, --group-size and --lm-head as a dsv2.quant Recipe (None: no quantization)."""
+    method = method or getattr(args, "quantize", None)
+    if method is None:
+        if getattr(args, "group_size", None) is not None:
+            raise ValueError("--group-size applies with --quantize")
+        return None
+    from ..quant.recipe import Recipe
+
+    return Recipe.build(method, args.group_size, lm_head=getattr(args, "lm_head", False))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..checkpoint.quantize import quantize_checkpoint
+
+    quant = recipe(args, args.method)
+    stats = quantize_checkpoint(args.input, args.output, quant, progress=not args.quiet)
+    print(f"dsv2 quantize: {args.output}: {stats['quantized']} weights quantized ({quant.describe()}), "
+          f"{stats['bytes_in'] / 2**20:,.1f} MiB -> {stats['bytes_out'] / 2**20:,.1f} MiB", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from ..tools.plot import plot_run
+
+    paths = plot_run(args.run_dir)
+    if not paths:
+        raise ValueError(f"nothing to plot in {args.run_dir}: its metrics.jsonl has no step with a loss")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_routing_sim(args: argparse.Namespace) -> int:
+    from ..tools.routing_sim import run
+
+    _, table, paths = run(args.out, checkpoint=args.checkpoint, n_experts=args.experts, n_devices=args.devices,
+                          top_k=args.top_k, n_tokens=args.tokens, logit_std=args.logit_std, seed=args.seed,
+                          data=args.data)
+    print(table)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from ..presets import get_config
+    from ..training.upcycle import upcycle_checkpoint
+
+    model = upcycle_checkpoint(args.dense_dir, get_config(args.config), args.out_dir, seed=args.seed,
+                               routed_scale=args.routed_scale)
+    print(f"upcycled MoE checkpoint ({model.num_parameters() / 1e6:.1f}M parameters) written to {args.out_dir}")
+    return 0
