@@ -92,9 +92,34 @@ template <int BITS>
   }
 }
 
+// int4: the block's scale folded into the nibble table (one multiply per block), so the lookups give the scaled
+// weights and the products go straight into two accumulators per row
+template <int MQ>
+[[gnu::always_inline]] inline void q4_row(const float* x, int64_t K, const uint8_t* w, int64_t g, float* y,
+                                          int64_t ys) {
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 acc[MQ][2];
+  for (int m = 0; m < MQ; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const int64_t bb = 2 + g / 2;
+  for (int64_t k0 = 0; k0 < K; k0 += g, w += bb) {
+    const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(bf16_at(w)));
+    const uint8_t* q = w + 2;
+    for (int64_t k = 0; k < g; k += 32, q += 16) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      const __m512 w0 = _mm512_permutexvar_ps(b, scaled), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), scaled);
+      for (int m = 0; m < MQ; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k0 + k), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k0 + k + 16), acc[m][1]);
+      }
+    }
+  }
+  for (int m = 0; m < MQ; ++m) y[m * ys] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
 template <int MQ, int BITS>
 [[gnu::always_inline]] inline void q_row(const float* x, int64_t K, const uint8_t* w, int64_t g, float* y,
                                          int64_t ys) {
+  if constexpr (BITS == 4) return q4_row<MQ>(x, K, w, g, y, ys);
   __m512 acc[MQ];
   for (int m = 0; m < MQ; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t bb = 2 + g * BITS / 8;
