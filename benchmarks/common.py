@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import gc
 import itertools
+import json
 import os
 import platform
 import shlex
@@ -271,3 +272,17 @@ def replace_section(readme: Path, begin: str, end: str, body: str) -> None:
         raise SystemExit(f"{readme} has no {begin} ... {end} markers: add them where the section goes")
     head, rest = text.split(begin, 1)
     readme.write_text(head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+
+
+def logger() -> Callable[[str], None]:
+    """print with the seconds since this call, flushed (long benchmarks' progress lines)."""
+    t0 = time.time()
+    return lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+
+def write_results(out: Path, stem: str, res: dict, table: str, note: str = "") -> None:
+    """out/stem.json (everything) and out/stem.md (the command, the CPU, the table); the table printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(to_jsonable(res), indent=2))
+    (out / f"{stem}.md").write_text(f"{res['command']}\n\nCPU: {res['cpu']}{note}\n\n{table}\n")
+    print(table)

@@ -16,7 +16,6 @@ import math
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -215,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quant")
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp")
     args = ap.parse_args(argv)
-    t0 = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+    log = common.logger()
 
     ckpt = sorted((args.run / "checkpoints").glob("step_*"))[-1]
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -230,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
            "dsv2": run_dsv2(ckpt, text_file.read_text(), args.ctx, args.chunks, not args.no_sensitivity, log)}
     if not args.no_llama and (LLAMA_BIN / "llama-perplexity").exists():
         res["llama.cpp"] = run_llama(ckpt, text_file, args.ctx, args.chunks, args.workdir, log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy.json").write_text(json.dumps(common.to_jsonable(res), indent=2))
-    text = table(res)
-    (args.out / "accuracy.md").write_text(f"{res['command']}\n\nCPU: {res['cpu']}; {ckpt}\n\n{text}\n")
-    print(text)
+    common.write_results(args.out, "accuracy", res, table(res), f"; {ckpt}")
     return 0
 
 

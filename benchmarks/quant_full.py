@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quant")
     args = ap.parse_args(argv)
-    t0 = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+    log = common.logger()
 
     LOGS.mkdir(parents=True, exist_ok=True)
     ckpt = write_checkpoint(args.workdir / "v2-lite-random")
@@ -163,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     res["bf16_bound_ms"] = 1e3 * res["bf16_active_bytes"] / (res["bandwidth"]["read_GBps"] * 1e9)
     for method in args.methods.split(","):
         res["methods"][method] = serve_one(ckpt, method, log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "full.json").write_text(json.dumps(common.to_jsonable(res), indent=2))
-    lines = [f"{res['command']}\n", f"CPU: {res['cpu']}; read bandwidth {res['bandwidth']['read_GBps']:.1f} GB/s\n",
-             "| V2-Lite shape | load s | peak RSS after load | peak RSS after serving | TPOT ms | bf16 bound / TPOT |",
+    lines = ["| V2-Lite shape | load s | peak RSS after load | peak RSS after serving | TPOT ms | bf16 bound / TPOT |",
              "|---|---|---|---|---|---|"]
     for m, r in res["methods"].items():
         ratio = res["bf16_bound_ms"] / r["tpot_ms"] if r["tpot_ms"] else math.nan
@@ -174,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['rss_after_serving']['peak_GB']:.1f} GB | {r['tpot_ms']:.1f} | {ratio:.2f}x |")
     lines.append(f"\nbf16 (does not fit): {res['bf16_active_bytes'] / 1e9:.2f} GB read per token = "
                  f"{res['bf16_bound_ms']:.1f} ms at the measured bandwidth.")
-    (args.out / "full.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.write_results(args.out, "full", res, "\n".join(lines),
+                         f"; read bandwidth {res['bandwidth']['read_GBps']:.1f} GB/s")
     return 0
 
 

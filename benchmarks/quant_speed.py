@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -135,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     variants = [v for v in args.variants.split(",") if v]
-    t0 = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+    log = common.logger()
 
     ckpt = prepare(args.workdir)
     llama = not args.no_llama and (LLAMA_BIN / "llama-bench").exists()
@@ -159,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": common.command_line("benchmarks.quant_speed", argv),
            "dsv2": {v: best(x) for v, x in rounds["dsv2"].items()},
            "llama.cpp": {k: best(x) for k, x in rounds["llama.cpp"].items()}, "all_rounds": rounds}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(common.to_jsonable(res), indent=2))
-    text = table(res)
-    (args.out / "speed.md").write_text(f"{res['command']}\n\nCPU: {res['cpu']}\n\n{text}\n")
-    print(text)
+    common.write_results(args.out, "speed", res, table(res))
     return 0
 
 
