@@ -332,6 +332,13 @@ def test_cli_quantize_generate_and_errors(float_ckpt, tmp_path):
         assert last.startswith(f"dsv2 {args[0]}: error:") and p.stderr.count("error:") == 1
 
 
+def test_training_refuses_a_quantized_checkpoint(float_ckpt, tmp_path):
+    quantize_checkpoint(float_ckpt, tmp_path / "q", Recipe.build("int8"), progress=False)
+    p = subprocess.run([sys.executable, "-m", "dsv2", "train", "--init-from", str(tmp_path / "q"), "--out",
+                        str(tmp_path / "run"), "--max-steps", "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "is quantized" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 PEAK_SCRIPT = """
 import resource, sys, torch
 import dsv2

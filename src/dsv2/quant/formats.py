@@ -181,10 +181,6 @@ def dequantize_blocks(blocks: torch.Tensor, K: int, dtype: torch.dtype = torch.f
     return dequantize(*from_blocks(blocks, K), dtype=dtype)
 
 
-def blocks_bits(blocks: torch.Tensor, K: int) -> int:
-    return block_format(K, blocks.shape[-1])[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the on-disk layout: compressed-tensors pack-quantized
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import from_pretrained
+from ..config import ModelConfig
 from ..cpu import optimize
 from ..distributed.parallel import Parallel
 from ..files import atomic_write
@@ -99,6 +100,9 @@ def build_model(tc: TrainConfig, device: torch.device) -> DeepseekV2:
     if tc.init_from:
         if tc.model:
             raise TrainingError("model overrides cannot change a checkpoint given with init_from")
+        if "quantization_config" in ModelConfig.from_json(Path(tc.init_from) / "config.json").extra:
+            raise TrainingError(f"{tc.init_from} is quantized (its weights are integers, not parameters): train from "
+                                "its float original")
         return from_pretrained(tc.init_from, dtype=torch.float32, device=device).train()
     torch.manual_seed(tc.seed)
     return optimize(DeepseekV2(get_config(tc.preset, **tc.model)).to(device))
