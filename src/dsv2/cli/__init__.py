@@ -1,5 +1,5 @@
-"""The `dsv2` command: info, generate, serve, quantize, train, plot, upcycle, routing-sim, ablate (the commands that
-transform or inspect files are in transforms.py)."""
+"""The `dsv2` command: info, generate, serve, quantize, eval, train, plot, upcycle, routing-sim, ablate (the commands
+that transform or inspect files are in transforms.py)."""
 
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .transforms import cmd_plot, cmd_quantize, cmd_routing_sim, cmd_upcycle
+    from .transforms import cmd_eval, cmd_plot, cmd_quantize, cmd_routing_sim, cmd_upcycle
 
     p = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in PyTorch: train, fine-tune, serve.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -274,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-head", action="store_true", help="quantize lm_head too (default: kept in float)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint on text (sliding windows)")
+    s.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
+    s.add_argument("--data", nargs="+", required=True, help="text: files, folders, globs, .jsonl, .parquet, 'stdlib'")
+    s.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    s.add_argument("--stride", type=int, help="new tokens scored per window after the first (default seq-len / 2)")
+    s.add_argument("--max-bytes", type=int, help="use at most this many bytes of text")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")
+    s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights while loading")
+    s.add_argument("--group-size", type=int, help="columns per scale with --quantize")
+    s.add_argument("--json", action="store_true", help="one JSON line (for scripts)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("train", help="train or fine-tune (no flags: the tiny preset on the built-in corpus)")
     s.add_argument("--config", help="YAML or TOML file of training settings (flags override it)")

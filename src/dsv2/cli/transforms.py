@@ -1,8 +1,9 @@
-"""The `dsv2` commands that transform or inspect files: quantize, upcycle, plot, routing-sim."""
+"""The `dsv2` commands that transform or inspect files: quantize, eval, upcycle, plot, routing-sim."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -58,4 +59,26 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     model = upcycle_checkpoint(args.dense_dir, get_config(args.config), args.out_dir, seed=args.seed,
                                routed_scale=args.routed_scale)
     print(f"upcycled MoE checkpoint ({model.num_parameters() / 1e6:.1f}M parameters) written to {args.out_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import from_pretrained
+    from ..eval import perplexity, token_stream
+    from ..tokenizer import load_tokenizer, special_token_ids
+
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    tokenizer = load_tokenizer(args.model)  # before the weights: a checkpoint without one fails at once
+    model = from_pretrained(args.model, dtype=dtype, quantize=recipe(args))
+    _, eos = special_token_ids(tokenizer, eos_id=model.config.eos_token_ids[0] if model.config.eos_token_ids else None)
+    ids, nbytes = token_stream(tokenizer, args.data, eos, args.max_bytes)
+    r = perplexity(model, ids, nbytes, args.seq_len, args.stride, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"model": str(args.model), **r.to_dict()}))
+    else:
+        print(f"perplexity {r.perplexity:.4f}, {r.bits_per_byte:.4f} bits per byte: {r.tokens:,} tokens scored "
+              f"({r.bytes:,} bytes of text) in {r.windows:,} windows of {r.seq_len} every {r.stride}, "
+              f"{r.tokens_per_s:,.0f} tokens/s")
     return 0
