@@ -77,7 +77,7 @@ def copy_ckpt(src: Path, dst: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 def test_round_trip_identical_logits(saved):
     path, model = saved
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", SINGLE_FILE]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", SINGLE_FILE]
     loaded = from_pretrained(path)
     assert not loaded.training
     assert loaded.config.to_dict() == {**model.config.to_dict(), "torch_dtype": "float32"}
@@ -128,7 +128,7 @@ def test_sharded_save_writes_index_and_loads(tmp_path, saved):
     torch.testing.assert_close(logits(from_pretrained(tmp_path)), logits(model), atol=0, rtol=0)
     # saving again unsharded into the same directory leaves no stale shards behind
     save_pretrained(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", SINGLE_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", SINGLE_FILE]
     torch.testing.assert_close(logits(from_pretrained(tmp_path)), logits(model), atol=0, rtol=0)
 
 

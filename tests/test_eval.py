@@ -85,3 +85,27 @@ def test_cli_eval(tmp_path):
                             str(tmp_path / "text.txt"), "--seq-len", "64", *args], capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_checkpoints_carry_the_tokenizer_files_the_ecosystem_reads(tmp_path):
+    """AutoTokenizer takes a dsv2 checkpoint's tokenizer as it is: the same ids both ways, the special tokens, the
+    context; GenerationConfig its BOS/EOS ids."""
+    transformers = pytest.importorskip("transformers")
+    from dsv2.tokenizer import copy_tokenizer
+
+    docs = [" ".join(f"alpha{i % 13} beta{i % 7}" for i in range(j, j + 40)) for j in range(30)]
+    tok = train_tokenizer(docs, vocab_size=260)
+    (tmp_path / "src").mkdir()
+    save_tokenizer(tok, tmp_path / "src")
+    model = random_model(tiny_config(vocab_size=260), 0)
+    save_pretrained(model, tmp_path / "ckpt")
+    copy_tokenizer(tmp_path / "src", tmp_path / "ckpt", model.config.max_position_embeddings,
+                   model.config.bos_token_id, model.config.eos_token_ids[0])
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    text = "alpha3 beta5 alpha12 gamma"
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text).ids
+    assert hf.decode(tok.encode(text).ids) == tok.decode(tok.encode(text).ids)
+    assert (hf.bos_token, hf.eos_token, hf.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    assert hf.bos_token_id == tok.token_to_id("<|bos|>") and hf.model_max_length == model.config.max_position_embeddings
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "ckpt")
+    assert (gen.bos_token_id, gen.eos_token_id) == (model.config.bos_token_id, model.config.eos_token_id)

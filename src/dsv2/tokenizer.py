@@ -1,13 +1,18 @@
-"""Tokenizers: loading any tokenizer.json (a checkpoint's, a run's, DeepSeek-V2's own) and finding its BOS/EOS
-tokens by name. Training one is the training data's business (training/data/tokenizer.py)."""
+"""Tokenizers: loading any tokenizer.json (a checkpoint's, a run's, DeepSeek-V2's own), finding its BOS/EOS tokens by
+name, and the tokenizer files a checkpoint carries for the ecosystem (copy_tokenizer). Training one is the training
+data's business (training/data/tokenizer.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from .files import atomic_write
 
 
 class TokenizerError(ValueError):
@@ -31,6 +36,8 @@ EOS_NAMES = ("<|eos|>", "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>"
 
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -60,3 +67,38 @@ def special_token_ids(
         return fallback
 
     return find(BOS_NAMES, bos_id), find(EOS_NAMES, eos_id)
+
+
+def tokenizer_config(tokenizer: Tokenizer, model_max_length: int, bos_id: int | None = None,
+                     eos_id: int | None = None) -> dict:
+    """tokenizer_config.json for a tokenizer.json, as transformers' AutoTokenizer (and lm-eval's `hf` model, vLLM,
+    llama.cpp's converter) read it: the fast-tokenizer class, the BOS/EOS/pad tokens (pad: a pad token, else EOS)
+    and the context. Without it AutoTokenizer finds no special tokens and no model_max_length."""
+    bos, eos = special_token_ids(tokenizer, bos_id, eos_id)
+    pad = next((i for i in map(tokenizer.token_to_id, PAD_NAMES) if i is not None), eos)
+
+    def name(i: int | None) -> str | None:
+        return None if i is None else tokenizer.id_to_token(i)
+
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(bos), "eos_token": name(eos),
+            "pad_token": name(pad), "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike, model_max_length: int,
+                   bos_id: int | None = None, eos_id: int | None = None) -> None:
+    """Give checkpoint folder dst the tokenizer.json at src (a file or a folder) and a tokenizer_config.json: src's
+    own where it has one (a released checkpoint's, with its chat template), else tokenizer_config() of it. Each file
+    is written whole (dsv2.files.atomic_write)."""
+    src, dst = Path(src), Path(dst)
+    tok_file = src / TOKENIZER_FILE if src.is_dir() else src
+    atomic_write(dst / TOKENIZER_FILE, tok_file.read_bytes())
+    own = tok_file.parent / TOKENIZER_CONFIG_FILE
+    if own.is_file():
+        atomic_write(dst / TOKENIZER_CONFIG_FILE, own.read_bytes())
+        return
+    try:
+        cfg = tokenizer_config(load_tokenizer(tok_file), model_max_length, bos_id, eos_id)
+    except TokenizerError as e:  # copied as it is; nothing to describe it with
+        warnings.warn(f"{e}: {dst} gets no {TOKENIZER_CONFIG_FILE}", stacklevel=2)
+        return
+    atomic_write(dst / TOKENIZER_CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """Checkpoint files in the official Hugging Face layout, both directions (safetensors only, nothing unpickled).
 
-A checkpoint directory holds config.json plus model.safetensors, or shards named in
-model.safetensors.index.json. The names are mapped by hf_names.py; this file handles the files: sharding,
+A checkpoint directory holds config.json and generation_config.json plus model.safetensors, or shards named in
+model.safetensors.index.json (and tokenizer.json with tokenizer_config.json, where its writer has a tokenizer:
+dsv2.tokenizer.copy_tokenizer). The names are mapped by hf_names.py; this file handles the files: sharding,
 atomic writes, and checks that name the file or tensor at fault.
 
 Loading builds the model on the meta device and copies tensor by tensor from memory-mapped files into the
@@ -36,6 +37,7 @@ from .hf_names import official_names, official_tensors, slot
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
+GENERATION_CONFIG_FILE = "generation_config.json"
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -74,6 +76,9 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     atomic_write(path / "config.json", json.dumps(cfg, indent=2) + "\n")
+    # what generation stops at, as transformers' GenerationConfig and vLLM read it
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    atomic_write(path / GENERATION_CONFIG_FILE, json.dumps(gen, indent=2) + "\n")
 
 
 PACKED_SUFFIXES = ("_packed", "_scale", "_shape")

@@ -24,6 +24,7 @@ from ..files import atomic_write, write_safetensors
 from ..quant.convert import recipe_of, with_recipe
 from ..quant.formats import pack_int32, quantize
 from ..quant.recipe import Recipe
+from ..tokenizer import TOKENIZER_FILE, copy_tokenizer
 from .io import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, _keys, _open, _read, checkpoint_files
 
 _STACKED = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -68,6 +69,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
     for extra in src.iterdir():  # tokenizer, generation config, chat template ...
         if extra.is_file() and not extra.name.startswith("model") and extra.name != "config.json":
             shutil.copy2(extra, dst / extra.name)
+    if (src / TOKENIZER_FILE).is_file():  # its tokenizer_config.json, or one made for it
+        copy_tokenizer(src, dst, config.max_position_embeddings, config.bos_token_id, *config.eos_token_ids[:1])
     cfg = with_recipe(config, recipe).to_dict()
     cfg["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
     atomic_write(dst / "config.json", json.dumps(cfg, indent=2) + "\n")

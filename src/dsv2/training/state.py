@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ..distributed.parallel import Parallel
 from ..files import atomic_write, fsync_path, write_safetensors
 from ..model import DeepseekV2
-from ..tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
+from ..tokenizer import TOKENIZER_FILE, TokenizerError, copy_tokenizer, load_tokenizer
 from .config import TrainConfig, TrainingError, known_settings
 from .run_dir import STATE_FILE, RunDir
 
@@ -98,7 +98,8 @@ def _write(run: RunDir, final: Path, model: DeepseekV2, params: dict[str, torch.
     try:
         save_pretrained(model, tmp, params=params)
         if tokenizer_path is not None:
-            atomic_write(tmp / TOKENIZER_FILE, tokenizer_path.read_bytes())
+            c = model.config
+            copy_tokenizer(tokenizer_path, tmp, c.max_position_embeddings, c.bos_token_id, *c.eos_token_ids[:1])
         tensors = {**tensors, "rng.cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()

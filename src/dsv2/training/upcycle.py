@@ -63,10 +63,10 @@ from torch import nn
 from ..checkpoint import from_pretrained, save_pretrained
 from ..config import ModelConfig
 from ..cpu import is_optimized, optimize
-from ..files import atomic_write
 from ..model import DeepseekV2
 from ..model.moe import MLP, MoE
 from ..presets import get_config
+from ..tokenizer import copy_tokenizer
 from .data import TOKENIZER_FILE
 
 DEFAULT_GATE_SCALE = 0.1
@@ -247,5 +247,6 @@ def upcycle_checkpoint(dense_dir: str | os.PathLike, moe_config: ModelConfig | s
     del dense
     save_pretrained(model, out_dir)
     if (dense_dir / TOKENIZER_FILE).is_file():
-        atomic_write(out_dir / TOKENIZER_FILE, (dense_dir / TOKENIZER_FILE).read_bytes())
+        c = model.config
+        copy_tokenizer(dense_dir, out_dir, c.max_position_embeddings, c.bos_token_id, *c.eos_token_ids[:1])
     return model
