@@ -90,7 +90,7 @@ class DeepseekV2(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: AttentionCache | None = None, pad_mask: torch.Tensor | None = None,
                 absorb: bool | None = None, return_routing: bool = False, logits_at: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, token_drop: TokenDropPolicy | None = None):
+                targets: torch.Tensor | None = None, token_drop: TokenDropPolicy | None = None, hidden: bool = False):
         """input_ids [B, S] -> logits [B, S, V] (and the MoE layers' routings when return_routing).
 
         positions [B, S]: RoPE positions (default: after what the cache holds). cache: an AttentionCache
@@ -101,7 +101,9 @@ class DeepseekV2(nn.Module):
         (generation needs each sequence's last token: arange(B) * S + S - 1). targets [B, S] (the next token at
         each position; lm_loss.IGNORE_INDEX where none): return the mean cross-entropy, an fp32 scalar, in place
         of the logits, by lm_loss (fused with the LM head; no [B, S, V] logits in memory). token_drop: the MoE
-        layers' token-dropping policy, applied in training mode only (model/moe.py).
+        layers' token-dropping policy, applied in training mode only (model/moe.py). hidden: return the final
+        norm's output (at logits_at, or [B, S, D]) in place of logits, for a caller that applies the LM head itself
+        (the engine's prompt log-probabilities, a chunk of rows at a time).
         """
         B, S = input_ids.shape
         if targets is not None and (targets.shape != input_ids.shape or logits_at is not None):
@@ -128,7 +130,9 @@ class DeepseekV2(nn.Module):
             cache.finish(S)
         if logits_at is not None:
             x = x.reshape(B * S, -1)[logits_at]
-        if targets is not None:
+        if hidden:
+            out = self.model.norm(x)
+        elif targets is not None:
             out = lm_loss(self.model.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
         else:
             out = self.lm_head(self.model.norm(x))

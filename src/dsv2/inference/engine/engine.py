@@ -34,6 +34,7 @@ from ...cpu.decode_step import DecodeStep
 from ...errors import GenerationError, RequestError
 from ...model import DeepseekV2
 from ...tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
+from . import prompt_logprobs
 from .blocks import BlockPool
 from .detokenizer import Detokenizer
 from .paged import PagedCache, Segment, StepBatch
@@ -69,6 +70,8 @@ class Packed:
     segments: list[Segment] = field(default_factory=list)
     sample_at: list[int] = field(default_factory=list)
     ready: list[Sequence] = field(default_factory=list)
+    prompt_spans: list[prompt_logprobs.Span] = field(default_factory=list)
+    """The prompt tokens whose log-probabilities their requests asked for."""
 
 
 def check_options(config: ModelConfig, *, cache_memory: str | int | None = None, num_blocks: int | None = None,
@@ -216,6 +219,8 @@ class Engine:
             if request_id in self._requests:
                 raise RequestError(f"request {request_id!r} is already running")
             req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals), stops=adm.stops)
+            if adm.params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None] * len(adm.prompt_ids)
             req.seqs.append(self._sequence(req, 0, list(adm.prompt_ids)))
             self._requests[request_id] = req
             self.scheduler.add(req.seqs[0])
@@ -262,6 +267,8 @@ class Engine:
         packed = Packed()
         for seq, n in scheduled:
             packed.segments.append(Segment(len(packed.ids), n, seq.num_computed, list(seq.blocks)))
+            if prompt_logprobs.wanted(seq):
+                packed.prompt_spans.append((seq, len(packed.ids), seq.num_computed, n))
             packed.ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
             if seq.num_computed + n == seq.num_tokens:
                 packed.sample_at.append(len(packed.ids) - 1)
@@ -277,6 +284,10 @@ class Engine:
             n = len(batch.ids)
             if step.decode_only and self.fused.applies(n) and batch.sample_at == list(range(n)):
                 return self.fused(ids, step.positions(1, n, self.device), step)
+            if batch.prompt_spans:  # the final norm's output, the LM head applied here: prompt_logprobs.py
+                hidden_ND = self.model(ids, cache=step, hidden=True)[0]
+                prompt_logprobs.fill(self.model.lm_head, hidden_ND, batch.prompt_spans)
+                return self.model.lm_head(hidden_ND[batch.sample_at])
             return self.model(ids, cache=step,
                               logits_at=torch.tensor(batch.sample_at, dtype=torch.long, device=self.device))
 
@@ -315,6 +326,7 @@ class Engine:
                     "max_num_seqs": self.scheduler.max_num_seqs,
                     "prefix_queries": self.pool.queries, "prefix_hits": self.pool.hits,
                     "preemptions": self.scheduler.preemptions, "free_blocks": self.pool.num_free,
+                    "prompt_logprobs_uncached": self.scheduler.prompt_logprobs_uncached,
                     "num_blocks": self.pool.num_blocks, "block_size": self.cache.block_size,
                     "bytes_per_token": PagedCache.bytes_per_token(self.model, self.cache.storage.dtype),
                     "max_model_len": self.max_model_len}
@@ -387,4 +399,5 @@ class Engine:
         finished = req.finished
         if finished:
             self._requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt_ids, outs, finished, req.seqs[0].num_cached)
+        return RequestOutput(req.request_id, req.prompt_ids, outs, finished, req.seqs[0].num_cached,
+                             req.prompt_logprobs)

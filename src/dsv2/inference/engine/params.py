@@ -45,6 +45,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """Log-probabilities (of the model's distribution) of each chosen token and of the top `logprobs` tokens."""
+    prompt_logprobs: int | None = None
+    """Log-probabilities of the prompt's own tokens (each given the ones before it; the first has none) and the top
+    `prompt_logprobs` tokens at each (prompt_logprobs.py)."""
     logit_bias: dict[int, float] | None = None
     """Token id -> a number in [-100, 100] added to its logit before sampling (OpenAI's logit_bias); the
     log-probabilities stay those of the model."""
@@ -77,6 +80,9 @@ class SamplingParams:
              "stop_token_ids must be token ids"),
             ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
              f"logprobs must be in [0, 20], got {self.logprobs}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (_int(self.prompt_logprobs)
+                                                                 and 0 <= self.prompt_logprobs <= 20),
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             ("logit_bias", self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
                 _int(t) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
              "logit_bias must map token ids to numbers in [-100, 100]"),
@@ -176,3 +182,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """Where the request asked for them: per prompt token, its log-probability given the ones before (None for
+    the first), complete once the prompt is computed."""

@@ -30,6 +30,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.prompt_logprobs_uncached = 0  # prompts computed whole for their log-probabilities (no prefix cache)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -100,7 +101,11 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------------------------
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """The longest run of seq's full blocks the prefix cache holds, short of its last token (a step must
-        compute at least one token to give the logits to sample from)."""
+        compute at least one token to give the logits to sample from). None for a request that wants its prompt's
+        log-probabilities: they need every prompt token computed (prompt_logprobs.py)."""
+        if seq.request.prompt_logprobs is not None:
+            self.prompt_logprobs_uncached += 1
+            return
         for h in seq.full_block_hashes(self.block_size, seq.num_tokens - 1):
             block = self.pool.lookup(h)
             if block is None:

@@ -84,6 +84,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     stops: StopStrings = field(default_factory=lambda: StopStrings(()))
     """The stop strings' automaton, shared by the request's completions."""
+    prompt_logprobs: list | None = None
+    """Per prompt position, a TokenLogprob (None for the first), where params.prompt_logprobs asks for them."""
 
     @property
     def finished(self) -> bool:
