@@ -172,6 +172,53 @@ def test_completion_lists_n_echo_and_logprobs(server, reference):
         assert "".join(ch.logprobs.tokens) == ch.text or "\ufffd" in "".join(ch.logprobs.tokens)
 
 
+def test_echo_logprobs_are_the_prompts(server, ckpt, reference):
+    """echo + logprobs (lm-evaluation-harness's loglikelihood request): OpenAI's logprobs over prompt + completion,
+    null for the first prompt token, the prompt's values the plain model's log-softmax (fp32, 1e-4 per token);
+    max_tokens 0 returns the prompt alone; token-id and text prompts, lists of them, streamed; vLLM's
+    prompt_logprobs field."""
+    import dsv2
+
+    tok, _ = reference
+    model = dsv2.from_pretrained(ckpt).eval()
+    c = server.client()
+
+    def want(ids):
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+        return [lp[p - 1, ids[p]].item() for p in range(1, len(ids))]
+
+    prompts = [_ids(tok, "naïve café"), [0, 5, 6, 9, 12]]
+    for max_tokens in (0, 2):
+        r = c.completions.create(model="tiny", prompt=prompts, max_tokens=max_tokens, temperature=0, echo=True,
+                                 logprobs=2, extra_body={"ignore_eos": True})
+        for ch, ids in zip(r.choices, prompts, strict=True):
+            lps = ch.logprobs
+            assert len(lps.tokens) == len(ids) + max_tokens and lps.token_logprobs[0] is None
+            assert lps.top_logprobs[0] is None and all(len(t) >= 2 for t in lps.top_logprobs[1:])
+            got = lps.token_logprobs[1:len(ids)]
+            assert max(abs(a - b) for a, b in zip(got, want(ids), strict=True)) <= 1e-4
+            assert lps.text_offset == sorted(lps.text_offset)
+        assert r.usage.completion_tokens == 2 * max_tokens
+    text = c.completions.create(model="tiny", prompt="naïve café", max_tokens=0, echo=True, logprobs=0)
+    assert text.choices[0].text == "naïve café" and text.choices[0].finish_reason == "length"
+    alone = text.choices[0].logprobs.token_logprobs[1:]  # the text prompt is prompts[0]; alone in its step
+    assert max(abs(a - b) for a, b in zip(alone, want(prompts[0]), strict=True)) <= 1e-4
+    chunks = list(c.completions.create(model="tiny", prompt=prompts[1], max_tokens=2, temperature=0, echo=True,
+                                       logprobs=1, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [v for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and len(streamed) == len(prompts[1]) + 2
+    assert max(abs(a - b) for a, b in zip(streamed[1:len(prompts[1])], want(prompts[1]), strict=True)) <= 1e-4
+    v = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompts[1], "max_tokens": 1,
+                                                          "prompt_logprobs": 1}).json()
+    plp = v["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(prompts[1])
+    assert abs(plp[1][str(prompts[1][1])]["logprob"] - want(prompts[1])[0]) <= 1e-4
+    bad = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
 def test_chat(server, reference):
     from dsv2.serve.chat import ChatTemplate
 

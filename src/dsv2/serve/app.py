@@ -182,8 +182,10 @@ class Server:
             self._check_size(p, "prompt")
 
         def admit() -> tuple[list[Admission], list[str]]:  # tokenizing (and decoding the echoes) off the loop
-            adms = self._within_budget([self._admit(p, req, req.logprobs, req.max_tokens, "prompt")
-                                        for p in prompts], req.logprobs)
+            requested = 1 if req.max_tokens == 0 else req.max_tokens  # 0 (echo): one token sampled, not returned
+            adms = self._within_budget([self._admit(p, req, req.logprobs, requested, "prompt",
+                                                    req.top_prompt_logprobs) for p in prompts], req.logprobs)
+            self._check_prompt_budget(adms, req.top_prompt_logprobs)
             if not req.echo:
                 return adms, [""] * len(prompts)
             decoded = self.tokenizer.decode_batch([a.prompt_ids for a in adms], skip_special_tokens=False)
@@ -222,12 +224,13 @@ class Server:
 
     # -- the engine -----------------------------------------------------------------------------------------------
     def _admit(self, prompt: str | list[int], req: CompletionRequest | ChatCompletionRequest, logprobs: int | None,
-               requested: int | None, param: str) -> Admission:
+               requested: int | None, param: str, prompt_logprobs: int | None = None) -> Admission:
         """The request admitted by the engine, once (max_tokens None: what the context and the cache leave, chat's
         default); a RequestError is a 400 naming its param (a prompt's is `param`: "messages" for a chat). Any
         thread may call it."""
         try:
-            return self.engine.admit(prompt, req.sampling_params(requested, logprobs), truncate=False)
+            return self.engine.admit(prompt, req.sampling_params(requested, logprobs, prompt_logprobs),
+                                     truncate=False)
         except RequestError as e:
             raise ApiError(400, str(e), param=param if e.param in (None, "prompt") else e.param,
                            code=e.code) from None
@@ -242,6 +245,14 @@ class Server:
         raise ApiError(400, f"logprobs: {seqs} completions x max_tokens={max_tokens} x (1 + {logprobs} top) = "
                        f"{seqs * max_tokens * (1 + logprobs)} log-probabilities is more than one response may carry "
                        f"({limit}): ask for fewer tokens, completions or top log-probabilities", param="logprobs")
+
+    @staticmethod
+    def _check_prompt_budget(admissions: list[Admission], top: int | None) -> None:
+        """The prompts' log-probabilities count against LIMITS["logprob_entries"] too: prompt tokens x (1 + top)."""
+        tokens = sum(len(a.prompt_ids) for a in admissions)
+        if top is not None and tokens * (1 + top) > LIMITS["logprob_entries"]:
+            raise ApiError(400, f"logprobs: {tokens} prompt tokens x (1 + {top} top) log-probabilities is more than "
+                           f"one response may carry ({LIMITS['logprob_entries']})", param="logprobs")
 
     @staticmethod
     def _within_budget(admissions: list[Admission], logprobs: int | None) -> list[Admission]:

@@ -51,9 +51,9 @@ class Job:
         base = f"{prefix}-{uuid.uuid4().hex}"
         return cls(base, [f"{base}-{i}" for i in range(len(admissions))], admissions, int(time.time()))
 
-    def usage(self, finals: dict[int, RequestOutput]) -> Usage:
+    def usage(self, finals: dict[int, RequestOutput], prompt_only: bool = False) -> Usage:
         p = sum(len(a.prompt_ids) for a in self.admissions)
-        c = sum(len(o.token_ids) for out in finals.values() for o in out.outputs)
+        c = 0 if prompt_only else sum(len(o.token_ids) for out in finals.values() for o in out.outputs)
         return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
@@ -70,15 +70,27 @@ class Outputs:
 
     def completion_response(self, req: CompletionRequest, job: Job, echoes: list[str],
                              finals: dict[int, RequestOutput]) -> JSONResponse:
-        ids, text = self.ids(req), self.text
-        choices = [CompletionChoice(
-            index=i * req.n + c.index, text=echoes[i] + c.text if text else None, finish_reason=c.finish_reason,
-            logprobs=(self.tokens.completion_logprobs(c.logprobs, len(echoes[i]) if text else None)
-                      if req.logprobs is not None else None),
-            prompt_token_ids=job.admissions[i].prompt_ids if ids else None, token_ids=c.token_ids if ids else None)
-            for i in range(len(job.rids)) for c in finals[i].outputs]
+        ids, text, none = self.ids(req), self.text, req.max_tokens == 0  # max_tokens 0: the prompt alone
+
+        def choice(i: int, c) -> CompletionChoice:
+            lps, token_ids = ([], []) if none else (c.logprobs, c.token_ids)
+            if req.echo_logprobs:
+                lp = self.tokens.echo_logprobs(finals[i].prompt_logprobs, job.admissions[i].prompt_ids, lps,
+                                               echoes[i] if text else None)
+            else:
+                lp = (self.tokens.completion_logprobs(lps, len(echoes[i]) if text else None)
+                      if req.logprobs is not None else None)
+            return CompletionChoice(
+                index=i * req.n + c.index, text=echoes[i] + ("" if none else c.text) if text else None,
+                finish_reason="length" if none else c.finish_reason, logprobs=lp,
+                prompt_token_ids=job.admissions[i].prompt_ids if ids else None,
+                token_ids=token_ids if ids else None,
+                prompt_logprobs=(self.tokens.prompt_logprobs(finals[i].prompt_logprobs)
+                                 if req.prompt_logprobs is not None else None))
+
+        choices = [choice(i, c) for i in range(len(job.rids)) for c in finals[i].outputs]
         return JSONResponse(CompletionResponse(id=job.id, created=job.created, model=self.model_name,
-                                               choices=choices, usage=job.usage(finals)).model_dump())
+                                               choices=choices, usage=job.usage(finals, none)).model_dump())
 
     def chat_response(self, req: ChatCompletionRequest, logprobs: bool, job: Job, final: RequestOutput
                        ) -> JSONResponse:
@@ -97,31 +109,46 @@ class Outputs:
         ids, text, n, finals = self.ids(req), self.text, req.n, {}
         sent: dict[int, int] = {}  # characters streamed per choice (text_offset of logprobs)
 
-        def event(k: int, delta: str, new_ids: list[int] | None = None, lp=None, finish: str | None = None):
+        def event(k: int, delta: str, new_ids: list[int] | None = None, lp=None, finish: str | None = None,
+                  prompt_lps=None):
             first = k not in sent
             sent[k] = sent.get(k, 0) + len(delta)
             choice = CompletionChoice(index=k, text=delta if text else None, logprobs=lp, finish_reason=finish,
                                       prompt_token_ids=job.admissions[k // n].prompt_ids if ids and first else None,
-                                      token_ids=(new_ids or []) if ids else None)
+                                      token_ids=(new_ids or []) if ids else None, prompt_logprobs=prompt_lps)
             return CompletionStreamResponse(id=job.id, created=job.created, model=self.model_name,
                                             choices=[choice])
 
-        if req.echo:
+        # with the prompt's log-probabilities, the echo waits for them: a prompt's first output carries them
+        with_prompt, none, echoed = req.echo_logprobs or req.prompt_logprobs is not None, req.max_tokens == 0, set()
+        if req.echo and not with_prompt:
             for i, e in enumerate(echoes):
                 for j in range(n):
                     yield event(i * n + j, e)
         async for i, out, moved in self.loop.outputs(sink, job.rids):
             if out.finished:
                 finals[i] = out
+            if with_prompt and i not in echoed:
+                echoed.add(i)
+                ids_i = job.admissions[i].prompt_ids
+                lp = (self.tokens.echo_logprobs(out.prompt_logprobs, ids_i, [], echoes[i] if text else None)
+                      if req.echo_logprobs else None)
+                plp = self.tokens.prompt_logprobs(out.prompt_logprobs) if req.prompt_logprobs is not None else None
+                for j in range(n):
+                    yield event(i * n + j, echoes[i] if req.echo else "", lp=lp, prompt_lps=plp)
             for c in moved:
                 k = i * n + c.index
+                if none:  # max_tokens 0: the prompt alone; the one token sampled is not shown
+                    if c.finish_reason:
+                        yield event(k, "", [], None, "length")
+                    continue
                 lp = (self.tokens.completion_logprobs(c.new_logprobs, sent.get(k, 0) if text else None)
                       if c.new_logprobs and req.logprobs is not None else None)
                 if c.text_delta or lp or c.finish_reason or (ids and c.new_token_ids):
                     yield event(k, c.text_delta, c.new_token_ids, lp, c.finish_reason)
         if req.include_usage:
             yield CompletionStreamResponse(id=job.id, created=job.created, model=self.model_name,
-                                           choices=[], usage=job.usage(finals))
+                                           choices=[], usage=job.usage(finals, none))
 
     async def chat_events(self, req: ChatCompletionRequest, logprobs: bool, job: Job, sink: asyncio.Queue
                            ) -> AsyncIterator[ChatCompletionChunk]:

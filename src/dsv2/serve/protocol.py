@@ -157,8 +157,6 @@ _UNSUPPORTED = {
     "modalities": (lambda v: v == ["text"], "only text output is supported"),
     "prediction": (lambda v: False, "predicted outputs are not supported"),
     "suffix": (lambda v: v == "", "suffix (insertion) is not supported"),
-    "prompt_logprobs": (lambda v: False, "the prompt's log-probabilities are not computed (the engine computes "
-                        "logits only where it samples)"),
 }
 
 
@@ -205,7 +203,8 @@ class _Sampling(_Body):
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams of this request; its range errors as a 400 naming the parameter."""
         try:
             return SamplingParams(
@@ -214,7 +213,7 @@ class _Sampling(_Body):
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, stop=list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
-                logit_bias=self.logit_bias or None)
+                logit_bias=self.logit_bias or None, prompt_logprobs=prompt_logprobs)
         except GenerationError as e:
             raise ApiError(400, str(e), param=getattr(e, "param", None) or str(e).split(" ", 1)[0]) from None
 
@@ -228,6 +227,8 @@ class CompletionRequest(_Sampling):
     max_tokens: StrictInt | None = 16
     logprobs: Annotated[StrictInt, _in("logprobs", 0, LIMITS["logprobs"])] | None = None
     echo: StrictBool = False
+    prompt_logprobs: Annotated[StrictInt, _in("prompt_logprobs", 0, LIMITS["logprobs"])] | None = None
+    """vLLM's: each prompt token's log-probability and the top N, in the choice's prompt_logprobs."""
     best_of: StrictInt | None = None
     suffix: Any = None
 
@@ -236,8 +237,19 @@ class CompletionRequest(_Sampling):
         if self.best_of is not None and self.best_of != self.n:
             raise ApiError(400, f"best_of: choosing the best of best_of={self.best_of} completions is not "
                            "supported (leave it out, or equal to n)", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: the prompt alone)", param="max_tokens")
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """echo + logprobs: the prompt's tokens get log-probabilities too (lm-evaluation-harness's loglikelihood)."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def top_prompt_logprobs(self) -> int | None:
+        """What the engine's prompt_logprobs must be: logprobs with echo, or vLLM's prompt_logprobs field."""
+        asked = [n for n in (self.logprobs if self.echo_logprobs else None, self.prompt_logprobs) if n is not None]
+        return max(asked) if asked else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (text or token ids)."""
@@ -293,6 +305,9 @@ class ChatCompletionRequest(_Sampling):
 
     def check(self) -> None:
         super().check()
+        if self.prompt_logprobs is not None:
+            raise ApiError(400, "prompt_logprobs: a chat's prompt log-probabilities are not returned (send the "
+                           "rendered prompt to /v1/completions)", param="prompt_logprobs")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ApiError(400, "send max_tokens or max_completion_tokens, not both", param="max_tokens")
         if self.top_logprobs is not None and not self.logprobs:

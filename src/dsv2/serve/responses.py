@@ -50,8 +50,8 @@ class Usage(_Out):
 
 class CompletionLogprobs(_Out):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None] = Field(description="null for the first prompt token (with echo)")
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int] | None = Field(description="null where there is no text (a checkpoint without a "
                                           "tokenizer: tokens are 'token_id:N')")
 
@@ -67,6 +67,9 @@ class CompletionChoice(_Out):
     finish_reason: str | None
     prompt_token_ids: list[int] | None = _absent_if_none(_PROMPT_IDS + " (a stream: in each choice's first event)")
     token_ids: list[int] | None = _absent_if_none(_IDS + " (a stream: those new in this event)")
+    prompt_logprobs: list[dict[str, dict] | None] | None = _absent_if_none(
+        "with vLLM's prompt_logprobs: per prompt token (null for the first), token id -> logprob, rank, "
+        "decoded_token, for the token and the top N")
 
 
 class CompletionResponse(_Out):

@@ -87,6 +87,38 @@ class TokenTable:
         return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in lps], top_logprobs=top,
                                   text_offset=offsets)
 
+    def echo_logprobs(self, prompt: list[TokenLogprob | None], prompt_ids: list[int], lps: list[TokenLogprob],
+                      echo: str | None) -> CompletionLogprobs:
+        """OpenAI's logprobs over prompt + completion (echo): the first prompt token's entries null; text_offset
+        into the echoed text + completion (None without text), a BOS the echoed text does not show taking none."""
+        head = self.completion_logprobs([p for p in prompt if p is not None], None)
+        first = self.text(prompt_ids[0]) if prompt_ids else None
+        tail = self.completion_logprobs(lps, None)
+        tokens = ([first] if prompt_ids else []) + head.tokens + tail.tokens
+        offsets = None
+        if echo is not None:
+            offsets, at = [], 0
+            for i, t in enumerate(tokens):
+                offsets.append(at)
+                at += len(t) if i or echo.startswith(t) else 0
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[None] * bool(prompt_ids) + head.token_logprobs
+                                  + tail.token_logprobs, text_offset=offsets,
+                                  top_logprobs=[None] * bool(prompt_ids) + head.top_logprobs + tail.top_logprobs)
+
+    def prompt_logprobs(self, prompt: list[TokenLogprob | None]) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token, token id -> {logprob, rank, decoded_token} for it and the top N."""
+        out = []
+        for p in prompt:
+            if p is None:
+                out.append(None)
+                continue
+            entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": self.text(t)} for r, (t, v) in
+                     enumerate(p.top)}
+            entry.setdefault(str(p.token_id), {"logprob": p.logprob, "rank": p.rank,
+                                               "decoded_token": self.text(p.token_id)})
+            out.append(entry)
+        return out
+
     def chat_logprobs(self, lps: list[TokenLogprob]) -> ChatLogprobs:
         def entry(t: int, v: float) -> dict:
             return {"token": self.text(t), "logprob": v, "bytes": list(self.own_bytes(t))}

@@ -151,6 +151,8 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[int, float]]
     """The `logprobs` most likely tokens of that step, with their log-probabilities."""
+    rank: int | None = None
+    """The token's rank in that step's distribution (1: the most likely), where computed (prompt tokens)."""
 
 
 @dataclass

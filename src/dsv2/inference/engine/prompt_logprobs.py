@@ -46,11 +46,13 @@ def fill(lm_head: nn.Module, hidden_ND: torch.Tensor, spans: list[Span]) -> None
     for c in range(0, len(rows), chunk):
         lp = F.log_softmax(lm_head(hidden_ND[torch.tensor(rows[c:c + chunk], device=hidden_ND.device)]).float(), -1)
         tgt = torch.tensor(targets[c:c + chunk], device=lp.device)
-        chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
+        chosen_t = lp.gather(1, tgt[:, None])
+        ranks = (lp > chosen_t).sum(-1).add(1).tolist()
+        chosen = chosen_t[:, 0].tolist()
         k_max = max(req.params.prompt_logprobs for req, _ in where[c:c + chunk])
         top_v, top_i = (lp.topk(k_max, -1) if k_max else (lp[:, :0], lp[:, :0].long()))
         top_v, top_i = top_v.tolist(), top_i.tolist()
         for j, (req, p) in enumerate(where[c:c + chunk]):
             k = req.params.prompt_logprobs
-            req.prompt_logprobs[p] = TokenLogprob(targets[c + j], chosen[j], list(zip(top_i[j][:k], top_v[j][:k],
-                                                                                        strict=True)))
+            top = list(zip(top_i[j][:k], top_v[j][:k], strict=True))
+            req.prompt_logprobs[p] = TokenLogprob(targets[c + j], chosen[j], top, ranks[j])
