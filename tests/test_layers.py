@@ -31,7 +31,7 @@ LAYERS = {  # a layer: the layers it may import (besides itself; every layer may
     "dsv2.serve": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer", "dsv2.inference"},
     "dsv2.distributed": {"dsv2.config", "dsv2.model"},
     "dsv2.training.data": {"dsv2.files", "dsv2.tokenizer"},
-    "dsv2.eval": BASE | {"dsv2.config", "dsv2.model", "dsv2.training.data"},
+    "dsv2.eval": BASE | {"dsv2.config", "dsv2.model", "dsv2.training.data", "dsv2.inference"},
     "dsv2.training": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
                              "dsv2.distributed", "dsv2.training.data"},
     "dsv2.tools": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",

@@ -275,10 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint on text (sliding windows)")
+    s = sub.add_parser("eval", help="perplexity and bits per byte on text (sliding windows), or lm-eval tasks")
     s.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
-    s.add_argument("--data", nargs="+", required=True, help="text: files, folders, globs, .jsonl, .parquet, 'stdlib'")
-    s.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    s.add_argument("--data", nargs="+", help="perplexity on text: files, folders, globs, .jsonl, .parquet, 'stdlib'")
+    s.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs pip install 'dsv2[eval]')")
+    s.add_argument("--include-path", help="a folder of lm-eval task YAML files (local tasks)")
+    s.add_argument("--limit", type=int, help="with --tasks: at most this many documents per task")
+    s.add_argument("--seq-len", type=int, help="window length (default: the model's context; with --tasks: the "
+                   "tokens a request may hold)")
     s.add_argument("--stride", type=int, help="new tokens scored per window after the first (default seq-len / 2)")
     s.add_argument("--max-bytes", type=int, help="use at most this many bytes of text")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = as stored")

@@ -69,8 +69,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval import perplexity, token_stream
     from ..tokenizer import load_tokenizer, special_token_ids
 
+    if (args.data is None) == (args.tasks is None):
+        raise ValueError("give --data (perplexity on text) or --tasks (lm-evaluation-harness tasks)")
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     tokenizer = load_tokenizer(args.model)  # before the weights: a checkpoint without one fails at once
+    if args.tasks is not None:
+        return _eval_tasks(args, tokenizer, dtype)
     model = from_pretrained(args.model, dtype=dtype, quantize=recipe(args))
     _, eos = special_token_ids(tokenizer, eos_id=model.config.eos_token_ids[0] if model.config.eos_token_ids else None)
     ids, nbytes = token_stream(tokenizer, args.data, eos, args.max_bytes)
@@ -81,4 +85,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"perplexity {r.perplexity:.4f}, {r.bits_per_byte:.4f} bits per byte: {r.tokens:,} tokens scored "
               f"({r.bytes:,} bytes of text) in {r.windows:,} windows of {r.seq_len} every {r.stride}, "
               f"{r.tokens_per_s:,.0f} tokens/s")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace, tokenizer, dtype) -> int:
+    """lm-evaluation-harness's tasks in-process (dsv2.eval.LMEvalModel on the engine)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+    except ImportError:
+        raise ValueError("--tasks needs lm-evaluation-harness: pip install 'dsv2[eval]'") from None
+    from ..eval import LMEvalModel
+    from ..inference.engine import Engine
+
+    engine = Engine.from_pretrained(args.model, dtype=dtype, quantize=recipe(args))
+    manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    tasks = [t for t in args.tasks.split(",") if t]
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        raise ValueError(f"unknown lm-eval task(s): {', '.join(missing)} (local task folders: --include-path DIR)")
+    out = lm_eval.simple_evaluate(model=LMEvalModel(engine, args.seq_len, progress=not args.quiet), tasks=tasks,
+                                  task_manager=manager, limit=args.limit)
+    print(json.dumps({"model": str(args.model), "results": out["results"]}, default=str) if args.json
+          else make_table(out))
     return 0
