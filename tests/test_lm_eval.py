@@ -1,7 +1,8 @@
 """lm-evaluation-harness both ways on a dsv2 checkpoint: against `dsv2 serve` with its `local-completions` model
 (echo + logprobs requests, zero errors) and in-process (`dsv2 eval --tasks`: dsv2.eval.LMEvalModel on the engine),
 on a multiple-choice task and a perplexity task shipped as local files (tests/data/lm_eval); the two give the same
-numbers (1e-4 relative), and LMEvalModel's per-item log-likelihoods are the plain model's (fp32, 1e-4)."""
+numbers (1e-4 relative), and LMEvalModel's per-item log-likelihoods are transformers' DeepseekV2ForCausalLM's on the
+same checkpoint (fp32, 1e-4 per token)."""
 
 import json
 import os
@@ -82,12 +83,13 @@ def test_per_item_loglikelihoods_are_the_models(setup):
     pairs = [("naïve", " café"), ("plain ascii", " words and more"), ("", "emoji 🙂")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
                            disable_tqdm=True)
-    model = engine.model
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()  # the reference
     for (ctx, cont), (value, greedy) in zip(pairs, got, strict=True):
         c_ids, k_ids = lm._encode_pair(ctx, cont) if ctx else ([lm.prefix_token_id], lm.tok_encode(cont))
         ids = c_ids + k_ids
         with torch.inference_mode():
-            lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+            lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
         rows = range(len(c_ids) - 1, len(ids) - 1)
         want = sum(lp[r, ids[r + 1]].item() for r in rows)
         assert abs(value - want) <= 1e-4 * len(k_ids)

@@ -215,6 +215,7 @@ def test_echo_logprobs_are_the_prompts(server, ckpt, reference):
     plp = v["choices"][0]["prompt_logprobs"]
     assert plp[0] is None and len(plp) == len(prompts[1])
     assert abs(plp[1][str(prompts[1][1])]["logprob"] - want(prompts[1])[0]) <= 1e-4
+    assert server.metric("dsv2_prompt_logprobs_uncached_total") >= 5  # each echo + logprobs prompt above
     bad = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
 

@@ -34,7 +34,9 @@ class _EngineState:
                      s["prefix_queries"]),
                     ("dsv2_prefix_cache_hits", "Full prompt blocks found in the prefix cache", s["prefix_hits"]),
                     ("dsv2_num_preemptions", "Sequences preempted (their cache freed, recomputed later)",
-                     s["preemptions"]))
+                     s["preemptions"]),
+                    ("dsv2_prompt_logprobs_uncached", "Prompts computed whole, past the prefix cache, for their "
+                     "log-probabilities (echo + logprobs, prompt_logprobs)", s["prompt_logprobs_uncached"]))
         for name, doc, value in counters:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], value)
