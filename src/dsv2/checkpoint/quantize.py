@@ -21,7 +21,8 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write, write_safetensors
-from ..quant.convert import recipe_of, with_recipe
+from ..model import DeepseekV2
+from ..quant.convert import quantize_model, recipe_of, with_recipe
 from ..quant.formats import pack_int32, quantize
 from ..quant.recipe import Recipe
 from ..tokenizer import TOKENIZER_FILE, copy_tokenizer
@@ -92,8 +93,11 @@ def _source(src: Path, dst: Path, recipe: Recipe) -> tuple[ModelConfig, list[Pat
         raise CheckpointError(f"{src} is already quantized ({stored.describe()}); quantize its float original")
     if config.attention_type != "mla":
         raise CheckpointError("quantization covers MLA models (the MHA/GQA/MQA baselines are not quantized)")
-    if config.tie_word_embeddings and "lm_head" in recipe.schemes:
-        raise CheckpointError("lm_head is tied to the embeddings, which stay in float: it cannot be quantized")
+    try:  # every weight's shape against the recipe (group sizes), on the meta device: before anything is written
+        with torch.device("meta"):
+            quantize_model(DeepseekV2(config), recipe)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     return config, checkpoint_files(src)
 
 
