@@ -94,3 +94,7 @@ def test_per_item_loglikelihoods_are_the_models(setup):
         want = sum(lp[r, ids[r + 1]].item() for r in rows)
         assert abs(value - want) <= 1e-4 * len(k_ids)
         assert greedy == all(int(lp[r].argmax()) == ids[r + 1] for r in rows)
+    # a text longer than the context: rolling windows that each fit it (with the one token a request samples)
+    (long,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("plain ascii words " * 200,), 0)],
+                                       disable_tqdm=True)
+    assert long < 0 and long == long

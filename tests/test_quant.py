@@ -332,6 +332,18 @@ def test_cli_quantize_generate_and_errors(float_ckpt, tmp_path):
         assert last.startswith(f"dsv2 {args[0]}: error:") and p.stderr.count("error:") == 1
 
 
+def test_an_fp16_quantized_model_runs_and_round_trips(tmp_path):
+    """fp16 activations take the dequantizing path (the kernels take fp32/bf16 x); its scales are stored as bf16,
+    so saving and loading changes no byte even where fp16 would make small scales subnormal."""
+    model = random_model(tiny_config(), 0, std=2e-5).half()
+    save_pretrained(model, tmp_path / "f16")
+    q = from_pretrained(tmp_path / "f16", quantize="int4")
+    assert len(generate(q, [[3, 4, 5]], max_new_tokens=3)[0]) == 3
+    save_pretrained(q, tmp_path / "q16")
+    again = from_pretrained(tmp_path / "q16").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in q.state_dict().items())
+
+
 def test_training_refuses_a_quantized_checkpoint(float_ckpt, tmp_path):
     quantize_checkpoint(float_ckpt, tmp_path / "q", Recipe.build("int8"), progress=False)
     p = subprocess.run([sys.executable, "-m", "dsv2", "train", "--init-from", str(tmp_path / "q"), "--out",

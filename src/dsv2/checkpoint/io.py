@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -99,6 +100,7 @@ def _tensors_to_save(model: DeepseekV2, params: dict[str, torch.Tensor] | None) 
     """(official name, tensor): the parameters, and each quantized weight as its three compressed-tensors tensors."""
     yield from official_tensors(dict(model.named_parameters()) if params is None else params)
     targets = quantized_targets(model)
+    dtype = next(model.parameters()).dtype
     cols = {}
     for official, (name, _, _) in official_names({n: t for n, (t, _) in targets.items()}).items():
         cols[official] = targets[name][1]
@@ -106,9 +108,8 @@ def _tensors_to_save(model: DeepseekV2, params: dict[str, torch.Tensor] | None) 
         K = cols[official]
         bits, _ = qf.block_format(K, rows.shape[-1])
         q, scale = qf.from_blocks(rows, K)
-        dtype = next(model.parameters()).dtype
         yield f"{official}_packed", qf.pack_int32(q, bits)
-        yield f"{official}_scale", scale.to(dtype)  # bf16 values, exact in the model's dtype
+        yield f"{official}_scale", scale.to(qf.scale_dtype(dtype))  # bf16 values, stored exactly
         yield f"{official}_shape", torch.tensor(rows.shape[:-1] + (K,), dtype=torch.int64)
 
 
@@ -140,12 +141,20 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
-    """The dtype of the first floating-point tensor stored."""
-    with _open(files[0]) as f:
-        for key in f.keys():
-            if f.get_slice(key).get_dtype() in _FLOAT_DTYPES:
-                return _FLOAT_DTYPES[f.get_slice(key).get_dtype()]
-    raise CheckpointError(f"{files[0]} holds no floating-point tensors")
+    """The dtype of the first floating-point weight stored (a quantized weight's scales, which may be stored in
+    another dtype, only where there is nothing else)."""
+    scales = None
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                stored = f.get_slice(key).get_dtype()
+                if stored in _FLOAT_DTYPES:
+                    if not key.endswith("_scale"):
+                        return _FLOAT_DTYPES[stored]
+                    scales = scales or _FLOAT_DTYPES[stored]
+    if scales is None:
+        raise CheckpointError(f"{files[0].parent} holds no floating-point tensors")
+    return scales
 
 
 def _open(file: Path):
@@ -330,4 +339,7 @@ def _load_packed(dst: torch.Tensor, parts: dict[str, torch.Tensor], K: int, base
                               f"expects {(R, K // g)}")
     if not allow_non_finite and not bool(torch.isfinite(scale).all()):
         raise CheckpointError(f"{where}: weight_scale holds NaN or infinite values")
-    dst.copy_(qf.to_blocks(qf.unpack_int32(packed, bits, K), scale.to(torch.bfloat16), bits))
+    held = scale.to(torch.bfloat16)
+    if not torch.equal(held.to(scale.dtype), scale):  # another tool's fp32/fp16 scales: dsv2 holds bf16 ones
+        warnings.warn(f"{where}: weight_scale rounded to bf16 (dsv2 holds its scales in bf16)", stacklevel=2)
+    dst.copy_(qf.to_blocks(qf.unpack_int32(packed, bits, K), held, bits))

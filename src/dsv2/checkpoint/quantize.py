@@ -23,7 +23,7 @@ from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write, write_safetensors
 from ..model import DeepseekV2
 from ..quant.convert import quantize_model, recipe_of, with_recipe
-from ..quant.formats import pack_int32, quantize
+from ..quant.formats import pack_int32, quantize, scale_dtype
 from ..quant.recipe import Recipe
 from ..tokenizer import TOKENIZER_FILE, copy_tokenizer
 from .io import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, _keys, _open, _read, checkpoint_files
@@ -61,14 +61,15 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
                     except ConfigError as e:
                         raise CheckpointError(str(e)) from None
                     out.put(f"{name}_packed", pack_int32(q, scheme.bits))
-                    out.put(f"{name}_scale", scale.to(w.dtype))
+                    out.put(f"{name}_scale", scale.to(scale_dtype(w.dtype)))
                     out.put(f"{name}_shape", torch.tensor(w.shape, dtype=torch.int64))
                     stats["quantized"] += 1
                 del t
     bar.close()
     stats["bytes_out"] = out.finish()
-    for extra in src.iterdir():  # tokenizer, generation config, chat template ...
-        if extra.is_file() and not extra.name.startswith("model") and extra.name != "config.json":
+    for extra in src.iterdir():  # tokenizer, generation config, chat template, remote code ...
+        if extra.is_file() and not extra.name.startswith("model.safetensors") and extra.name != "config.json" \
+                and not (extra.name.startswith("model-") and ".safetensors" in extra.name):
             shutil.copy2(extra, dst / extra.name)
     if (src / TOKENIZER_FILE).is_file():  # its tokenizer_config.json, or one made for it
         copy_tokenizer(src, dst, config.max_position_embeddings, config.bos_token_id, *config.eos_token_ids[:1])

@@ -75,11 +75,11 @@ def gemm_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
 
 
 def few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The few-row ops apply (the caller checks the row count): CPU inference, fp32/bf16 weights with contiguous
-    rows, the kernels loaded."""
+    """The few-row ops apply (the caller checks the row count): CPU inference, fp32/bf16 x, fp32/bf16 or quantized
+    (dsv2.quant) weights with contiguous rows, the kernels loaded."""
     return (x.device.type == "cpu" and w.device.type == "cpu" and w.stride(-1) == 1
-            and w.dtype in (torch.float32, torch.bfloat16, torch.uint8) and x.is_floating_point()
-            and no_grad_needed(x, w) and ops.available)
+            and w.dtype in (torch.float32, torch.bfloat16, torch.uint8)
+            and x.dtype in (torch.float32, torch.bfloat16) and no_grad_needed(x, w) and ops.available)
 
 
 def kernel_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:

@@ -22,15 +22,16 @@ from ..inference.engine import Engine, SamplingParams
 
 
 class LMEvalModel(TemplateLM):
-    """lm_eval's LM on a dsv2 Engine (its tokenizer required). max_length: the tokens a request may hold (default:
-    the engine's max_model_len); the prefix token of an empty context: BOS, else EOS."""
+    """lm_eval's LM on a dsv2 Engine (its tokenizer required). max_length: the prompt tokens a request may hold
+    (default and at most: the engine's max_model_len - 1, room for the one token each request samples); the prefix
+    token of an empty context: BOS, else EOS."""
 
     def __init__(self, engine: Engine, max_length: int | None = None, progress: bool = True):
         super().__init__()
         if engine.tokenizer is None:
             raise ValueError("lm-evaluation-harness needs the checkpoint's tokenizer.json")
         self.engine, self.progress = engine, progress
-        self.max_length = max_length or engine.max_model_len
+        self.max_length = min(max_length or engine.max_model_len, engine.max_model_len - 1)
 
     @property
     def eot_token_id(self) -> int:
@@ -79,6 +80,7 @@ class LMEvalModel(TemplateLM):
             until = kw.pop("until", None) or []
             max_gen = int(kw.pop("max_gen_toks", 256))
             temperature = float(kw.pop("temperature", 0.0)) if kw.pop("do_sample", False) else 0.0
+            max_gen = max(1, min(max_gen, self.max_length - 1))  # at least one token of context stays
             ids = self.tok_encode(context)[-(self.max_length - max_gen):]
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=max_gen, temperature=temperature,

@@ -136,6 +136,12 @@ def _bf16_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+def scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales are stored in: the model's where every bf16 value is exact in it (fp32, bf16), else bf16
+    (fp16 would turn the smallest scales subnormal)."""
+    return model_dtype if model_dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q [..., R, K] int8 and scale [..., R, K / group] -> the weight [..., R, K] in dtype."""
     K, G = q.shape[-1], scale.shape[-1]

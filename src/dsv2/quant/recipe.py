@@ -131,7 +131,8 @@ class Recipe:
             w = g.get("weights") or {}
             fmt = g.get("format") or qc.get("format")
             ok = (fmt == FORMAT and w.get("type") == "int" and w.get("symmetric", True) and w.get("num_bits") in (4, 8)
-                  and w.get("strategy") in ("group", "channel") and not g.get("input_activations"))
+                  and w.get("strategy") in ("group", "channel") and not g.get("input_activations")
+                  and (w.get("strategy") == "channel" or isinstance(w.get("group_size"), int)))
             if not ok:
                 raise CheckpointError(f"{where}: quantization group {gname!r} is not symmetric int4/int8 weight-only "
                                       f"{FORMAT} (dsv2 reads that subset of compressed-tensors)")

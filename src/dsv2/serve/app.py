@@ -185,7 +185,7 @@ class Server:
             requested = 1 if req.max_tokens == 0 else req.max_tokens  # 0 (echo): one token sampled, not returned
             adms = self._within_budget([self._admit(p, req, req.logprobs, requested, "prompt",
                                                     req.top_prompt_logprobs) for p in prompts], req.logprobs)
-            self._check_prompt_budget(adms, req.top_prompt_logprobs)
+            self._check_prompt_budget(adms, req.top_prompt_logprobs, req.n)
             if not req.echo:
                 return adms, [""] * len(prompts)
             decoded = self.tokenizer.decode_batch([a.prompt_ids for a in adms], skip_special_tokens=False)
@@ -247,9 +247,10 @@ class Server:
                        f"({limit}): ask for fewer tokens, completions or top log-probabilities", param="logprobs")
 
     @staticmethod
-    def _check_prompt_budget(admissions: list[Admission], top: int | None) -> None:
-        """The prompts' log-probabilities count against LIMITS["logprob_entries"] too: prompt tokens x (1 + top)."""
-        tokens = sum(len(a.prompt_ids) for a in admissions)
+    def _check_prompt_budget(admissions: list[Admission], top: int | None, n: int) -> None:
+        """The prompts' log-probabilities count against LIMITS["logprob_entries"] too: prompt tokens x (1 + top),
+        in each of a prompt's n choices."""
+        tokens = n * sum(len(a.prompt_ids) for a in admissions)
         if top is not None and tokens * (1 + top) > LIMITS["logprob_entries"]:
             raise ApiError(400, f"logprobs: {tokens} prompt tokens x (1 + {top} top) log-probabilities is more than "
                            f"one response may carry ({LIMITS['logprob_entries']})", param="logprobs")

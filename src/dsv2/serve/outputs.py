@@ -76,7 +76,7 @@ class Outputs:
             lps, token_ids = ([], []) if none else (c.logprobs, c.token_ids)
             if req.echo_logprobs:
                 lp = self.tokens.echo_logprobs(finals[i].prompt_logprobs, job.admissions[i].prompt_ids, lps,
-                                               echoes[i] if text else None)
+                                               echoes[i] if text else None, req.logprobs)
             else:
                 lp = (self.tokens.completion_logprobs(lps, len(echoes[i]) if text else None)
                       if req.logprobs is not None else None)
@@ -85,7 +85,7 @@ class Outputs:
                 finish_reason="length" if none else c.finish_reason, logprobs=lp,
                 prompt_token_ids=job.admissions[i].prompt_ids if ids else None,
                 token_ids=token_ids if ids else None,
-                prompt_logprobs=(self.tokens.prompt_logprobs(finals[i].prompt_logprobs)
+                prompt_logprobs=(self.tokens.prompt_logprobs(finals[i].prompt_logprobs, req.prompt_logprobs)
                                  if req.prompt_logprobs is not None else None))
 
         choices = [choice(i, c) for i in range(len(job.rids)) for c in finals[i].outputs]
@@ -131,9 +131,10 @@ class Outputs:
             if with_prompt and i not in echoed:
                 echoed.add(i)
                 ids_i = job.admissions[i].prompt_ids
-                lp = (self.tokens.echo_logprobs(out.prompt_logprobs, ids_i, [], echoes[i] if text else None)
-                      if req.echo_logprobs else None)
-                plp = self.tokens.prompt_logprobs(out.prompt_logprobs) if req.prompt_logprobs is not None else None
+                lp = (self.tokens.echo_logprobs(out.prompt_logprobs, ids_i, [], echoes[i] if text else None,
+                                                req.logprobs) if req.echo_logprobs else None)
+                plp = (self.tokens.prompt_logprobs(out.prompt_logprobs, req.prompt_logprobs)
+                       if req.prompt_logprobs is not None else None)
                 for j in range(n):
                     yield event(i * n + j, echoes[i] if req.echo else "", lp=lp, prompt_lps=plp)
             for c in moved:

@@ -10,6 +10,8 @@ its text's UTF-8. On a checkpoint without a tokenizer a token is shown as vLLM s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tokenizers import decoders
 
 from ..inference.engine import TokenLogprob
@@ -88,10 +90,10 @@ class TokenTable:
                                   text_offset=offsets)
 
     def echo_logprobs(self, prompt: list[TokenLogprob | None], prompt_ids: list[int], lps: list[TokenLogprob],
-                      echo: str | None) -> CompletionLogprobs:
+                      echo: str | None, top: int) -> CompletionLogprobs:
         """OpenAI's logprobs over prompt + completion (echo): the first prompt token's entries null; text_offset
         into the echoed text + completion (None without text), a BOS the echoed text does not show taking none."""
-        head = self.completion_logprobs([p for p in prompt if p is not None], None)
+        head = self.completion_logprobs([replace(p, top=p.top[:top]) for p in prompt if p is not None], None)
         first = self.text(prompt_ids[0]) if prompt_ids else None
         tail = self.completion_logprobs(lps, None)
         tokens = ([first] if prompt_ids else []) + head.tokens + tail.tokens
@@ -105,7 +107,7 @@ class TokenTable:
                                   + tail.token_logprobs, text_offset=offsets,
                                   top_logprobs=[None] * bool(prompt_ids) + head.top_logprobs + tail.top_logprobs)
 
-    def prompt_logprobs(self, prompt: list[TokenLogprob | None]) -> list[dict | None]:
+    def prompt_logprobs(self, prompt: list[TokenLogprob | None], top: int) -> list[dict | None]:
         """vLLM's prompt_logprobs: per prompt token, token id -> {logprob, rank, decoded_token} for it and the top N."""
         out = []
         for p in prompt:
@@ -113,7 +115,7 @@ class TokenTable:
                 out.append(None)
                 continue
             entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": self.text(t)} for r, (t, v) in
-                     enumerate(p.top)}
+                     enumerate(p.top[:top])}
             entry.setdefault(str(p.token_id), {"logprob": p.logprob, "rank": p.rank,
                                                "decoded_token": self.text(p.token_id)})
             out.append(entry)

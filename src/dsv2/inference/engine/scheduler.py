@@ -104,7 +104,9 @@ class Scheduler:
         compute at least one token to give the logits to sample from). None for a request that wants its prompt's
         log-probabilities: they need every prompt token computed (prompt_logprobs.py)."""
         if seq.request.prompt_logprobs is not None:
-            self.prompt_logprobs_uncached += 1
+            if not seq.request.counted_uncached:  # once per request (it may wait, or be preempted, and come back)
+                seq.request.counted_uncached = True
+                self.prompt_logprobs_uncached += 1
             return
         for h in seq.full_block_hashes(self.block_size, seq.num_tokens - 1):
             block = self.pool.lookup(h)

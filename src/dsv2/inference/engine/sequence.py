@@ -86,6 +86,8 @@ class Request:
     """The stop strings' automaton, shared by the request's completions."""
     prompt_logprobs: list | None = None
     """Per prompt position, a TokenLogprob (None for the first), where params.prompt_logprobs asks for them."""
+    counted_uncached: bool = False
+    """Whether the scheduler has counted it among the prompts computed past the prefix cache."""
 
     @property
     def finished(self) -> bool:
