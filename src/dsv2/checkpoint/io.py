@@ -101,11 +101,8 @@ def _tensors_to_save(model: DeepseekV2, params: dict[str, torch.Tensor] | None) 
     yield from official_tensors(dict(model.named_parameters()) if params is None else params)
     targets = quantized_targets(model)
     dtype = next(model.parameters()).dtype
-    cols = {}
-    for official, (name, _, _) in official_names({n: t for n, (t, _) in targets.items()}).items():
-        cols[official] = targets[name][1]
-    for official, rows in official_tensors({n: t for n, (t, _) in targets.items()}):
-        K = cols[official]
+    for official, (name, part, j) in official_names({n: t for n, (t, _) in targets.items()}).items():
+        rows, K = slot(targets[name][0].detach(), part, j), targets[name][1]
         bits, _ = qf.block_format(K, rows.shape[-1])
         q, scale = qf.from_blocks(rows, K)
         yield f"{official}_packed", qf.pack_int32(q, bits)

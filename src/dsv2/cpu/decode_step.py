@@ -42,6 +42,7 @@ class DecodeStep:
     def __init__(self, model: DeepseekV2):
         self.model = model
         self.reason = self._unsupported(model)
+        self._experts = next((b.mlp.experts for b in model.model.layers if isinstance(b.mlp, MoE)), None)
 
     @staticmethod
     def _unsupported(model: DeepseekV2) -> str | None:
@@ -65,8 +66,8 @@ class DecodeStep:
 
     def max_rows(self) -> int:
         """Sequences per step the few-row kernels serve (a grouped GEMM beats them past it: modules.py)."""
-        experts = [b.mlp.experts for b in self.model.model.layers if isinstance(b.mlp, MoE)]
-        if experts and kernel_weight(experts[0], "gate_up_proj").dtype == torch.bfloat16 and ops.native_bf16():
+        e = self._experts
+        if e is not None and kernel_weight(e, "gate_up_proj").dtype == torch.bfloat16 and ops.native_bf16():
             return NATIVE_BF16_EXPERT_ROWS
         return SMALL_ROWS
 

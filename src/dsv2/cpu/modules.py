@@ -89,9 +89,14 @@ def kernel_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return q if isinstance(q, torch.Tensor) else getattr(module, name)
 
 
-def _dense(w: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """w in dtype; quantized rows (uint8) of K values dequantized."""
-    return dequantize_blocks(w, K, dtype) if w.dtype == torch.uint8 else w.to(dtype)
+def dense(w: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """w as a dense matrix in dtype: quantized rows (uint8, K values each) dequantized, by the C++ kernel on the CPU
+    where it is built and takes dtype, else by the reference; a float w cast."""
+    if w.dtype != torch.uint8:
+        return w.to(dtype)
+    if w.device.type == "cpu" and ops.available and dtype in (torch.float32, torch.bfloat16):
+        return ops.dequantize(w, K, dtype)
+    return dequantize_blocks(w, K, dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -152,14 +157,14 @@ class CpuMLA(_FlashAttention, MLA):
         if q_nope_HMN.shape[1] <= SMALL_ROWS and few_rows(q_nope_HMN, w_uk_HNC):
             return ops.rows_combine(q_nope_HMN.transpose(1, 2).float(), w_uk_HNC, self.kv_rank if quantized else 0)
         dtype = matmul_dtype(q_nope_HMN)
-        return super().absorb_query(q_nope_HMN.to(dtype), _dense(w_uk_HNC, self.kv_rank, dtype))
+        return super().absorb_query(q_nope_HMN.to(dtype), dense(w_uk_HNC, self.kv_rank, dtype))
 
     def apply_w_uv(self, o_lat_HMC: torch.Tensor, w_uv_HVC: torch.Tensor) -> torch.Tensor:
         G, M, C = o_lat_HMC.shape
         if M <= SMALL_ROWS and few_rows(o_lat_HMC, w_uv_HVC):
             return ops.rows_dot(o_lat_HMC.reshape(G * M, -1).float(), w_uv_HVC, _ends(M, G)).view(G, M, -1)
         dtype = matmul_dtype(o_lat_HMC)
-        return super().apply_w_uv(o_lat_HMC.to(dtype), _dense(w_uv_HVC, C, dtype))
+        return super().apply_w_uv(o_lat_HMC.to(dtype), dense(w_uv_HVC, C, dtype))
 
     def matmul_dtype(self, t: torch.Tensor) -> torch.dtype:
         return matmul_dtype(t)

@@ -23,20 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cpu import ops
-from ..cpu.modules import SMALL_ROWS, few_rows, gemm_dtype
+from ..cpu.modules import SMALL_ROWS, dense, few_rows, gemm_dtype
 from ..model.experts import ACTIVATIONS, RoutedExperts
-from .formats import Scheme, dequantize_blocks
+from .formats import Scheme
 
 EXPERT_CHUNK_BYTES = 64 * 2**20
 """Dense bytes of the experts dequantized at once for a many-row forward (about a chunk of the last-level cache's
 order, and a small fraction of any model's size)."""
-
-
-def dense(w: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """Quantized rows -> the dense weight in dtype: the C++ kernel on the CPU (where built), else the reference."""
-    if w.device.type == "cpu" and ops.available and dtype in (torch.float32, torch.bfloat16):
-        return ops.dequantize(w, K, dtype)
-    return dequantize_blocks(w, K, dtype)
 
 
 class QuantLinear(nn.Module):

@@ -50,8 +50,7 @@ def fill(lm_head: nn.Module, hidden_ND: torch.Tensor, spans: list[Span]) -> None
         ranks = (lp > chosen_t).sum(-1).add(1).tolist()
         chosen = chosen_t[:, 0].tolist()
         k_max = max(req.params.prompt_logprobs for req, _ in where[c:c + chunk])
-        top_v, top_i = (lp.topk(k_max, -1) if k_max else (lp[:, :0], lp[:, :0].long()))
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        top_v, top_i = (t.tolist() for t in lp.topk(k_max, -1))
         for j, (req, p) in enumerate(where[c:c + chunk]):
             k = req.params.prompt_logprobs
             top = list(zip(top_i[j][:k], top_v[j][:k], strict=True))
