@@ -104,10 +104,8 @@ def _tensors_to_save(model: DeepseekV2, params: dict[str, torch.Tensor] | None) 
     for official, (name, part, j) in official_names({n: t for n, (t, _) in targets.items()}).items():
         rows, K = slot(targets[name][0].detach(), part, j), targets[name][1]
         bits, _ = qf.block_format(K, rows.shape[-1])
-        q, scale = qf.from_blocks(rows, K)
-        yield f"{official}_packed", qf.pack_int32(q, bits)
-        yield f"{official}_scale", scale.to(qf.scale_dtype(dtype))  # bf16 values, stored exactly
-        yield f"{official}_shape", torch.tensor(rows.shape[:-1] + (K,), dtype=torch.int64)
+        for part, t in qf.compressed_parts(*qf.from_blocks(rows, K), bits, dtype).items():
+            yield f"{official}_{part}", t
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,12 +23,11 @@ from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write, write_safetensors
 from ..model import DeepseekV2
 from ..quant.convert import quantize_model, recipe_of, with_recipe
-from ..quant.formats import pack_int32, quantize, scale_dtype
+from ..quant.formats import compressed_parts, quantize
 from ..quant.recipe import Recipe
 from ..tokenizer import TOKENIZER_FILE, copy_tokenizer
+from .hf_names import official_names, slot
 from .io import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, _keys, _open, _read, checkpoint_files
-
-_STACKED = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -60,9 +59,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
                         q, scale = quantize(w, scheme, name)
                     except ConfigError as e:
                         raise CheckpointError(str(e)) from None
-                    out.put(f"{name}_packed", pack_int32(q, scheme.bits))
-                    out.put(f"{name}_scale", scale.to(scale_dtype(w.dtype)))
-                    out.put(f"{name}_shape", torch.tensor(w.shape, dtype=torch.int64))
+                    for part, t in compressed_parts(q, scale, scheme.bits, w.dtype).items():
+                        out.put(f"{name}_{part}", t)
                     stats["quantized"] += 1
                 del t
     bar.close()
@@ -146,12 +144,9 @@ class _Shards:
 
 def _per_expert(key: str, t: torch.Tensor):
     """(name, tensor) for a stored tensor: the stacked expert form (experts.gate_up_proj [E, 2F, D], experts.down_proj
-    [E, D, F]) as the per-expert official tensors, anything else as it is."""
-    base, _, last = key.rpartition(".")
-    if not base.endswith(".experts") or last not in _STACKED or t.dim() != 3:
+    [E, D, F]) as the per-expert official tensors (hf_names' mapping), anything else as it is."""
+    if t.dim() == 3 and key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+        for official, (_, part, j) in official_names({key: t}).items():
+            yield official, slot(t, part, j)
+    else:
         yield key, t
-        return
-    parts = _STACKED[last]
-    for j in range(t.shape[0]):
-        for p, rows in zip(parts, t[j].chunk(len(parts)), strict=True):
-            yield f"{base}.{j}.{p}.weight", rows

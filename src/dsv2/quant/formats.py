@@ -200,6 +200,13 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     return u.contiguous().view(torch.int32)  # little-endian bytes (x86, ARM): byte 0 holds the lowest bits
 
 
+def compressed_parts(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One weight's compressed-tensors tensors, by suffix of `<name>.weight_`: packed, scale (in scale_dtype(dtype)),
+    shape."""
+    return {"packed": pack_int32(q, bits), "scale": scale.to(scale_dtype(dtype)),
+            "shape": torch.tensor(q.shape, dtype=torch.int64)}
+
+
 def unpack_int32(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     """The inverse of pack_int32: int8 [R, K]."""
     u = packed.contiguous().view(torch.uint8)
