@@ -12,13 +12,15 @@ from pathlib import Path
 import dsv2
 
 SRC = Path(dsv2.__file__).resolve().parent
-BASE = {"dsv2.errors", "dsv2.field_types", "dsv2.files", "dsv2.reproducibility", "dsv2.tokenizer"}
+BASE = {"dsv2.errors", "dsv2.field_types", "dsv2.files", "dsv2.reproducibility", "dsv2.tokenizer",
+        "dsv2.chat_template"}
 LAYERS = {  # a layer: the layers it may import (besides itself; every layer may import dsv2.errors)
     "dsv2.errors": set(),
     "dsv2.field_types": set(),
     "dsv2.files": set(),
     "dsv2.reproducibility": set(),
     "dsv2.tokenizer": {"dsv2.files"},
+    "dsv2.chat_template": set(),
     "dsv2.config": {"dsv2.field_types"},
     "dsv2.presets": {"dsv2.config"},
     "dsv2.model": {"dsv2.config"},
@@ -27,13 +29,15 @@ LAYERS = {  # a layer: the layers it may import (besides itself; every layer may
     "dsv2.quant": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.quant.formats"},
     "dsv2.checkpoint": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.files", "dsv2.tokenizer", "dsv2.quant",
                         "dsv2.quant.formats"},
-    "dsv2.inference": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer"},
-    "dsv2.serve": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer", "dsv2.inference"},
+    "dsv2.inference": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer", "dsv2.lora"},
+    "dsv2.serve": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint", "dsv2.tokenizer", "dsv2.inference",
+                   "dsv2.chat_template", "dsv2.lora"},
     "dsv2.distributed": {"dsv2.config", "dsv2.model"},
-    "dsv2.training.data": {"dsv2.files", "dsv2.tokenizer"},
+    "dsv2.training.data": {"dsv2.files", "dsv2.tokenizer", "dsv2.chat_template"},
+    "dsv2.lora": {"dsv2.config", "dsv2.model", "dsv2.cpu", "dsv2.quant.formats", "dsv2.files"},
     "dsv2.eval": BASE | {"dsv2.config", "dsv2.model", "dsv2.training.data", "dsv2.inference"},
     "dsv2.training": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
-                             "dsv2.distributed", "dsv2.training.data"},
+                             "dsv2.distributed", "dsv2.training.data", "dsv2.lora"},
     "dsv2.tools": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",
                           "dsv2.training", "dsv2.training.data"},
     "dsv2.experiments": BASE | {"dsv2.config", "dsv2.presets", "dsv2.model", "dsv2.cpu", "dsv2.checkpoint",

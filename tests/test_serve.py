@@ -221,7 +221,7 @@ def test_echo_logprobs_are_the_prompts(server, ckpt, reference):
 
 
 def test_chat(server, reference):
-    from dsv2.serve.chat import ChatTemplate
+    from dsv2.chat_template import ChatTemplate
 
     tok, greedy = reference
     c = server.client()
@@ -250,7 +250,7 @@ def test_chat(server, reference):
 
 def test_chat_template_renders_as_transformers(ckpt):
     transformers = pytest.importorskip("transformers")
-    from dsv2.serve.chat import ChatTemplate
+    from dsv2.chat_template import ChatTemplate
 
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"), bos_token="<|bos|>",
                                               eos_token="<|eos|>", chat_template=TEMPLATE)
@@ -520,10 +520,10 @@ def test_each_request_is_admitted_once(ckpt):
     """The handler admits each prompt once (Engine.admit); the engine loop adds that Admission, unchecked."""
     from fastapi.testclient import TestClient
 
+    from dsv2.chat_template import ChatTemplate
     from dsv2.inference.engine import Engine
     from dsv2.inference.engine.params import Admission
     from dsv2.serve.app import ServerConfig, build_app
-    from dsv2.serve.chat import ChatTemplate
 
     engine = Engine.from_pretrained(ckpt, num_blocks=64, block_size=8)
     admitted, added = [], []

@@ -114,10 +114,10 @@ def test_2_tokenizing_and_responses_run_off_the_event_loop(ckpt, monkeypatch):
 
     from fastapi.testclient import TestClient
 
+    from dsv2.chat_template import ChatTemplate
     from dsv2.inference.engine import Engine
     from dsv2.serve.app import Server as ApiServer
     from dsv2.serve.app import ServerConfig
-    from dsv2.serve.chat import ChatTemplate
 
     engine = Engine.from_pretrained(ckpt, num_blocks=64, block_size=8)
     api = ApiServer(engine, ServerConfig("tiny", engine.max_model_len), ChatTemplate.from_checkpoint(ckpt))
@@ -176,10 +176,10 @@ def test_3_huge_logprob_responses_are_refused_or_bounded(server, ckpt, monkeypat
 
     from fastapi.testclient import TestClient
 
+    from dsv2.chat_template import ChatTemplate
     from dsv2.inference.engine import Engine
     from dsv2.serve import protocol
     from dsv2.serve.app import ServerConfig, build_app
-    from dsv2.serve.chat import ChatTemplate
 
     monkeypatch.setitem(protocol.LIMITS, "logprob_entries", 60)
     engine = Engine.from_pretrained(ckpt, num_blocks=64, block_size=8)

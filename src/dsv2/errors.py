@@ -27,3 +27,7 @@ class RequestError(GenerationError):
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param, self.code = param, code
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter folder that cannot be applied to this model; the message names the file or tensor at fault."""

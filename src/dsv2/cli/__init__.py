@@ -1,5 +1,5 @@
-"""The `dsv2` command: info, generate, serve, quantize, eval, train, plot, upcycle, routing-sim, ablate (the commands
-that transform or inspect files are in transforms.py)."""
+"""The `dsv2` command: info, generate, serve, quantize, eval, train, merge-lora, plot, upcycle, routing-sim, ablate
+(the commands that transform or inspect files are in transforms.py, LoRA's flags and merge-lora in lora.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import json
 import os
 import sys
 import warnings
-from pathlib import Path
+
+from . import lora as lora_cli
+from .generate import _torch_dtype, cmd_generate
 
 
 def _seed(text: str) -> int:
@@ -29,13 +31,6 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--ids must be comma-separated integers, got {text!r}") from None
 
 
-def _torch_dtype(name: str):
-    """--dtype auto|fp32|bf16 as from_pretrained takes it (None: as stored)."""
-    import torch
-
-    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from ..presets import get_config
     from ..tools.info import describe, format_info
@@ -48,59 +43,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.context > config.max_position_embeddings:
         print(f"note: --context {args.context} is beyond the model's context ({config.max_position_embeddings} "
               "tokens, max_position_embeddings)", file=sys.stderr)
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from ..checkpoint import from_pretrained
-    from ..errors import GenerationError
-    from ..inference.generate import check_prompts, check_sampling, generate
-    from .transforms import recipe
-
-    check_sampling(args.temperature, args.top_k, args.top_p)  # before the model loads
-    dtype = _torch_dtype(args.dtype)
-    model = from_pretrained(args.model, dtype=dtype, quantize=recipe(args))
-    from ..tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
-
-    tok_path = Path(args.model) / TOKENIZER_FILE
-    tokenizer = None
-    if tok_path.exists():
-
-        tokenizer = load_tokenizer(tok_path)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise GenerationError(f"{args.model} has no tokenizer.json; pass token ids with --ids")
-        bos, _ = special_token_ids(tokenizer, bos_id=model.config.bos_token_id)
-        prompt = ([bos] if bos is not None and not args.no_bos else []) + tokenizer.encode(args.prompt).ids
-    else:
-        prompt = args.ids
-    check_prompts(model, [prompt], args.max_new_tokens)  # before anything is printed
-
-    produced: list[int] = []
-    if tokenizer is not None:
-        printed = 0
-        print(args.prompt if args.prompt is not None else tokenizer.decode(prompt), end="", flush=True)
-
-        def emit(_: int, token: int) -> None:  # decode the whole suffix: byte-level BPE tokens split characters
-            nonlocal printed
-            produced.append(token)
-            text = tokenizer.decode(produced)
-            if not text.endswith("\ufffd"):
-                print(text[printed:], end="", flush=True)
-                printed = len(text)
-    else:
-        def emit(_: int, token: int) -> None:
-            produced.append(token)
-            print(token, end=" ", flush=True)
-
-    generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, seed=args.seed, callback=emit)
-    print()
-    context = model.config.max_position_embeddings
-    ended = bool(produced) and produced[-1] in model.config.eos_token_ids
-    if len(produced) < args.max_new_tokens and not ended and len(prompt) + len(produced) >= context:
-        print(f"(stopped after {len(produced)} of {args.max_new_tokens} new tokens: the model's context is "
-              f"{context} tokens)", file=sys.stderr)
     return 0
 
 
@@ -153,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_from=args.init_from, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
         max_bytes=args.max_bytes, schedule=args.schedule, capacity_factor=args.capacity_factor,
         expert_parallel=args.expert_parallel, device=args.device, model=_parse_set(args.set),
-        deterministic=args.deterministic or None,
+        deterministic=args.deterministic or None, **lora_cli.train_settings(args),
     )
     if args.resume:  # the run's own settings, with only those that may change on resume taken from the flags
         out = given.get("out", TrainConfig.out)
@@ -176,10 +118,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     val, ent = summary["val_loss"], summary["unigram_entropy"]
     print(f"\nvalidation loss {val:.3f} nats/token; unigram entropy of the validation split {ent:.3f} "
           f"nats/token ({'below' if val < ent else 'NOT below'} it by {ent - val:.3f})")
-    print(f"checkpoint: {summary['checkpoint']}")
+    if summary.get("base_val_loss") is not None:
+        print(f"before fine-tuning ({tc.init_from}): validation loss {summary['base_val_loss']:.3f} nats/token")
+    print(f"checkpoint: {summary['checkpoint']}" + (" (the adapters, in PEFT's format)" if tc.lora else ""))
     if args.sample_tokens and summary["checkpoint"]:
         print("\nsample from the checkpoint:")
-        sample = argparse.Namespace(model=summary["checkpoint"], prompt=args.sample_prompt, ids=None, no_bos=False,
+        model, lora = (tc.init_from, summary["checkpoint"]) if tc.lora else (summary["checkpoint"], None)
+        sample = argparse.Namespace(model=model, lora=lora, prompt=args.sample_prompt, ids=None, no_bos=False,
                                     max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
                                     seed=0, dtype="fp32")
         cmd_generate(sample)
@@ -236,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights while loading (a quantized "
                    "checkpoint needs no flag: dsv2 quantize)")
     s.add_argument("--group-size", type=int, help="columns per scale (default: int8 per output channel, int4 32)")
+    s.add_argument("--lora", metavar="DIR", help="apply a LoRA adapter folder (PEFT format) to the model")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
@@ -263,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; beyond it 503")
     s.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM lets requests in flight finish")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    lora_cli.add_serve_flags(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized checkpoint (compressed-tensors "
@@ -323,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeat bitwise (CPU runs do without it)")
     s.add_argument("--sample-tokens", type=int, default=80, help="tokens to sample from the final checkpoint")
     s.add_argument("--sample-prompt", default="def ", help="prompt for the final sample")
+    lora_cli.add_train_flags(s)
     s.set_defaults(func=cmd_train)
+    lora_cli.add_merge_parser(sub)
 
     s = sub.add_parser("plot", help="PNG plots of a run's metrics")
     s.add_argument("run_dir")

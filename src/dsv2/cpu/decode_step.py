@@ -48,6 +48,8 @@ class DecodeStep:
     def _unsupported(model: DeepseekV2) -> str | None:
         if model.config.attention_type != "mla":
             return "the MHA/GQA/MQA baselines take the plain path"
+        if any(getattr(m, "is_adapter", False) for m in model.modules()):  # the engine checks each step's rows
+            return "LoRA adapters (dsv2.lora) take the plain path"
         if not all(_silu(b.mlp) for b in model.model.layers):
             return "the fused FFN computes SiLU experts only"
         if any(isinstance(b.mlp, MoE) and not isinstance(b.mlp.dispatcher, LocalDispatcher)

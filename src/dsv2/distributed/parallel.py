@@ -139,17 +139,16 @@ class Parallel:
     def _shard(self, moe: MoE) -> None:
         experts, E = moe.experts, moe.experts.n_experts
         lo, hi = self.ep_rank * E // self.ep, (self.ep_rank + 1) * E // self.ep
-        for name in ("gate_up_proj", "down_proj"):
-            p = nn.Parameter(getattr(experts, name).detach()[lo:hi].clone())
-            setattr(experts, name, p)
+        for p in experts.shard(lo, hi):
             self.expert_params[id(p)] = E
+            if not p.requires_grad:  # frozen (a LoRA run's base experts): sharded, never updated
+                continue
             # Each rank's loss reaches these experts through the all-to-all, so their local gradient already
             # sums over the ep ranks of the row: scale by 1/ep (before accumulation) so that, averaged over
             # the dp replicas, it is the gradient of the mean loss over all ranks, as DDP gives the rest.
             p.register_hook(lambda g: g / self.ep)
             if self.dp > 1:
                 p.register_post_accumulate_grad_hook(self._average_over_replicas)
-        experts.n_experts = hi - lo
         moe.dispatcher = AllToAllDispatcher(E, self.ep_group, self.comm)
         self.dispatchers.append(moe.dispatcher)
 
@@ -257,9 +256,11 @@ class Parallel:
         dist.all_gather(parts, t.detach().contiguous(), group=self.ep_group)
         return torch.cat(parts)
 
-    def full_parameters(self, model: nn.Module) -> dict[str, Tensor]:
-        """name -> parameter, the experts gathered from their ranks (a collective: every rank must call it)."""
-        return {name: self._gather(p) if self.is_expert(p) else p.detach() for name, p in model.named_parameters()}
+    def full_parameters(self, model: nn.Module, trainable_only: bool = False) -> dict[str, Tensor]:
+        """name -> parameter, the experts gathered from their ranks (a collective: every rank must call it);
+        trainable_only: those that require a gradient (a LoRA run's adapters)."""
+        return {name: self._gather(p) if self.is_expert(p) else p.detach() for name, p in model.named_parameters()
+                if p.requires_grad or not trainable_only}
 
     def full_tensor(self, p: Tensor, t: Tensor) -> Tensor:
         """t, a state tensor of parameter p (an optimizer moment), with every rank's experts if p is a sharded

@@ -116,12 +116,21 @@ class MLA(nn.Module):
         w_uk_HNC, w_uv_HVC = self.absorb_weights().view(H, N + self.v_dim, -1).split([N, self.v_dim], 1)
         # q_C^T k_C = q_C^T W_UK c_KV = (W_UK^T q_C)^T c_KV: map each head's query into the latent space, then score
         # [q_lat ; q_R] against [c_KV ; k_R] in one matmul (the softmax scale folded into the query)
-        q_lat_HMC = self.absorb_query(q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1), w_uk_HNC)
+        q_nope_HMN = q_nope_BSHN.reshape(B * S, H, N).transpose(0, 1)
+        q_lat_HMC = self.absorb_query(q_nope_HMN, w_uk_HNC)
+        # kv_b_proj may carry low-rank adapters (dsv2.lora: W' = W + s B A): the absorbed weights stay the base's and
+        # the adapter adds its rank-r correction, so no per-adapter absorbed copy of W_UK / W_UV is ever made
+        adapted = hasattr(self.kv_b_proj, "absorbed_query")
+        if adapted:
+            q_lat_HMC = q_lat_HMC + self.kv_b_proj.absorbed_query(q_nope_HMN, N, B).to(q_lat_HMC.dtype)
         q_pe_HMR = q_pe_BSHR.reshape(B * S, H, -1).transpose(0, 1).to(q_lat_HMC.dtype)
         q_HMX = torch.cat((q_lat_HMC, q_pe_HMR), dim=-1) * self.scale
         q_BQX = q_HMX.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)
         o_lat_BQC = attend(q_BQX)
-        o_HMV = self.apply_w_uv(o_lat_BQC.view(B * S, H, C).transpose(0, 1), w_uv_HVC)
+        o_lat_HMC = o_lat_BQC.view(B * S, H, C).transpose(0, 1)
+        o_HMV = self.apply_w_uv(o_lat_HMC, w_uv_HVC)
+        if adapted:
+            o_HMV = o_HMV + self.kv_b_proj.absorbed_output(o_lat_HMC, N, B).to(o_HMV.dtype)
         return o_HMV.transpose(0, 1).reshape(B, S, H, -1).to(q_nope_BSHN.dtype)
 
     # -- the seam (see the module docstring): plain PyTorch here -------------------------------------------------

@@ -39,6 +39,17 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.act = ACTIVATIONS[act]
 
+    def shard(self, lo: int, hi: int) -> list[nn.Parameter]:
+        """Keep experts lo .. hi-1 only (expert parallelism: dsv2/distributed/); returns the new stacked parameters."""
+        out = []
+        for name in ("gate_up_proj", "down_proj"):
+            old = getattr(self, name)
+            p = nn.Parameter(old.detach()[lo:hi].clone(), requires_grad=old.requires_grad)
+            setattr(self, name, p)
+            out.append(p)
+        self.n_experts = hi - lo
+        return out
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: token copies sorted by expert, counts_E[e] of them for expert e. Returns [N, D]."""
         w_up_EDX, w_down_EFD = (w.to(x_ND.dtype).transpose(-2, -1) for w in (self.gate_up_proj, self.down_proj))

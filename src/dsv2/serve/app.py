@@ -26,10 +26,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..chat_template import ChatTemplate, ChatTemplateError
 from ..errors import RequestError
 from ..inference.engine import Engine, RequestOutput
 from ..inference.engine.params import Admission
-from .chat import ChatTemplate, ChatTemplateError
 from .engine_loop import EngineLoop
 from .http import Guard, install_error_handlers, openapi_schema
 from .outputs import Job, Outputs

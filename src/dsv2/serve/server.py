@@ -20,11 +20,11 @@ from pathlib import Path
 
 import uvicorn
 
+from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..errors import GenerationError
 from ..inference.engine import Engine, check_options
 from .app import ServerConfig, build_app
-from .chat import ChatTemplate
 from .timeouts import Timeouts, protocol
 
 TIMEOUTS = Timeouts()

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..field_types import check_field_types
+from ..lora.attach import parse_targets
 from ..presets import PRESETS
 from .data import STDLIB_SOURCE
 
@@ -83,6 +84,14 @@ class TrainConfig:
     """Consecutive non-finite steps tolerated (each is skipped) before the run stops."""
     init_from: str | None = None
     """Fine-tune: a checkpoint directory in the Hugging Face layout (dsv2.from_pretrained)."""
+    lora: bool = False
+    """Fine-tune low-rank adapters on init_from's frozen weights (dsv2/lora/) instead of every weight."""
+    lora_r: int = 16
+    lora_alpha: float | None = None
+    """The adapters' scale is lora_alpha / lora_r; None: 2 * lora_r."""
+    lora_targets: str = "attention"
+    """Groups (attention, dense, shared, experts, all-linear) or module names, comma-separated."""
+    lora_dropout: float = 0.05
     device: str = "auto"
     expert_parallel: int = 1
     """Ranks the routed experts are sharded over (torchrun); see dsv2/distributed/."""
@@ -124,10 +133,16 @@ class TrainConfig:
             (self.keep_last >= 1, "keep_last must be >= 1"),
             (self.max_bad_steps >= 0, "max_bad_steps must be >= 0"),
             (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
+            (not self.lora or self.init_from is not None, "--lora adapts a trained model: give it with --init-from"),
+            (self.lora_r >= 1, "lora_r must be >= 1"),
+            (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha must be > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        if self.lora:
+            parse_targets(self.lora_targets)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..chat_template import ChatTemplate
 from ..checkpoint import from_pretrained
 from ..config import ModelConfig
 from ..cpu import optimize
@@ -20,7 +21,9 @@ from ..model import DeepseekV2
 from ..presets import get_config
 from . import data as data_mod
 from .config import TrainConfig, TrainingError, refuse_changes
+from .finetune import lora_model
 from .run_dir import SOURCES_FILE, RunDir
+from .schedule import autocast_dtype
 from .state import ResumePoint
 
 
@@ -57,6 +60,8 @@ def prepare_data(tc: TrainConfig, run: RunDir, vocab_size: int,
     ranks of a run reuse rank 0's), or one trained now on the corpus."""
     given = tokenizer or tc.tokenizer or (Path(tc.init_from) / data_mod.TOKENIZER_FILE if tc.init_from and (
         Path(tc.init_from) / data_mod.TOKENIZER_FILE).exists() else None)
+    if data_mod.is_instruction_data(tc.data):
+        return instruction_data(tc, run, vocab_size, given)
     record = run.tokenizer_dir / SOURCES_FILE
     trained_on = {"sources": data_mod.sources_fingerprint(tc.data), "max_bytes": tc.max_bytes,
                   "vocab_size": vocab_size}
@@ -94,12 +99,37 @@ def prepare_data(tc: TrainConfig, run: RunDir, vocab_size: int,
     return ds, tok_path
 
 
+def instruction_data(tc: TrainConfig, run: RunDir, vocab_size: int, given: Path | None
+                     ) -> tuple[data_mod.InstructionDataset, Path]:
+    """Chat or prompt/completion records (data/instructions.py), rendered with init_from's chat template."""
+    if given is None:
+        raise TrainingError("instruction data is tokenized with the model's own tokenizer: give --init-from a "
+                            "checkpoint with tokenizer.json (or --tokenizer)")
+    tok = data_mod.load_tokenizer(given)
+    tok_path = data_mod.save_tokenizer(tok, run.tokenizer_dir)
+    (run.tokenizer_dir / SOURCES_FILE).unlink(missing_ok=True)
+    template = ChatTemplate.from_checkpoint(Path(tc.init_from)) if tc.init_from else None
+    bos, eos = data_mod.special_token_ids(tok)
+    renderer = data_mod.Renderer(tok, template, bos, eos)
+    ds = data_mod.InstructionDataset.build(tc.data, renderer, tc.val_fraction, tc.seed,
+                                           pad_id=eos if eos is not None else 0)
+    if max(max(e.ids) for e in ds.train_examples + ds.val_examples) >= vocab_size:
+        raise TrainingError(f"the tokenizer's ids reach past the model's vocabulary of {vocab_size}")
+    print(f"instruction data: {len(ds.train_examples)} train / {len(ds.val_examples)} val examples, loss on the "
+          f"answer tokens only ({len(ds.train)} in train), one padded row of seq_len {tc.seq_len} per example",
+          flush=True)
+    return ds, tok_path
+
+
 def build_model(tc: TrainConfig, device: torch.device) -> DeepseekV2:
-    """The model to train (fp32 master weights) with the CPU fast paths on (dsv2.cpu.optimize: on the CPU, SDPA's
-    flash kernel for MLA, fp32 GEMMs where bf16 is emulated; they step aside under autograd where they must)."""
+    """The model to train (fp32 master weights; a LoRA run: init_from frozen, with adapters) with the CPU fast
+    paths on (dsv2.cpu.optimize: on the CPU, SDPA's flash kernel for MLA, fp32 GEMMs where bf16 is emulated; they
+    step aside under autograd where they must)."""
     if tc.init_from:
         if tc.model:
             raise TrainingError("model overrides cannot change a checkpoint given with init_from")
+        if tc.lora:  # the base frozen (a quantized one too: its integer rows are never trained)
+            return lora_model(tc, device, autocast_dtype(tc, device))
         if "quantization_config" in ModelConfig.from_json(Path(tc.init_from) / "config.json").extra:
             raise TrainingError(f"{tc.init_from} is quantized (its weights are integers, not parameters): train from "
                                 "its float original")

@@ -31,11 +31,15 @@ from safetensors.torch import load_file
 
 from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ..distributed.parallel import Parallel
+from ..errors import AdapterError
 from ..files import atomic_write, fsync_path, write_safetensors
+from ..lora.peft import CONFIG_FILE
 from ..model import DeepseekV2
 from ..tokenizer import TOKENIZER_FILE, TokenizerError, copy_tokenizer, load_tokenizer
 from .config import TrainConfig, TrainingError, known_settings
+from .finetune import is_lora_checkpoint, lora_model, save_lora
 from .run_dir import STATE_FILE, RunDir
+from .schedule import autocast_dtype
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -78,25 +82,28 @@ def save_checkpoint(run: RunDir, step: int, model: DeepseekV2, opt: torch.optim.
     """Under expert parallelism every rank calls this (the experts and their moments are gathered from the
     ranks holding them) and rank 0 writes the same files as one process would."""
     par = par or Parallel()
-    params = par.full_parameters(model)
+    params = par.full_parameters(model, trainable_only=tc.lora)
     tensors, opt_meta = optimizer_tensors(opt, par)
     final = run.checkpoint_path(step)
     with par.together():  # a full disk on rank 0 stops every rank
         if par.is_main:
             state = {"step": step, "train_config": tc.to_dict(), "optimizer": opt_meta, "data": data,
                      "time": time.time()}
-            _write(run, final, model, params, tensors, state, tokenizer_path, tc.keep_last)
+            save = ((lambda d: save_lora(model, d, tc, params)) if tc.lora else
+                    (lambda d: save_pretrained(model, d, params=params)))
+            _write(run, final, model, save, tensors, state, tokenizer_path, tc.keep_last)
     return final
 
 
-def _write(run: RunDir, final: Path, model: DeepseekV2, params: dict[str, torch.Tensor],
+def _write(run: RunDir, final: Path, model: DeepseekV2, save: Callable[[Path], None],
            tensors: dict[str, torch.Tensor], state: dict[str, Any], tokenizer_path: Path | None,
            keep_last: int) -> None:
+    """save(folder) writes the weights: the model (save_pretrained), or a LoRA run's adapters."""
     run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     tmp = run.checkpoints_dir / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pretrained(model, tmp, params=params)
+        save(tmp)
         if tokenizer_path is not None:
             c = model.config
             copy_tokenizer(tokenizer_path, tmp, c.max_position_embeddings, c.bos_token_id, *c.eos_token_ids[:1])
@@ -179,9 +186,13 @@ def _read(ckpt: Path, device: torch.device) -> ResumePoint:
             load_tokenizer(tokenizer)
         except TokenizerError as e:
             raise Damaged(str(e)) from None
-    _read_json(ckpt / "config.json")  # unreadable JSON is damage; a config this dsv2 refuses is not (below)
-    try:
-        model = from_pretrained(ckpt, dtype=torch.float32, device=device).train()
+    lora = is_lora_checkpoint(ckpt)
+    _read_json(ckpt / (CONFIG_FILE if lora else "config.json"))  # unreadable JSON is damage; a config this dsv2
+    try:                                                          # refuses is not (below)
+        model = (lora_model(settings, device, autocast_dtype(settings, device), ckpt) if lora else
+                 from_pretrained(ckpt, dtype=torch.float32, device=device).train())
+    except AdapterError as e:
+        raise Damaged(str(e)) from None
     except CheckpointError as e:
         if str(e).startswith("invalid config"):
             raise TrainingError(f"cannot resume from {ckpt}: {e}") from None

@@ -65,6 +65,8 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False) -> dic
         if isinstance(s, dict):  # a resumed run that had already finished
             return s
         with s.log, GracefulStop() as stop, deterministic_algorithms(tc.deterministic):
+            if tc.init_from and s.start_step == 0:  # fine-tuning: what the run starts from, to compare against
+                s.base_val = evaluate(s.model, s.ds, tc, device, s.amp)
             for step in range(s.start_step, tc.max_steps):
                 record = train_step(s, step)  # data -> forward -> losses -> backward -> clip -> AdamW step
                 done = step + 1
@@ -113,6 +115,8 @@ class Session:
     last_ckpt: Path | None = None
     saved_at: int = 0
     last_val: float | None = None
+    base_val: float | None = None
+    """A fine-tuning run's validation loss before its first step (init_from's own)."""
     bad_in_a_row: int = 0
 
     @classmethod
@@ -178,7 +182,8 @@ class Session:
             self.saved_at = step
 
     def summary(self, interrupted: str | None = None) -> dict[str, Any]:
-        out = {"val_loss": self.last_val, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+        out = {"val_loss": self.last_val, "base_val_loss": self.base_val,
+               "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                "steps": self.saved_at, "tokenizer": str(self.tokenizer), "rank": self.par.rank,
                "out": str(self.run.path)}
         if interrupted:
@@ -232,8 +237,9 @@ def evaluate(model: DeepseekV2, ds: data_mod.TokenDataset, tc: TrainConfig, devi
     for x, y in ds.val_batches(micro, tc.seq_len, max_batches=tc.eval_batches):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = model(x.to(device), targets=y.to(device))
-        total += float(loss) * y.numel()
-        n += y.numel()
+        counted = int((y != data_mod.IGNORE_INDEX).sum())  # instruction data: the answer tokens only
+        total += float(loss) * counted if counted else 0.0
+        n += counted
     model.train()
     return total / max(1, n)
 

@@ -17,8 +17,6 @@ server's threads may add and abort requests while another thread steps.
 from __future__ import annotations
 
 import itertools
-import os
-import re
 import threading
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, replace
@@ -28,37 +26,22 @@ import torch
 from tqdm import tqdm
 
 from ...checkpoint import from_pretrained
-from ...config import ModelConfig
 from ...cpu import optimize
 from ...cpu.decode_step import DecodeStep
-from ...errors import GenerationError, RequestError
+from ...errors import AdapterError, GenerationError, RequestError
 from ...model import DeepseekV2
 from ...tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 from . import prompt_logprobs
-from .blocks import BlockPool
+from .adapters import Adapters
+from .blocks import ROOT_HASH, BlockPool
 from .detokenizer import Detokenizer
+from .options import CONTEXT_EXCEEDED, DEFAULT_CACHE_BYTES, check_options, device_memory, parse_bytes
 from .paged import PagedCache, Segment, StepBatch
 from .params import Admission, CompletionOutput, RequestOutput, SamplingParams, choice_seed, prompt_token_ids
 from .sampler import Row, sample
 from .scheduler import Scheduler
 from .sequence import Request, Sequence, Status
 from .stop_strings import StopStrings
-
-DEFAULT_CACHE_BYTES = 1 << 30
-DEFAULT_BLOCK_SIZE = 64
-CONTEXT_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for a request past the context
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
-
-def parse_bytes(size: str | int) -> int:
-    """4096, "512MiB", "4GiB", "1.5GB" -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise GenerationError(f"cache_memory {size!r} is not a size like 4GiB or 512MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass
@@ -72,57 +55,27 @@ class Packed:
     ready: list[Sequence] = field(default_factory=list)
     prompt_spans: list[prompt_logprobs.Span] = field(default_factory=list)
     """The prompt tokens whose log-probabilities their requests asked for."""
-
-
-def check_options(config: ModelConfig, *, cache_memory: str | int | None = None, num_blocks: int | None = None,
-                  block_size: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                  max_model_len: int | None = None) -> tuple[int, int]:
-    """The engine's options checked against the model's config alone (a server checks them before it loads the
-    weights): a GenerationError naming the option, else max_model_len and block_size resolved (defaults: the
-    model's context, and 64 tokens or max_model_len if less)."""
-    sizes = {"block_size": 1 if block_size is None else block_size, "max_num_seqs": max_num_seqs,
-             "max_num_batched_tokens": max_num_batched_tokens, "num_blocks": 1 if num_blocks is None else num_blocks}
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise GenerationError(f"{name} must be >= 1 (an integer), got {value}")
-    context = config.max_position_embeddings
-    max_len = context if max_model_len is None else max_model_len
-    if not isinstance(max_len, int) or not 1 < max_len <= context:
-        raise GenerationError(f"max_model_len must be in [2, {context}] (the model's context), got {max_model_len}")
-    if block_size is None:
-        block_size = min(DEFAULT_BLOCK_SIZE, max_len)
-    elif block_size > max_len:
-        raise GenerationError(f"block_size {block_size} is more than max_model_len ({max_len}): no sequence would "
-                              "fill a block")
-    if cache_memory is not None:
-        parse_bytes(cache_memory)
-    return max_len, block_size
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory the cache may take: a CUDA device's free memory (the weights are there already), or this
-    machine's RAM in all (a coarse bound: the weights are in it too)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    slots: list[int] = field(default_factory=list)
+    """Each token's LoRA adapter slot (-1: the base model)."""
 
 
 class Engine:
     def __init__(self, model: DeepseekV2, tokenizer=None, *, cache_memory: str | int | None = None,
                  num_blocks: int | None = None, block_size: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, prefix_caching: bool = True, dtype: torch.dtype | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, max_loras: int = 0, max_lora_rank: int = 16):
         """cache_memory (bytes, or "4GiB") or num_blocks size the paged cache (default: 1 GiB, or what
         max_num_seqs full contexts take if less); block_size tokens per block (default 64, or max_model_len if
         less); max_num_seqs sequences and max_num_batched_tokens tokens per step at most; dtype of the cache
         (default: the model's); max_model_len prompt and output tokens per sequence at most (default: the model's
-        context)."""
+        context); max_loras LoRA adapters loaded at once (add_adapter), of rank max_lora_rank at most."""
         config = model.config
         self.max_model_len, block_size = check_options(
             config, cache_memory=cache_memory, num_blocks=num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
         self.model = optimize(model.eval())  # the engine owns its model: eval mode, the CPU paths for prefill
         self.fused = DecodeStep(self.model)  # decode-only steps: a few C++ calls per layer
+        self.adapters = Adapters(self.model, max_loras, max_lora_rank) if max_loras else None
         self.tokenizer = tokenizer
         w = model.model.embed_tokens.weight
         self.device, dtype = w.device, dtype or w.dtype
@@ -164,14 +117,17 @@ class Engine:
         return cls(model, load_tokenizer(tok) if tok.exists() else None, **kw)
 
     # -- the stepping API -----------------------------------------------------------------------------------------
-    def admit(self, prompt: str | Seq[int], params: SamplingParams | None = None, *, truncate: bool = True
-              ) -> Admission:
+    def admit(self, prompt: str | Seq[int], params: SamplingParams | None = None, *, truncate: bool = True,
+              adapter: str | None = None) -> Admission:
         """Check a request completely, once: the prompt (a text is tokenized, BOS first; ids must be in the
         vocabulary), what its parameters need (stop strings a tokenizer, stop tokens the vocabulary), its length
-        against max_model_len and its worst case against the cache. max_tokens=None becomes what the context and
+        against max_model_len and its worst case against the cache, the LoRA adapter it names (loaded by
+        add_adapter). max_tokens=None becomes what the context and
         the cache leave; a max_tokens past the context is cut to it (truncate, as generate does) or refused. The
         RequestError names the field at fault. It reads no state a step changes, so any thread may call it."""
         params = params or SamplingParams()
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters.loaded):
+            raise RequestError(f"no LoRA adapter named {adapter!r} is loaded", "model", "model_not_found")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings are matched on the text: the engine needs a tokenizer (or use "
                                "stop_token_ids)", "stop")
@@ -181,7 +137,8 @@ class Engine:
             bad = [t for t in token_ids if t >= vocab]
             if bad:
                 raise RequestError(f"{name} outside the vocabulary [0, {vocab}): {bad[:5]}", name)
-        return Admission(ids, replace(params, **self._length(len(ids), params, truncate)), StopStrings(params.stop))
+        return Admission(ids, replace(params, **self._length(len(ids), params, truncate)), StopStrings(params.stop),
+                         adapter)
 
     def _length(self, prompt_len: int, params: SamplingParams, truncate: bool) -> dict[str, int]:
         """max_tokens (and min_tokens) resolved against the context and the cache. The worst case in blocks: the
@@ -218,7 +175,10 @@ class Engine:
         with self._lock:
             if request_id in self._requests:
                 raise RequestError(f"request {request_id!r} is already running")
-            req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals), stops=adm.stops)
+            if adm.adapter is not None and adm.adapter not in self.adapters.loaded:  # unloaded since admission
+                raise RequestError(f"no LoRA adapter named {adm.adapter!r} is loaded", "model", "model_not_found")
+            req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals), stops=adm.stops,
+                          adapter=adm.adapter)
             if adm.params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None] * len(adm.prompt_ids)
             req.seqs.append(self._sequence(req, 0, list(adm.prompt_ids)))
@@ -236,6 +196,28 @@ class Engine:
                     self.scheduler.finish(seq)
                     seq.finish_reason = "abort"
             return True
+
+    # -- LoRA adapters (adapters.py) ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT-format adapter folder under `name` (requests name it with admit(..., adapter=name))."""
+        if self.adapters is None:
+            raise AdapterError("this engine serves no LoRA adapters: create it with max_loras >= 1")
+        with self._lock:
+            self.adapters.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter (AdapterError while a request still uses it)."""
+        with self._lock:
+            if self.adapters is None or name not in self.adapters.loaded:
+                raise AdapterError(f"no LoRA adapter named {name!r} is loaded")
+            busy = sum(r.adapter == name for r in self._requests.values())
+            if busy:
+                raise AdapterError(f"the adapter {name!r} is in use by {busy} running request(s)")
+            self.adapters.remove(name)
+
+    def _slot(self, seq: Sequence) -> int:
+        name = seq.request.adapter
+        return -1 if name is None else self.adapters.loaded[name].slot
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -270,6 +252,7 @@ class Engine:
             if prompt_logprobs.wanted(seq):
                 packed.prompt_spans.append((seq, len(packed.ids), seq.num_computed, n))
             packed.ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
+            packed.slots.extend([self._slot(seq)] * n)
             if seq.num_computed + n == seq.num_tokens:
                 packed.sample_at.append(len(packed.ids) - 1)
                 packed.ready.append(seq)
@@ -282,7 +265,8 @@ class Engine:
             ids = torch.tensor([batch.ids], device=self.device)
             step = StepBatch(self.cache, batch.segments, self.device)
             n = len(batch.ids)
-            if step.decode_only and self.fused.applies(n) and batch.sample_at == list(range(n)):
+            adapted = self.adapters is not None and self.adapters.set_rows(batch.slots, self.device)
+            if step.decode_only and self.fused.applies(n) and batch.sample_at == list(range(n)) and not adapted:
                 return self.fused(ids, step.positions(1, n, self.device), step)
             if batch.prompt_spans:  # the final norm's output, the LM head applied here: prompt_logprobs.py
                 hidden_ND = self.model(ids, cache=step, hidden=True)[0]
@@ -345,7 +329,8 @@ class Engine:
         if p.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(choice_seed(p.seed, index))
         detok = Detokenizer(self.tokenizer, req.stops) if self.tokenizer is not None else None
-        return Sequence(req, index, token_ids, gen, detok)
+        root = ROOT_HASH if req.adapter is None else self.adapters.loaded[req.adapter].root
+        return Sequence(req, index, token_ids, gen, detok, root=root)
 
     def _forked(self, seq: Sequence) -> list[Sequence]:
         req = seq.request

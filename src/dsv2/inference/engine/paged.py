@@ -15,6 +15,7 @@ sequence with a cache) all at once on the absorbed path, straight from the block
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +112,9 @@ class StepBatch:
         out = q_nope_BSHN.new_empty(*q_nope_BSHN.shape[:3], attn.v_dim)
         if self.decode_rows.numel():
             d = self.decode_rows
-            o = attn.absorbed_paged(q_nope_BSHN[0, d][:, None], q_pe_BSHR[0, d][:, None],
-                                    self.cache.storage[attn.layer_idx], self.decode_table, self.decode_lens)
+            with _adapter_rows(attn, d):
+                o = attn.absorbed_paged(q_nope_BSHN[0, d][:, None], q_pe_BSHR[0, d][:, None],
+                                        self.cache.storage[attn.layer_idx], self.decode_table, self.decode_lens)
             out[0, d] = o[:, 0].to(out.dtype)
         # a chunk after a cached prefix: absorption costs n_new * (C + R + C) multiply-adds per head and cached
         # token, decompressing the prefix C * (N + V): the cheaper one (a chunk of a few tokens after a long
@@ -122,13 +124,17 @@ class StepBatch:
             ctx, mask = self._gathered(s)
             kv_TX = rows[ctx].to(q_nope_BSHN.dtype)
             span = slice(s.start, s.start + s.n_new)
-            if s.n_cached and s.n_new < absorb_below:
-                out[:, span] = attn.absorbed(q_nope_BSHN[:, span], q_pe_BSHR[:, span], kv_TX[None], mask)
-            else:
-                c_kv_TC, k_pe_TR = kv_TX.split([attn.kv_rank, attn.rope], dim=-1)
-                out[:, span] = attn.naive(q_nope_BSHN[:, span], q_pe_BSHR[:, span], c_kv_TC[None], k_pe_TR[None],
-                                          mask)
+            with _adapter_rows(attn, [s.start]):
+                out[:, span] = self._prefill(attn, q_nope_BSHN[:, span], q_pe_BSHR[:, span], kv_TX, mask,
+                                             bool(s.n_cached) and s.n_new < absorb_below)
         return out
+
+    @staticmethod
+    def _prefill(attn, q_nope_BSHN, q_pe_BSHR, kv_TX, mask, absorb: bool) -> torch.Tensor:
+        if absorb:
+            return attn.absorbed(q_nope_BSHN, q_pe_BSHR, kv_TX[None], mask)
+        c_kv_TC, k_pe_TR = kv_TX.split([attn.kv_rank, attn.rope], dim=-1)
+        return attn.naive(q_nope_BSHN, q_pe_BSHR, c_kv_TC[None], k_pe_TR[None], mask)
 
     def kv_attention(self, attn, q_BSHK, k_BSW, v_BSW) -> torch.Tensor:
         rows = self._rows(attn.layer_idx)
@@ -172,3 +178,10 @@ class StepBatch:
                 mask = causal_mask(torch.ones(1, T, dtype=torch.bool, device=device), s.n_cached)
             self._context[s.start] = (ctx, mask)
         return self._context[s.start]
+
+
+def _adapter_rows(attn, token_B) -> contextlib.AbstractContextManager:
+    """An adapter on kv_b_proj (dsv2.lora) applies per sequence, and an attention call's batch rows are some of the
+    step's sequences: name them (token_B: a token of each) for the adapter's rows."""
+    lora = getattr(attn, "kv_b_proj", None) and getattr(attn.kv_b_proj, "lora", None)
+    return lora.rows.call(token_B) if lora is not None else contextlib.nullcontext()

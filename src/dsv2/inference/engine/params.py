@@ -143,6 +143,8 @@ class Admission:
     prompt_ids: list[int]
     params: SamplingParams
     stops: StopStrings
+    adapter: str | None = None
+    """The LoRA adapter it runs with (None: the base model)."""
 
 
 @dataclass

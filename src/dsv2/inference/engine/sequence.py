@@ -49,6 +49,9 @@ class Sequence:
     new_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    root: bytes = ROOT_HASH
+    """The parent hash of its first block: its LoRA adapter's (engine/adapters.py), so that only requests of the
+    same adapter share cached blocks."""
 
     @property
     def prompt_len(self) -> int:
@@ -70,7 +73,7 @@ class Sequence:
         """Keys of the full blocks among the first `upto` tokens (extends self.hashes as blocks fill)."""
         while (len(self.hashes) + 1) * block_size <= upto:
             i = len(self.hashes)
-            parent = self.hashes[-1] if self.hashes else ROOT_HASH
+            parent = self.hashes[-1] if self.hashes else self.root
             self.hashes.append(block_hash(parent, self.token_ids[i * block_size:(i + 1) * block_size]))
         return self.hashes
 
@@ -88,6 +91,8 @@ class Request:
     """Per prompt position, a TokenLogprob (None for the first), where params.prompt_logprobs asks for them."""
     counted_uncached: bool = False
     """Whether the scheduler has counted it among the prompts computed past the prefix cache."""
+    adapter: str | None = None
+    """The LoRA adapter it runs with (None: the base model)."""
 
     @property
     def finished(self) -> bool:
