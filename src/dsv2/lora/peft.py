@@ -134,7 +134,7 @@ def write_adapter(path: str | Path, adapter: Adapter) -> None:
 def peft_config(r: int, alpha: float, dropout: float, modules: list[str], base: str | None) -> dict[str, Any]:
     """adapter_config.json for a dsv2 adapter. target_modules lists the adapted module names as PEFT and vLLM match
     them (the routed experts as gate_proj / up_proj / down_proj); the tensors say exactly which modules have an
-    adapter (a PEFT model made from this config gives the others B = 0: no change)."""
+    adapter."""
     names = {p for m in modules for p in (MLP_NAMES if m.endswith(".experts") else (m.rsplit(".", 1)[-1],))}
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": r,
             "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(names), "bias": "none",

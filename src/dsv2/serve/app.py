@@ -21,19 +21,29 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..chat_template import ChatTemplate, ChatTemplateError
-from ..errors import RequestError
+from ..errors import AdapterError, RequestError
 from ..inference.engine import Engine, RequestOutput
 from ..inference.engine.params import Admission
 from .engine_loop import EngineLoop
 from .http import Guard, install_error_handlers, openapi_schema
 from .outputs import Job, Outputs
-from .protocol import LIMITS, ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import (
+    LIMITS,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRARequest,
+    TokenizeRequest,
+    UnloadLoRARequest,
+)
 from .responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -74,6 +84,8 @@ ROUTES = (  # method, path, the Server's method, response model, response class,
     ("POST", "/detokenize", "detokenize", DetokenizeResponse, JSONResponse, _ERRORS),
     ("POST", "/v1/completions", "completions", CompletionResponse, JSONResponse, _ERRORS),
     ("POST", "/v1/chat/completions", "chat_completions", ChatCompletionResponse, JSONResponse, _ERRORS),
+    ("POST", "/v1/load_lora_adapter", "load_lora_adapter", None, PlainTextResponse, _ERRORS),
+    ("POST", "/v1/unload_lora_adapter", "unload_lora_adapter", None, PlainTextResponse, _ERRORS),
 )
 STREAMS = {"/v1/completions": CompletionStreamResponse, "/v1/chat/completions": ChatCompletionChunk}
 """The routes that stream with stream: true, and their events (in the OpenAPI schema as a text/event-stream)."""
@@ -95,7 +107,7 @@ class Server:
         self.vocab = engine.model.config.vocab_size
         self.tokens = TokenTable(self.tokenizer, self.vocab)
         self.max_prompt_bytes = self.tokens.max_prompt_bytes(config.max_model_len)
-        self.outputs = Outputs(self.tokens, config.model_name, self.loop, text=self.tokenizer is not None)
+        self.outputs = Outputs(self.tokens, self.loop, text=self.tokenizer is not None)
         self.app = self._build()
 
     def _build(self) -> FastAPI:
@@ -133,14 +145,37 @@ class Server:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> ModelList:
-        """The one model this server serves."""
-        c = self.config
-        return ModelList(data=[ModelCard(id=c.model_name, created=int(time.time()), root=c.root,
-                                         max_model_len=c.max_model_len)])
+        """The base model, and each LoRA adapter loaded (its parent: the base model)."""
+        c, now = self.config, int(time.time())
+        adapters = [] if self.engine.adapters is None else list(self.engine.adapters.loaded.values())
+        return ModelList(data=[ModelCard(id=c.model_name, created=now, root=c.root, max_model_len=c.max_model_len),
+                               *(ModelCard(id=a.name, created=now, root=Path(a.path).name, parent=c.model_name,
+                                           max_model_len=c.max_model_len) for a in adapters)])
+
+    async def load_lora_adapter(self, req: LoadLoRARequest) -> PlainTextResponse:
+        """Load a LoRA adapter folder (PEFT format, a path of the server's disk) under a name requests then give as
+        their model (as vLLM's endpoint; behind the API key). It waits for the step in progress."""
+        if self.engine.adapters is None:
+            raise ApiError(400, "this server serves no LoRA adapters: start it with --max-loras N (or --lora-modules)")
+        if req.lora_name == self.config.model_name:
+            raise ApiError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
+        try:
+            await asyncio.to_thread(self.engine.add_adapter, req.lora_name, req.lora_path)
+        except AdapterError as e:
+            raise ApiError(400, str(e), param="lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, req: UnloadLoRARequest) -> PlainTextResponse:
+        """Unload a LoRA adapter (400 while requests still run with it)."""
+        try:
+            await asyncio.to_thread(self.engine.remove_adapter, req.lora_name)
+        except AdapterError as e:
+            raise ApiError(400, str(e), param="lora_name") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         """A prompt's token ids (BOS first), or a chat's as its template renders it: what the engine is fed."""
-        self._check_model(req.model)
+        self._adapter(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send either prompt or messages", param="prompt")
         if req.messages is not None:
@@ -153,7 +188,7 @@ class Server:
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         """Token ids' text (special tokens included)."""
-        self._check_model(req.model)
+        self._adapter(req.model)
         self._need_tokenizer("detokenizing")
 
         def run() -> JSONResponse:
@@ -168,7 +203,7 @@ class Server:
     async def completions(self, req: CompletionRequest, request: Request) -> CompletionResponse | Response:
         """Completions of a prompt or of a list of prompts (text or token ids), n each; streamed as
         text/event-stream events (CompletionStreamResponse) with stream: true."""
-        self._check_model(req.model)
+        adapter = self._adapter(req.model)
         req.check()
         prompts = req.prompts()
         if len(prompts) * req.n > self.config.max_queue:
@@ -183,7 +218,7 @@ class Server:
 
         def admit() -> tuple[list[Admission], list[str]]:  # tokenizing (and decoding the echoes) off the loop
             requested = 1 if req.max_tokens == 0 else req.max_tokens  # 0 (echo): one token sampled, not returned
-            adms = self._within_budget([self._admit(p, req, req.logprobs, requested, "prompt",
+            adms = self._within_budget([self._admit(p, req, req.logprobs, requested, "prompt", adapter,
                                                     req.top_prompt_logprobs) for p in prompts], req.logprobs)
             self._check_prompt_budget(adms, req.top_prompt_logprobs, req.n)
             if not req.echo:
@@ -192,7 +227,7 @@ class Server:
             return adms, [p if isinstance(p, str) else d for p, d in zip(prompts, decoded, strict=True)]
 
         admissions, echoes = await asyncio.to_thread(admit)
-        job = Job.of("cmpl", admissions)
+        job = Job.of("cmpl", admissions, req.model or self.config.model_name)
         sink = self.loop.submit_all(job.rids, job.admissions)  # a full queue is a 503 before any 200
         if req.stream:
             return self.outputs.stream(self.outputs.completion_events(req, job, echoes, sink), job)
@@ -205,15 +240,15 @@ class Server:
                                ) -> ChatCompletionResponse | Response:
         """Chat completions of a conversation rendered by the checkpoint's chat template, n of them; streamed as
         text/event-stream events (ChatCompletionChunk) with stream: true."""
-        self._check_model(req.model)
+        adapter = self._adapter(req.model)
         req.check()
         logprobs = req.logprobs_n()
         if req.n > self.config.max_queue:
             raise ApiError(400, f"n={req.n} is more than the server queues ({self.config.max_queue})", param="n")
         self._check_budget(req.n, req.asked, logprobs)
         prompt = await self._chat_prompt(req.messages, req.add_generation_prompt)
-        admission = await asyncio.to_thread(self._admit, prompt, req, logprobs, req.asked, "messages")
-        job = Job.of("chatcmpl", self._within_budget([admission], logprobs))
+        admission = await asyncio.to_thread(self._admit, prompt, req, logprobs, req.asked, "messages", adapter)
+        job = Job.of("chatcmpl", self._within_budget([admission], logprobs), req.model or self.config.model_name)
         sink = self.loop.submit_all(job.rids, job.admissions)
         if req.stream:
             return self.outputs.stream(self.outputs.chat_events(req, logprobs is not None, job, sink), job)
@@ -224,13 +259,14 @@ class Server:
 
     # -- the engine -----------------------------------------------------------------------------------------------
     def _admit(self, prompt: str | list[int], req: CompletionRequest | ChatCompletionRequest, logprobs: int | None,
-               requested: int | None, param: str, prompt_logprobs: int | None = None) -> Admission:
+               requested: int | None, param: str, adapter: str | None = None,
+               prompt_logprobs: int | None = None) -> Admission:
         """The request admitted by the engine, once (max_tokens None: what the context and the cache leave, chat's
         default); a RequestError is a 400 naming its param (a prompt's is `param`: "messages" for a chat). Any
         thread may call it."""
         try:
             return self.engine.admit(prompt, req.sampling_params(requested, logprobs, prompt_logprobs),
-                                     truncate=False)
+                                     truncate=False, adapter=adapter)
         except RequestError as e:
             raise ApiError(400, str(e), param=param if e.param in (None, "prompt") else e.param,
                            code=e.code) from None
@@ -275,10 +311,17 @@ class Server:
         return finals if len(finals) == len(job.rids) else None
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.config.model_name:
-            raise ApiError(404, f"the model '{name}' does not exist (this server has '{self.config.model_name}')",
-                           param="model", code="model_not_found")
+    def _adapter(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's model field names (None: the base model); 404 for a name the server has
+        not."""
+        if name is None or name == self.config.model_name:
+            return None
+        adapters = self.engine.adapters.loaded if self.engine.adapters is not None else {}
+        if name not in adapters:
+            have = ", ".join(f"'{n}'" for n in [self.config.model_name, *adapters])
+            raise ApiError(404, f"the model '{name}' does not exist (this server has {have})", param="model",
+                           code="model_not_found")
+        return name
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:

@@ -45,11 +45,13 @@ class Job:
     rids: list[str]
     admissions: list[Admission]
     created: int
+    model: str
+    """The model the request named: the base model's name, or a LoRA adapter's."""
 
     @classmethod
-    def of(cls, prefix: str, admissions: list[Admission]) -> Job:
+    def of(cls, prefix: str, admissions: list[Admission], model: str) -> Job:
         base = f"{prefix}-{uuid.uuid4().hex}"
-        return cls(base, [f"{base}-{i}" for i in range(len(admissions))], admissions, int(time.time()))
+        return cls(base, [f"{base}-{i}" for i in range(len(admissions))], admissions, int(time.time()), model)
 
     def usage(self, finals: dict[int, RequestOutput], prompt_only: bool = False) -> Usage:
         p = sum(len(a.prompt_ids) for a in self.admissions)
@@ -58,11 +60,11 @@ class Job:
 
 
 class Outputs:
-    """Responses and events of one server: its model's name, its TokenTable, its engine loop; `text`: whether
-    the checkpoint has a tokenizer."""
+    """Responses and events of one server: its TokenTable, its engine loop; `text`: whether the checkpoint has a
+    tokenizer. A response names the model its Job ran on."""
 
-    def __init__(self, tokens: TokenTable, model_name: str, loop: EngineLoop, text: bool):
-        self.tokens, self.model_name, self.loop, self.text = tokens, model_name, loop, text
+    def __init__(self, tokens: TokenTable, loop: EngineLoop, text: bool):
+        self.tokens, self.loop, self.text = tokens, loop, text
 
     def ids(self, req: CompletionRequest | ChatCompletionRequest) -> bool:
         """Whether a completion shows token ids: asked for, or the only output there is (no tokenizer)."""
@@ -89,7 +91,7 @@ class Outputs:
                                  if req.prompt_logprobs is not None else None))
 
         choices = [choice(i, c) for i in range(len(job.rids)) for c in finals[i].outputs]
-        return JSONResponse(CompletionResponse(id=job.id, created=job.created, model=self.model_name,
+        return JSONResponse(CompletionResponse(id=job.id, created=job.created, model=job.model,
                                                choices=choices, usage=job.usage(finals, none)).model_dump())
 
     def chat_response(self, req: ChatCompletionRequest, logprobs: bool, job: Job, final: RequestOutput
@@ -100,7 +102,7 @@ class Outputs:
                               token_ids=c.token_ids if ids else None)
                    for c in final.outputs]
         return JSONResponse(ChatCompletionResponse(
-            id=job.id, created=job.created, model=self.model_name, choices=choices, usage=job.usage({0: final}),
+            id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage({0: final}),
             prompt_token_ids=job.admissions[0].prompt_ids if ids else None).model_dump())
 
     # -- streams --------------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class Outputs:
             choice = CompletionChoice(index=k, text=delta if text else None, logprobs=lp, finish_reason=finish,
                                       prompt_token_ids=job.admissions[k // n].prompt_ids if ids and first else None,
                                       token_ids=(new_ids or []) if ids else None, prompt_logprobs=prompt_lps)
-            return CompletionStreamResponse(id=job.id, created=job.created, model=self.model_name,
+            return CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
                                             choices=[choice])
 
         # with the prompt's log-probabilities, the echo waits for them: a prompt's first output carries them
@@ -148,7 +150,7 @@ class Outputs:
                 if c.text_delta or lp or c.finish_reason or (ids and c.new_token_ids):
                     yield event(k, c.text_delta, c.new_token_ids, lp, c.finish_reason)
         if req.include_usage:
-            yield CompletionStreamResponse(id=job.id, created=job.created, model=self.model_name,
+            yield CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
                                            choices=[], usage=job.usage(finals, none))
 
     async def chat_events(self, req: ChatCompletionRequest, logprobs: bool, job: Job, sink: asyncio.Queue
@@ -156,7 +158,7 @@ class Outputs:
         ids = req.return_token_ids
 
         def event(choices: list[ChatChunkChoice], usage: Usage | None = None, first: bool = False):
-            return ChatCompletionChunk(id=job.id, created=job.created, model=self.model_name, choices=choices,
+            return ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=choices,
                                        usage=usage, prompt_token_ids=job.admissions[0].prompt_ids
                                        if ids and first else None)
 

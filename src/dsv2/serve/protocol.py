@@ -334,6 +334,15 @@ class DetokenizeRequest(_Body):
     tokens: TokenIds
 
 
+class LoadLoRARequest(_Body):
+    lora_name: StrictStr = Field(min_length=1, max_length=256)
+    lora_path: StrictStr = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRARequest(_Body):
+    lora_name: StrictStr = Field(min_length=1, max_length=256)
+
+
 REQUESTS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest, Message, TextPart,
             StreamOptions)
 FIELDS = frozenset(name for model in REQUESTS for name in model.model_fields)

@@ -161,6 +161,7 @@ class ModelCard(_Out):
     created: int
     owned_by: str = "dsv2"
     root: str | None = Field(description="the checkpoint folder's name (never a path of the server's disk)")
+    parent: str | None = Field(None, description="a LoRA adapter's base model")
     max_model_len: int
 
 

@@ -24,6 +24,7 @@ from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..errors import GenerationError
 from ..inference.engine import Engine, check_options
+from ..lora import read_adapter
 from .app import ServerConfig, build_app
 from .timeouts import Timeouts, protocol
 
@@ -34,24 +35,39 @@ KEEP_ALIVE_S = 5
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           api_key: str | None = None, max_model_len: int | None = None, max_queue: int = 256,
-          grace: float = 30.0, log_level: str = "info", timeouts: Timeouts = TIMEOUTS, **engine_kw) -> int:
-    """timeouts: how long a client may take to send a request's headers and body (timeouts.py)."""
+          grace: float = 30.0, log_level: str = "info", timeouts: Timeouts = TIMEOUTS,
+          lora_modules: dict[str, str] | None = None, max_loras: int | None = None, max_lora_rank: int | None = None,
+          **engine_kw) -> int:
+    """timeouts: how long a client may take to send a request's headers and body (timeouts.py). lora_modules:
+    adapter name -> folder, loaded at the start (more with POST /v1/load_lora_adapter, up to max_loras at once)."""
     _check_port(host, port)  # a port in use, a bad option or a bad template fails before the weights load
     engine_kw["max_model_len"] = max_model_len
+    name = served_model_name or Path(model).resolve().name
+    lora_modules = lora_modules or {}
+    adapters = {n: read_adapter(p) for n, p in lora_modules.items()}  # a bad folder fails before the weights load
+    if name in adapters:
+        raise ValueError(f"--lora-modules: {name!r} is the base model's name")
+    if max_loras is not None or adapters:
+        engine_kw["max_loras"] = max_loras if max_loras is not None else max(1, len(adapters))
+        engine_kw["max_lora_rank"] = max_lora_rank or max([a.rank for a in adapters.values()] or [16])
+        if engine_kw["max_loras"] < len(adapters):
+            raise ValueError(f"--max-loras {max_loras} is fewer than the {len(adapters)} --lora-modules")
     try:
         _check_options(model, max_queue, grace, engine_kw)
         chat_template = ChatTemplate.from_checkpoint(model)
         engine = Engine.from_pretrained(model, **engine_kw)
+        for adapter_name, path in lora_modules.items():
+            engine.add_adapter(adapter_name, path)
     except GenerationError as e:
         raise ValueError(_as_flags(str(e))) from None
-    name = served_model_name or Path(model).resolve().name
     config = ServerConfig(name, engine.max_model_len, api_key, max_queue, root=Path(model).resolve().name)
     app = build_app(engine, config, chat_template)
     s = engine.stats
     print(f"dsv2 serve: {name} on http://{host}:{port}/v1 ({s['num_blocks']} cache blocks of "
           f"{s['block_size']} tokens, {s['bytes_per_token']} bytes/token; chat template: "
-          f"{'yes' if chat_template else 'none'}; API key: {'required' if api_key else 'none'})", file=sys.stderr,
-          flush=True)
+          f"{'yes' if chat_template else 'none'}; API key: {'required' if api_key else 'none'}"
+          + (f"; LoRA adapters: {', '.join(lora_modules) or 'none yet'} (at most {engine.adapters.max_loras}, rank "
+             f"{engine.adapters.max_rank})" if engine.adapters is not None else "") + ")", file=sys.stderr, flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"dsv2 serve: warning: listening on {host} without --api-key: anyone who can reach this port can use "
               "the model", file=sys.stderr, flush=True)

@@ -48,10 +48,10 @@ class Adapters:
         free slot, a rank above max_lora_rank)."""
         if name in self.loaded:
             raise AdapterError(f"an adapter named {name!r} is loaded already (unload it first)")
+        adapter = read_adapter(path)
         free = sorted(set(range(self.max_loras)) - {a.slot for a in self.loaded.values()})
         if not free:
             raise AdapterError(f"all {self.max_loras} adapter slots are taken (--max-loras): unload one first")
-        adapter = read_adapter(path)
         if adapter.rank > self.max_rank:
             raise AdapterError(f"{path}: rank {adapter.rank} is above --max-lora-rank {self.max_rank}")
         check_modules(self.model, adapter, str(path))
