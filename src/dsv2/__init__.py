@@ -13,10 +13,10 @@ _API = {  # name -> the module that defines it
     "save_pretrained": "checkpoint", "GenerationError": "errors", "RequestError": "errors",
     "generate": "inference.generate",
     "stream_generate": "inference.generate", "Engine": "inference.engine", "SamplingParams": "inference.engine",
-    "RequestOutput": "inference.engine",
+    "RequestOutput": "inference.engine", "load_adapter": "lora", "merge_lora": "lora", "AdapterError": "errors",
 }
-_SUBPACKAGES = {"checkpoint", "cli", "config", "cpu", "distributed", "inference", "model", "presets", "tools",
-                "training"}
+_SUBPACKAGES = {"checkpoint", "cli", "config", "cpu", "distributed", "inference", "lora", "model", "presets", "quant",
+                "tools", "training"}
 
 __all__ = sorted(_API)
 __version__ = "0.1.0"

@@ -40,6 +40,9 @@ class Adapters:
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
         if max_loras < 1 or max_rank < 1:
             raise AdapterError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_rank}")
+        if rows_of(model) is not None:
+            raise AdapterError("the model has an adapter applied already (load_adapter): give the engine the base "
+                               "model and its adapters with add_adapter, or merge the adapter in (dsv2.merge_lora)")
         self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
         self.loaded: dict[str, Loaded] = {}
 
