@@ -170,10 +170,15 @@ def write_folder(path, tensors, **cfg):
 
 
 def good_pair(model, name="model.layers.0.self_attn.o_proj", r=4):
-    lin = model.get_submodule(name)
+    """A PEFT pair of random A and B for a module (a routed expert's part by its per-expert name)."""
+    if ".experts." in name:  # experts.{j}.gate_proj / up_proj: hidden -> moe_intermediate
+        c = model.config
+        shape = (c.hidden_size, c.moe_intermediate_size)
+    else:
+        lin = model.get_submodule(name)
+        shape = (lin.in_features, lin.out_features)
     key = f"base_model.model.{name}"
-    return {f"{key}.lora_A.weight": torch.randn(r, lin.in_features),
-            f"{key}.lora_B.weight": torch.randn(lin.out_features, r)}
+    return {f"{key}.lora_A.weight": torch.randn(r, shape[0]), f"{key}.lora_B.weight": torch.randn(shape[1], r) / 10}
 
 
 @pytest.mark.parametrize("case,message", [
@@ -182,8 +187,13 @@ def good_pair(model, name="model.layers.0.self_attn.o_proj", r=4):
     ("missing", "has lora_A but not lora_B"),
     ("pickled", "is pickled, which dsv2 never loads"),
     ("dora", "does not apply DoRA"),
-    ("module", "not a module of this model"),
+    ("module", "not a module dsv2 adapts"),
     ("key", "is not a LoRA A/B weight"),
+    ("lm_head", "not a module dsv2 adapts"),
+    ("norm", "not a module dsv2 adapts"),
+    ("fused", "per-expert pairs"),
+    ("pattern", "rank_pattern key '\\(' is not a regular expression"),
+    ("alpha", "alpha_pattern\\['o_proj'\\] must be a positive number"),
 ])
 def test_bad_adapter_folders_refuse_with_one_line(tmp_path, case, message):
     model, _ = model_and_ids()
@@ -205,6 +215,18 @@ def test_bad_adapter_folders_refuse_with_one_line(tmp_path, case, message):
         t = {k.replace("layers.0", "layers.9"): v for k, v in t.items()}
     elif case == "key":
         t["base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector"] = torch.ones(3)
+    elif case == "lm_head":
+        t = good_pair(model, "lm_head")
+    elif case == "norm":
+        t = {"base_model.model.model.norm.lora_A.weight": torch.randn(4, 4),
+             "base_model.model.model.norm.lora_B.weight": torch.randn(4, 4)}
+    elif case == "fused":
+        t = {"base_model.model.model.layers.1.mlp.experts.lora_A.weight": torch.randn(4, 4),
+             "base_model.model.model.layers.1.mlp.experts.lora_B.weight": torch.randn(4, 4)}
+    elif case == "pattern":
+        cfg["rank_pattern"] = {"(": 4}
+    elif case == "alpha":
+        cfg["alpha_pattern"] = {"o_proj": "8"}
     folder = write_folder(tmp_path / "a", t, **cfg)
     with pytest.raises(AdapterError, match=message) as err:
         load_adapter(model, folder)
@@ -278,3 +300,37 @@ def test_the_adapter_a_model_holds_reads_back_as_it_was():
     b = adapter_of(fresh, alpha=4.0)
     assert a.pairs.keys() == b.pairs.keys()
     assert all(torch.equal(a.pairs[k][i], b.pairs[k][i]) for k in a.pairs for i in (0, 1))
+
+
+def test_an_adapter_saved_back_computes_what_it_loaded(tmp_path):
+    """Per-module scales (rank_pattern, alpha_pattern, rsLoRA) survive a load and a save: folded into B."""
+    model, ids = model_and_ids()
+    t = {**good_pair(model, "model.layers.0.self_attn.o_proj", 2),
+         **good_pair(model, "model.layers.1.mlp.experts.2.up_proj")}
+    write_folder(tmp_path / "in", t, rank_pattern={"o_proj": 2}, alpha_pattern={"up_proj": 3}, use_rslora=True)
+    a = load_adapter(copy.deepcopy(model), tmp_path / "in")
+    save_adapter(a, tmp_path / "out", alpha=8.0)
+    b = load_adapter(copy.deepcopy(model), tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids), a(ids), atol=1e-5, rtol=0)
+        assert (a(ids) - model(ids)).abs().max() > 1e-3
+
+
+def test_quantized_experts_shard_with_their_adapters(kernels):
+    """LoRA on a quantized base under expert parallelism: each rank keeps its experts' rows and adapters."""
+    from dsv2.quant.convert import quantize_model
+    from dsv2.quant.recipe import Recipe
+
+    model, _ = model_and_ids()
+    quantize_model(model, Recipe.build("int8", None))
+    trained(model, "experts", r=2)
+    e = next(m for _, m in adapted(model))
+    x, counts = torch.randn(5, e.base_layer.hidden), torch.tensor([2, 3] + [0] * (e.base_layer.n_experts - 2))
+    with torch.no_grad():
+        want = e(x, counts)
+    params = e.shard(0, 2)
+    assert e.base_layer.n_experts == 2 and e.base_layer.gate_up_proj_q.shape[0] == 2
+    assert all(p.shape[0] == 2 for p in params) and len(params) == 5  # the five adapter stacks; the rows are buffers
+    with torch.no_grad():
+        torch.testing.assert_close(e(x, counts[:2]), want, atol=1e-6, rtol=0)
+

@@ -103,7 +103,8 @@ def test_adapters_load_and_unload_between_steps(folders):
 @pytest.fixture(scope="module")
 def server(folders):
     base, paths = folders
-    s = Server(base, "--lora-modules", *(f"{n}={p}" for n, p in paths.items()), "--max-loras", "4")
+    s = Server(base, "--lora-modules", *(f"{n}={p}" for n, p in paths.items()), "--max-loras", "4",
+               "--enable-lora-loading")
     yield s
     s.stop()
 
@@ -151,6 +152,24 @@ def test_load_and_unload_endpoints(server, folders, tmp_path):
     assert "a2" not in {m.id for m in client.models.list().data}
 
 
+def test_runtime_loading_needs_an_api_key_or_the_flag(folders):
+    base, paths = folders
+    s = Server(base, "--max-loras", "1")
+    try:
+        r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(paths["a"])})
+        assert r.status_code == 403 and "--enable-lora-loading" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+    s = Server(base, "--max-loras", "1", "--api-key", "k")
+    try:
+        body = {"lora_name": "a", "lora_path": str(paths["a"])}
+        assert httpx.post(s.url + "/v1/load_lora_adapter", json=body).status_code == 401
+        ok = httpx.post(s.url + "/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer k"})
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
 def test_serve_refuses_a_bad_adapter_before_loading(folders, tmp_path):
     from conftest import run_dsv2
 
@@ -166,3 +185,20 @@ def test_engine_without_slots_says_so(folders):
     base, paths = folders
     with pytest.raises(AdapterError, match="max_loras"):
         engine(base).add_adapter("a", paths["a"])
+
+
+def test_an_engine_adapter_equals_its_merged_checkpoint(folders, tmp_path):
+    """fp32: the slot's tokens and log-probabilities are those of the base with the adapter folded in (1e-5)."""
+    from dsv2.cli import main
+
+    base, paths = folders
+    assert main(["merge-lora", str(base), str(paths["c"]), str(tmp_path / "merged")]) == 0
+    e = engine(base, max_loras=2, max_lora_rank=8)
+    e.add_adapter("c", paths["c"])
+    jobs = [([3, 4, 5, 6, 7, 8, 9, 10, 11], "c"), ([3, 4, 5], None), ([12, 13, 14, 15], "c")]
+    got = run(e, jobs)
+    want = run(Engine(dsv2.from_pretrained(tmp_path / "merged"), num_blocks=64, block_size=8),
+               [(ids, None) for ids, a in jobs if a])
+    for out, ref in zip([g for g, (_, a) in zip(got, jobs, strict=True) if a], want, strict=True):
+        assert out.token_ids == ref.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(out.logprobs, ref.logprobs, strict=True)) < 1e-5

@@ -169,3 +169,30 @@ def test_lora_with_expert_parallelism_logs_single_process_losses(base, tmp_path)
     # rounding (summed in another order on 2 ranks) may step either way: a few elements differ by up to 3 lr
     diff = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
     assert diff.max() <= 3 * 1e-2 and (diff > 1e-5).float().mean() < 0.01
+
+
+def test_a_lora_run_whose_base_moved_does_not_resume_and_keeps_its_checkpoints(base, tmp_path):
+    ckpt, data = base
+    moved = tmp_path / "base"
+    shutil.copytree(ckpt, moved)
+    run = tmp_path / "run"
+    assert run_dsv2(lora_argv((moved, data), run, steps=3)).returncode == 0
+    shutil.rmtree(moved)
+    r = run_dsv2(["train", "--out", str(run), "--resume", "--max-steps", "6", "--sample-tokens", "0"])
+    assert r.returncode != 0 and "its base model" in r.stderr and "Traceback" not in r.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000003"]  # nothing set aside as damaged
+
+
+def test_records_whose_answer_starts_past_seq_len_are_left_out(tmp_path):
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return type("E", (), {"ids": [ord(c) for c in text]})()
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "x" * 30, "completion": "y"}) + "\n" +
+                 json.dumps({"prompt": "ab", "completion": "cd"}) + "\n")
+    ds = InstructionDataset.build([str(f)], Renderer(Tok(), None, 1, 2), 0.0, 0, pad_id=0, seq_len=8)
+    assert ds.dropped == 1 and len(ds.train_examples) == 1
+    with pytest.raises(DataError, match="start their answer past it"):
+        InstructionDataset.build([str(f)], Renderer(Tok(), None, 1, 2), 0.0, 0, pad_id=0, seq_len=2)
+

@@ -59,7 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  cache_memory=args.cache_memory, num_blocks=args.num_blocks, block_size=args.block_size,
                  max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
                  quantize=recipe(args), lora_modules=lora_cli.parse_modules(args.lora_modules),
-                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                 enable_lora_loading=args.enable_lora_loading)
 
 
 def _parse_set(items: list[str] | None) -> dict[str, object] | None:

@@ -26,6 +26,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-loras", type=int, help="adapters loaded at once (default: the --lora-modules given, at "
                    "least 1)")
     s.add_argument("--max-lora-rank", type=int, help="the largest adapter rank (default: the largest given, or 16)")
+    s.add_argument("--enable-lora-loading", action="store_true", help="POST /v1/load_lora_adapter and "
+                   "/v1/unload_lora_adapter without --api-key (they always work with one): any client may then "
+                   "name a folder of this machine")
 
 
 def parse_modules(items: list[str] | None) -> dict[str, str]:

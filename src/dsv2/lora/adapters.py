@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .attach import MLP_NAMES, adapted, merge_lora, rows_of, wrap
+from .attach import MLP_NAMES, adapted, merge_lora, rows_of, targeted, wrap
 from .layers import LoRAExperts, LoRALinear
 from .peft import _EXPERT, Adapter, peft_config, read_adapter, write_adapter
 
@@ -55,6 +55,10 @@ def adapter_of(model: nn.Module, slot: int = 0, *, alpha: float, dropout: float 
                 pairs[f"{name}.{j}.{part}"] = (A.clone(), B.clone())
                 scales[f"{name}.{j}.{part}"] = float(m.scaling[slot])
     r = max(a.shape[0] for a, _ in pairs.values())
+    for key, (A, B) in pairs.items():  # one alpha / r in the config: a module scaled otherwise (an adapter loaded
+        if scales[key] != alpha / r:  # with rank_pattern, alpha_pattern or rsLoRA) has its ratio folded into B
+            pairs[key] = (A, B * (scales[key] / (alpha / r)))
+            scales[key] = alpha / r
     return Adapter(pairs, scales, peft_config(r, alpha, dropout, [n for n, _ in adapted(model)], base))
 
 
@@ -133,12 +137,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def check_modules(model: nn.Module, adapter: Adapter, where: str) -> None:
-    """AdapterError unless every module the adapter names is a module of the model."""
-    for name in adapter.modules():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(f"{where}: the adapter names {name}, which is not a module of this model") from None
+    """AdapterError unless every pair of the adapter is for a module dsv2 adapts (attach.py: the linears of attention
+    and the MLPs, and the routed experts per expert; not lm_head, the router, norms or embeddings)."""
+    adaptable = {name for name, _ in targeted(model, "all-linear")}
+    for key in adapter.pairs:
+        e = _EXPERT.match(key)
+        if e is None and key.endswith(".experts"):
+            raise AdapterError(f"{where}: {key} has one pair for all its experts (PEFT's target_parameters on fused "
+                               "experts); dsv2 reads per-expert pairs (experts.{j}.gate_proj, ...)")
+        if (e.group(1) if e else key) not in adaptable:
+            raise AdapterError(f"{where}: the adapter has a pair for {key}, which is not a module dsv2 adapts (the "
+                               "linears of attention and of the MLPs, and the routed experts)")
 
 
 def merged(model: nn.Module, path: str | Path) -> nn.Module:

@@ -60,6 +60,20 @@ def _config_value(cfg: dict[str, Any], pattern_key: str, module: str, default):
     return default
 
 
+def _check_pattern(pattern, key: str, kind, where: Path) -> None:
+    if pattern is None:
+        return
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{where}: {key} must map module-name patterns to values")
+    for k, v in pattern.items():
+        if isinstance(v, bool) or not isinstance(v, kind) or v <= 0:
+            raise AdapterError(f"{where}: {key}[{k!r}] must be a positive {'integer' if kind is int else 'number'}")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise AdapterError(f"{where}: {key} key {k!r} is not a regular expression ({e})") from None
+
+
 def read_adapter(path: str | Path) -> Adapter:
     """An adapter folder, checked: AdapterError (one line) for anything dsv2 cannot apply exactly."""
     path = Path(path)
@@ -87,6 +101,11 @@ def read_adapter(path: str | Path) -> Adapter:
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float))):
         raise AdapterError(f"{cfg_file}: r must be a positive integer and lora_alpha a number")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        _check_pattern(cfg.get(key), key, kind, cfg_file)
+    if cfg.get("target_parameters"):
+        raise AdapterError(f"{cfg_file}: target_parameters (adapters on fused parameters) is not read by dsv2: its "
+                           "routed experts take per-expert pairs (experts.{j}.gate_proj, ...)")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:

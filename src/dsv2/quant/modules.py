@@ -105,6 +105,13 @@ class QuantRoutedExperts(RoutedExperts):
     def quantized_rows(self) -> dict[str, tuple[torch.Tensor, int]]:
         return {"gate_up_proj": (self.gate_up_proj_q, self.hidden), "down_proj": (self.down_proj_q, self.inter)}
 
+    def shard(self, lo: int, hi: int) -> list[nn.Parameter]:
+        """Keep experts lo .. hi-1 (expert parallelism); their rows are buffers, never trained: no parameter."""
+        self.gate_up_proj_q = self.gate_up_proj_q[lo:hi].clone()
+        self.down_proj_q = self.down_proj_q[lo:hi].clone()
+        self.n_experts = hi - lo
+        return []
+
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, hidden={self.hidden}, inter={self.inter}, {self.scheme}"
 

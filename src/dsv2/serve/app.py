@@ -67,6 +67,8 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     root: str | None = None
     """The checkpoint folder's name (shown by /v1/models; never a path of the server's disk)."""
+    lora_loading: bool = False
+    """Whether clients may load and unload adapters (paths of the server's disk): with an API key, or asked for."""
 
 
 _CLIENT = {"model": ErrorResponse, "description": "The request's mistake (400; 401 without the API key; 404; 408 "
@@ -155,8 +157,7 @@ class Server:
     async def load_lora_adapter(self, req: LoadLoRARequest) -> PlainTextResponse:
         """Load a LoRA adapter folder (PEFT format, a path of the server's disk) under a name requests then give as
         their model (as vLLM's endpoint; behind the API key). It waits for the step in progress."""
-        if self.engine.adapters is None:
-            raise ApiError(400, "this server serves no LoRA adapters: start it with --max-loras N (or --lora-modules)")
+        self._check_lora_loading()
         if req.lora_name == self.config.model_name:
             raise ApiError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
         try:
@@ -167,6 +168,7 @@ class Server:
 
     async def unload_lora_adapter(self, req: UnloadLoRARequest) -> PlainTextResponse:
         """Unload a LoRA adapter (400 while requests still run with it)."""
+        self._check_lora_loading()
         try:
             await asyncio.to_thread(self.engine.remove_adapter, req.lora_name)
         except AdapterError as e:
@@ -322,6 +324,13 @@ class Server:
             raise ApiError(404, f"the model '{name}' does not exist (this server has {have})", param="model",
                            code="model_not_found")
         return name
+
+    def _check_lora_loading(self) -> None:
+        if self.engine.adapters is None:
+            raise ApiError(400, "this server serves no LoRA adapters: start it with --max-loras N (or --lora-modules)")
+        if not self.config.lora_loading:  # the request names paths of the server's disk
+            raise ApiError(403, "loading adapters at run time is off: start dsv2 serve with --api-key, or with "
+                           "--enable-lora-loading on a machine only trusted clients reach")
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:

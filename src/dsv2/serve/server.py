@@ -37,7 +37,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
           api_key: str | None = None, max_model_len: int | None = None, max_queue: int = 256,
           grace: float = 30.0, log_level: str = "info", timeouts: Timeouts = TIMEOUTS,
           lora_modules: dict[str, str] | None = None, max_loras: int | None = None, max_lora_rank: int | None = None,
-          **engine_kw) -> int:
+          enable_lora_loading: bool = False, **engine_kw) -> int:
     """timeouts: how long a client may take to send a request's headers and body (timeouts.py). lora_modules:
     adapter name -> folder, loaded at the start (more with POST /v1/load_lora_adapter, up to max_loras at once)."""
     _check_port(host, port)  # a port in use, a bad option or a bad template fails before the weights load
@@ -60,7 +60,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
             engine.add_adapter(adapter_name, path)
     except GenerationError as e:
         raise ValueError(_as_flags(str(e))) from None
-    config = ServerConfig(name, engine.max_model_len, api_key, max_queue, root=Path(model).resolve().name)
+    config = ServerConfig(name, engine.max_model_len, api_key, max_queue, root=Path(model).resolve().name,
+                          lora_loading=bool(api_key) or enable_lora_loading)
     app = build_app(engine, config, chat_template)
     s = engine.stats
     print(f"dsv2 serve: {name} on http://{host}:{port}/v1 ({s['num_blocks']} cache blocks of "

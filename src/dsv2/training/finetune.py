@@ -17,21 +17,18 @@ import torch
 from torch import nn
 
 from ..checkpoint import from_pretrained
-from ..lora import adapter_of, add_lora, put_adapter, read_adapter, write_adapter
+from ..lora import adapter_of, add_lora, write_adapter
 from ..lora.peft import CONFIG_FILE
 from .config import TrainConfig
 
 
-def lora_model(tc: TrainConfig, device: torch.device, amp: torch.dtype | None, adapter: Path | None = None
-               ) -> nn.Module:
-    """init_from with fresh adapters (seeded by the run's seed), or the adapters of a checkpoint folder."""
+def lora_model(tc: TrainConfig, device: torch.device, amp: torch.dtype | None) -> nn.Module:
+    """init_from with fresh adapters (seeded by the run's seed; a resumed run then puts its own in: state.py)."""
     model = from_pretrained(tc.init_from, dtype=amp or torch.float32, device=device)
     add_lora(model, tc.lora_targets, tc.lora_r, tc.lora_alpha, tc.lora_dropout, seed=tc.seed)
     for p in model.parameters():  # the adapters in fp32 whatever the base's dtype
         if p.requires_grad:
             p.data = p.data.float()
-    if adapter is not None:
-        put_adapter(model, read_adapter(adapter), 0, str(adapter))
     return model.train()
 
 

@@ -112,12 +112,12 @@ def instruction_data(tc: TrainConfig, run: RunDir, vocab_size: int, given: Path 
     bos, eos = data_mod.special_token_ids(tok)
     renderer = data_mod.Renderer(tok, template, bos, eos)
     ds = data_mod.InstructionDataset.build(tc.data, renderer, tc.val_fraction, tc.seed,
-                                           pad_id=eos if eos is not None else 0)
+                                           pad_id=eos if eos is not None else 0, seq_len=tc.seq_len)
     if max(max(e.ids) for e in ds.train_examples + ds.val_examples) >= vocab_size:
         raise TrainingError(f"the tokenizer's ids reach past the model's vocabulary of {vocab_size}")
     print(f"instruction data: {len(ds.train_examples)} train / {len(ds.val_examples)} val examples, loss on the "
-          f"answer tokens only ({len(ds.train)} in train), one padded row of seq_len {tc.seq_len} per example",
-          flush=True)
+          f"answer tokens only ({len(ds.train)} in train), one padded row of seq_len {tc.seq_len} per example"
+          + (f"; {ds.dropped} records left out: their answer starts past seq_len" if ds.dropped else ""), flush=True)
     return ds, tok_path
 
 

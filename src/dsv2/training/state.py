@@ -33,6 +33,7 @@ from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ..distributed.parallel import Parallel
 from ..errors import AdapterError
 from ..files import atomic_write, fsync_path, write_safetensors
+from ..lora import put_adapter, read_adapter
 from ..lora.peft import CONFIG_FILE
 from ..model import DeepseekV2
 from ..tokenizer import TOKENIZER_FILE, TokenizerError, copy_tokenizer, load_tokenizer
@@ -188,16 +189,31 @@ def _read(ckpt: Path, device: torch.device) -> ResumePoint:
             raise Damaged(str(e)) from None
     lora = is_lora_checkpoint(ckpt)
     _read_json(ckpt / (CONFIG_FILE if lora else "config.json"))  # unreadable JSON is damage; a config this dsv2
+    if lora:  # the base is init_from's: if that cannot be read, the checkpoint is not what is damaged
+        return ResumePoint(ckpt, state["step"], settings, state, tensors, _lora_model(ckpt, settings, device),
+                           tokenizer)
     try:                                                          # refuses is not (below)
-        model = (lora_model(settings, device, autocast_dtype(settings, device), ckpt) if lora else
-                 from_pretrained(ckpt, dtype=torch.float32, device=device).train())
-    except AdapterError as e:
-        raise Damaged(str(e)) from None
+        model = from_pretrained(ckpt, dtype=torch.float32, device=device).train()
     except CheckpointError as e:
         if str(e).startswith("invalid config"):
             raise TrainingError(f"cannot resume from {ckpt}: {e}") from None
         raise Damaged(str(e)) from None
     return ResumePoint(ckpt, state["step"], settings, state, tensors, model, tokenizer)
+
+
+def _lora_model(ckpt: Path, settings: TrainConfig, device: torch.device) -> DeepseekV2:
+    """A LoRA run's model: its base (init_from: TrainingError where it cannot be read) with the checkpoint's
+    adapters (Damaged where they do not read back or do not fit)."""
+    try:
+        model = lora_model(settings, device, autocast_dtype(settings, device))
+    except (CheckpointError, OSError) as e:
+        raise TrainingError(f"cannot resume from {ckpt}: its base model {settings.init_from} does not load ({e})"
+                            ) from None
+    try:
+        put_adapter(model, read_adapter(ckpt), 0, str(ckpt))
+    except AdapterError as e:
+        raise Damaged(str(e)) from None
+    return model
 
 
 def load_resume_point(run: RunDir, device: torch.device, warn: Callable[[str], None],

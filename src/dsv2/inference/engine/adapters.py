@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterError
-from ...lora import Adapter, check_modules, put_adapter, read_adapter, rows_of, wrap
+from ...lora import Adapter, check_modules, put_adapter, rows_of, wrap
 
 _loads = itertools.count(1)
 
@@ -46,12 +46,11 @@ class Adapters:
         self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
         self.loaded: dict[str, Loaded] = {}
 
-    def add(self, name: str, path: str | Path) -> Loaded:
-        """Load an adapter folder into a free slot under `name` (AdapterError: a bad folder, a name in use, no
-        free slot, a rank above max_lora_rank)."""
+    def add(self, name: str, adapter: Adapter, path: str | Path) -> Loaded:
+        """Put an adapter (read from its folder, `path`) into a free slot under `name` (AdapterError: a name in
+        use, no free slot, a rank above max_lora_rank, modules this model does not have)."""
         if name in self.loaded:
             raise AdapterError(f"an adapter named {name!r} is loaded already (unload it first)")
-        adapter = read_adapter(path)
         free = sorted(set(range(self.max_loras)) - {a.slot for a in self.loaded.values()})
         if not free:
             raise AdapterError(f"all {self.max_loras} adapter slots are taken (--max-loras): unload one first")

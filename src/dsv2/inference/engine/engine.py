@@ -29,6 +29,7 @@ from ...checkpoint import from_pretrained
 from ...cpu import optimize
 from ...cpu.decode_step import DecodeStep
 from ...errors import AdapterError, GenerationError, RequestError
+from ...lora import read_adapter
 from ...model import DeepseekV2
 from ...tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 from . import prompt_logprobs
@@ -202,8 +203,9 @@ class Engine:
         """Load a PEFT-format adapter folder under `name` (requests name it with admit(..., adapter=name))."""
         if self.adapters is None:
             raise AdapterError("this engine serves no LoRA adapters: create it with max_loras >= 1")
+        adapter = read_adapter(path)  # the files read before the lock: a step never waits for a disk
         with self._lock:
-            self.adapters.add(name, path)
+            self.adapters.add(name, adapter, path)
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter (AdapterError while a request still uses it)."""

@@ -130,12 +130,15 @@ class InstructionDataset:
         self.val_examples = [examples[i] for i in sorted(order[:n_val])]
         self.train_examples = [examples[i] for i in sorted(order[n_val:])]
         self.seed, self.pad_id = seed, pad_id
+        self.dropped = 0  # records left out: no answer token within a row (build)
         self.train, self.val = (_answer_tokens(split) for split in (self.train_examples, self.val_examples))
 
     @classmethod
-    def build(cls, sources: list[str], renderer: Renderer, val_fraction: float, seed: int,
-              pad_id: int) -> InstructionDataset:
-        examples = []
+    def build(cls, sources: list[str], renderer: Renderer, val_fraction: float, seed: int, pad_id: int,
+              seq_len: int) -> InstructionDataset:
+        """Every record of the sources, but those with no answer token within a row's seq_len + 1 tokens (they
+        would add nothing, and a micro-batch of only such rows a non-finite loss): counted in `dropped`."""
+        examples, dropped = [], 0
         for path in resolve_sources(sources):
             with open(path, encoding="utf-8", errors="replace") as f:
                 for n, line in enumerate(f, 1):
@@ -147,10 +150,17 @@ class InstructionDataset:
                         raise DataError(f"{path}:{n}: not a JSON record ({e})") from None
                     if not isinstance(rec, dict):
                         raise DataError(f"{path}:{n}: a record must be a JSON object")
-                    examples.append(renderer.example(rec, f"{path}:{n}"))
+                    e = renderer.example(rec, f"{path}:{n}")
+                    if any(e.target[1:seq_len + 1]):
+                        examples.append(e)
+                    else:
+                        dropped += 1
         if not examples:
-            raise DataError(f"no instruction records in {', '.join(sources)}")
-        return cls(examples, val_fraction, seed, pad_id)
+            raise DataError(f"no instruction records with an answer within seq_len {seq_len} tokens in "
+                            f"{', '.join(sources)} ({dropped} records start their answer past it)")
+        ds = cls(examples, val_fraction, seed, pad_id)
+        ds.dropped = dropped
+        return ds
 
     def rows(self, examples: list[Example], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded inputs [B, seq_len] and targets (IGNORE_INDEX outside the answers)."""
