@@ -36,7 +36,7 @@ from torch import nn
 
 from ..model.attention import MLA, BaselineAttention, attend
 from ..model.cache import NO_MASK
-from ..model.experts import RoutedExperts
+from ..model.experts import RoutedExperts, grouped_mm
 from ..model.moe import LocalDispatcher
 from ..model.norm import RMSNorm
 from ..quant.formats import dequantize_blocks
@@ -196,9 +196,7 @@ class CpuMLA(_FlashAttention, MLA):
 
 class CpuRoutedExperts(RoutedExperts):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        per_expert = (NATIVE_BF16_EXPERT_ROWS if self.gate_up_proj.dtype == torch.bfloat16 and ops.native_bf16()
-                      else SMALL_ROWS)
-        if few_rows(x_ND, self.gate_up_proj) and x_ND.shape[0] <= per_expert * int((counts_E > 0).sum()):
+        if few_rows(x_ND, self.gate_up_proj) and x_ND.shape[0] <= self._per_expert_rows() * int((counts_E > 0).sum()):
             ends_E = counts_E.cumsum(0)  # decode: each chosen expert's weights read once, in place
             gate_NF, up_NF = ops.rows_dot(x_ND, self.gate_up_proj, ends_E).chunk(2, dim=-1)
             return ops.rows_dot(self.act(gate_NF) * up_NF, self.down_proj, ends_E)
@@ -215,6 +213,19 @@ class CpuRoutedExperts(RoutedExperts):
             ends_b = (ends_E.clamp(s, e) - s).to(torch.int32)
             y_ND[s:e] = self.swiglu(x_ND[s:e].to(dtype), w_up_EDX, w_down_EFD, ends_b)
         return y_ND
+
+    def grouped(self, x_NK: torch.Tensor, name: str, counts_E: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, name)
+        if few_rows(x_NK, w) and x_NK.shape[0] <= self._per_expert_rows() * int((counts_E > 0).sum()):
+            return ops.rows_dot(x_NK, w, counts_E.cumsum(0))
+        dtype = gemm_dtype(x_NK, x_NK.shape[0] // self.n_experts)
+        return grouped_mm(x_NK.to(dtype), w.to(dtype).transpose(-2, -1), counts_E.cumsum(0).to(torch.int32)
+                          ).to(x_NK.dtype)
+
+    def _per_expert_rows(self) -> int:
+        """Copies per chosen expert up to which the few-row kernels beat a grouped GEMM."""
+        return (NATIVE_BF16_EXPERT_ROWS if self.gate_up_proj.dtype == torch.bfloat16 and ops.native_bf16()
+                else SMALL_ROWS)
 
     def gated(self, gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
         if no_grad_needed(gate_NF, up_NF):

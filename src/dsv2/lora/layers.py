@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cpu import ops
-from ..cpu.modules import SMALL_ROWS, dense, few_rows, gemm_dtype, kernel_weight
 from ..model.experts import grouped_mm
 
 Groups = list[tuple[int, torch.Tensor | None]]
@@ -232,23 +230,12 @@ class LoRAExperts(nn.Module):
             self.scaling[slot] = alpha / self.r
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        gate_NF, up_NF = self._base(x_ND, counts_E, "gate_up_proj", self.base_layer.hidden).chunk(2, dim=-1)
+        gate_NF, up_NF = self.base_layer.grouped(x_ND, "gate_up_proj", counts_E).chunk(2, dim=-1)
         groups = self._copy_groups(x_ND.shape[0], counts_E)
         d_gate, d_up = self._delta(x_ND, groups, self.lora_A_gate_up, (self.lora_B_gate, self.lora_B_up))
         h_NF = self.base_layer.act(gate_NF + d_gate) * (up_NF + d_up)
-        y_ND = self._base(h_NF, counts_E, "down_proj", self.base_layer.inter)
+        y_ND = self.base_layer.grouped(h_NF, "down_proj", counts_E)
         return y_ND + self._delta(h_NF, groups, self.lora_A_down, (self.lora_B_down,))[0]
-
-    def _base(self, x_NK: torch.Tensor, counts_E: torch.Tensor, name: str, K: int) -> torch.Tensor:
-        """One of the base experts' grouped products: the few-row kernels for a few copies (decode), else a
-        grouped GEMM of the dense (or dequantized) weights."""
-        w = kernel_weight(self.base_layer, name)
-        ends_E = counts_E.cumsum(0)
-        if few_rows(x_NK, w) and x_NK.shape[0] <= SMALL_ROWS * int((counts_E > 0).sum()):
-            return ops.rows_dot(x_NK, w, ends_E)
-        dtype = gemm_dtype(x_NK, x_NK.shape[0] // max(1, w.shape[0]))
-        return grouped_mm(x_NK.to(dtype), dense(w, K, dtype).transpose(-2, -1), ends_E.to(torch.int32)
-                          ).to(x_NK.dtype)
 
     def _copy_groups(self, N: int, counts_E: torch.Tensor) -> list[tuple[int, torch.Tensor | None, torch.Tensor]]:
         """(slot, its copies or None for all, the copies of each of its E experts) per slot present."""

@@ -55,6 +55,13 @@ class RoutedExperts(nn.Module):
         w_up_EDX, w_down_EFD = (w.to(x_ND.dtype).transpose(-2, -1) for w in (self.gate_up_proj, self.down_proj))
         return self.swiglu(x_ND, w_up_EDX, w_down_EFD, counts_E.cumsum(0).to(torch.int32))
 
+    def grouped(self, x_NK: torch.Tensor, name: str, counts_E: torch.Tensor) -> torch.Tensor:
+        """One of the two products alone: each expert's rows of x times its `name` weight (gate_up_proj: [N, 2F],
+        down_proj: [N, D]), for code that works between them (LoRA adapters, dsv2.lora); the subclasses of
+        dsv2.cpu and dsv2.quant compute it as their forward does."""
+        w = getattr(self, name).to(x_NK.dtype).transpose(-2, -1)
+        return grouped_mm(x_NK, w, counts_E.cumsum(0).to(torch.int32))
+
     def swiglu(self, x_ND, w_up_EDX, w_down_EFD, ends_E) -> torch.Tensor:
         """Each expert's SwiGLU over its rows of x (ends_E: cumulative row counts): two grouped GEMMs."""
         gate_NF, up_NF = grouped_mm(x_ND, w_up_EDX, ends_E).chunk(2, dim=-1)

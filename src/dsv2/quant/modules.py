@@ -24,7 +24,7 @@ from torch import nn
 
 from ..cpu import ops
 from ..cpu.modules import SMALL_ROWS, dense, few_rows, gemm_dtype
-from ..model.experts import ACTIVATIONS, RoutedExperts
+from ..model.experts import ACTIVATIONS, RoutedExperts, grouped_mm
 from .formats import Scheme
 
 EXPERT_CHUNK_BYTES = 64 * 2**20
@@ -104,6 +104,14 @@ class QuantRoutedExperts(RoutedExperts):
 
     def quantized_rows(self) -> dict[str, tuple[torch.Tensor, int]]:
         return {"gate_up_proj": (self.gate_up_proj_q, self.hidden), "down_proj": (self.down_proj_q, self.inter)}
+
+    def grouped(self, x_NK: torch.Tensor, name: str, counts_E: torch.Tensor) -> torch.Tensor:
+        w_q, K = self.quantized_rows()[name]
+        if few_rows(x_NK, w_q) and x_NK.shape[0] <= SMALL_ROWS * int((counts_E > 0).sum()):
+            return ops.rows_dot(x_NK, w_q, counts_E.cumsum(0))
+        dtype = gemm_dtype(x_NK, x_NK.shape[0] // self.n_experts)
+        return grouped_mm(x_NK.to(dtype), dense(w_q, K, dtype).transpose(-2, -1), counts_E.cumsum(0).to(torch.int32)
+                          ).to(x_NK.dtype)
 
     def shard(self, lo: int, hi: int) -> list[nn.Parameter]:
         """Keep experts lo .. hi-1 (expert parallelism); their rows are buffers, never trained: no parameter."""
