@@ -187,3 +187,25 @@ def test_format_info_report():
     dense_cfg = tiny_config(n_routed_experts=0, attention_type="mha", tie_word_embeddings=True)
     dense = format_info(describe(dense_cfg))
     assert "dense" in dense and "tied" in dense and "absorbed" not in dense
+
+
+def test_parallel_memory_per_rank_counts_what_each_rank_owns():
+    """The layout's owned parameters: a model's own parameter count, split as FSDP and expert parallelism split it."""
+    from conftest import tiny_config
+
+    from dsv2.model import DeepseekV2
+    from dsv2.tools.parallel_memory import STATE_BYTES, memory_per_rank
+
+    cfg = tiny_config()
+    n = sum(p.numel() for p in DeepseekV2(cfg).parameters())
+    experts = sum(p.numel() for name, p in DeepseekV2(cfg).named_parameters() if ".experts." in name)
+    ddp = memory_per_rank(cfg, 4)
+    assert ddp["parameters_owned"] == n and ddp["total"] == STATE_BYTES * n
+    fsdp = memory_per_rank(cfg, 4, fsdp=True)
+    assert fsdp["parameters_owned"] == n / 4 and fsdp["gathered_layers"] > 0
+    hsdp = memory_per_rank(cfg, 8, fsdp=True, dp_replicate=2)
+    assert hsdp["parameters_owned"] == n / 4
+    ep = memory_per_rank(cfg, 4, expert_parallel=4)
+    assert ep["parameters_owned"] == n - experts + experts / 4
+    with pytest.raises(ValueError, match="must divide n_routed_experts"):
+        memory_per_rank(cfg, 6, expert_parallel=6)

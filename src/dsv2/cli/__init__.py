@@ -39,7 +39,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.context is None:
         args.context = min(4096, config.max_position_embeddings)
     d = describe(config, context_len=args.context)
-    print(json.dumps(d, indent=2) if args.json else format_info(d))
+    if args.parallel is not None:  # training memory per rank of a layout (tools/parallel_memory.py)
+        from ..tools.parallel_memory import format_memory, memory_per_rank
+
+        d["parallel"] = memory_per_rank(config, args.parallel, expert_parallel=args.expert_parallel or 1,
+                                        fsdp=args.fsdp, dp_replicate=args.dp_replicate or 1)
+    print(json.dumps(d, indent=2) if args.json else format_info(d) + (
+        "\n" + format_memory(d["parallel"]) if args.parallel is not None else ""))
     if args.context > config.max_position_embeddings:
         print(f"note: --context {args.context} is beyond the model's context ({config.max_position_embeddings} "
               "tokens, max_position_embeddings)", file=sys.stderr)
@@ -97,7 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_from=args.init_from, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
         max_bytes=args.max_bytes, schedule=args.schedule, capacity_factor=args.capacity_factor,
         expert_parallel=args.expert_parallel, device=args.device, model=_parse_set(args.set),
-        deterministic=args.deterministic or None, **lora_cli.train_settings(args),
+        deterministic=args.deterministic or None, **lora_cli.train_settings(args), fsdp=args.fsdp or None,
+        dp_replicate=args.dp_replicate, activation_checkpointing=args.activation_checkpointing or None,
     )
     if args.resume:  # the run's own settings, with only those that may change on resume taken from the flags
         out = given.get("out", TrainConfig.out)
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--context", type=int, help="context length for attention FLOPs and cache size (default: 4096, "
                    "or the model's context if shorter)")
+    s.add_argument("--parallel", type=int, metavar="WORLD", help="training memory per rank on WORLD ranks")
+    s.add_argument("--expert-parallel", type=int, help="with --parallel: ranks the routed experts are sharded over")
+    s.add_argument("--fsdp", action="store_true", help="with --parallel: FSDP2 shards over the ranks")
+    s.add_argument("--dp-replicate", type=int, help="with --parallel --fsdp: replica groups (HSDP)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="stream tokens from a checkpoint directory")
@@ -268,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.add_argument("--seed", type=_seed)
     s.add_argument("--expert-parallel", type=int, help="shard routed experts over this many ranks (torchrun)")
+    s.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks "
+                   "(FSDP2; torchrun)")
+    s.add_argument("--dp-replicate", type=int, help="with --fsdp: replicate over this many groups of ranks (HSDP)")
+    s.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer's attention and "
+                   "experts in the backward (less memory, more compute)")
     s.add_argument("--deterministic", action="store_true", help="torch's deterministic algorithms: CUDA runs "
                    "repeat bitwise (CPU runs do without it)")
     s.add_argument("--sample-tokens", type=int, default=80, help="tokens to sample from the final checkpoint")

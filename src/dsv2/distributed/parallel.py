@@ -33,11 +33,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import ModelConfig
 from ..model.moe import MoE, TokenDropPolicy
 from .comm import CommStats
 from .expert_parallel import AllToAllDispatcher, ArrivalTokenDrop
+from .fsdp import apply_fsdp
 
 T_ = TypeVar("T_")
 
@@ -56,7 +58,7 @@ class Parallel:
     """The ranks of a run and what the trainer asks of them. `Parallel()` is the one-process identity."""
 
     def __init__(self, world: int = 1, rank: int = 0, local_rank: int = 0, expert_parallel: int = 1,
-                 mesh: Any = None, owns_process_group: bool = False):
+                 mesh: Any = None, owns_process_group: bool = False, fsdp_mesh: Any = None):
         self.world, self.rank, self.local_rank = world, rank, local_rank
         self.ep, self.dp = expert_parallel, world // expert_parallel
         self.ep_rank, self.dp_rank = rank % expert_parallel, rank // expert_parallel
@@ -68,6 +70,8 @@ class Parallel:
         self.expert_params: dict[int, int] = {}  # id(sharded expert parameter) -> experts in the full tensor
         self.dispatchers: list[AllToAllDispatcher] = []
         self.syncing = True  # False inside micro_batch(last=False): gradients accumulate locally
+        self.fsdp_mesh = fsdp_mesh  # FSDP2's mesh (fsdp.py) instead of DDP, or None
+        self.param_dtype: torch.dtype | None = None  # FSDP2's compute dtype of the gathered weights
 
     @property
     def is_main(self) -> bool:
@@ -125,6 +129,8 @@ class Parallel:
         """
         if self.world == 1:
             return model
+        if self.fsdp_mesh is not None:  # the trainer calls the model itself: FSDP2's hooks are on its modules
+            return apply_fsdp(model, self.fsdp_mesh, self.param_dtype)
         moes = [m for m in model.modules() if isinstance(m, MoE)]
         if self.ep > 1:
             check_expert_parallel(model.config, self.ep, self.world)
@@ -175,6 +181,12 @@ class Parallel:
         over the ranks in the last micro-batch of a step only (last=True); the others accumulate them locally
         (DDP's no_sync, and no averaging of the expert gradients over the replicas): one all-reduce a step."""
         if self.world == 1 or last:
+            if self.fsdp_mesh is not None:
+                net.set_requires_gradient_sync(True)
+            yield
+            return
+        if self.fsdp_mesh is not None:  # gradients reduce-scattered in the last micro-batch only
+            net.set_requires_gradient_sync(False)
             yield
             return
         self.syncing = False
@@ -192,7 +204,8 @@ class Parallel:
         """torch.nn.utils.clip_grad_norm_ over the whole (sharded) model: the norm of every expert, all ranks."""
         params = [p for p in model.parameters() if p.grad is not None]
         if self.ep == 1:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm)  # sharded (DTensor) gradients: over all ranks
+            return total.full_tensor() if isinstance(total, DTensor) else total
         grads = [p.grad for p in params]
         norms = [torch.linalg.vector_norm(g) for g in grads]
         expert = [i for i, p in enumerate(params) if self.is_expert(p)]
@@ -259,22 +272,32 @@ class Parallel:
     def full_parameters(self, model: nn.Module, trainable_only: bool = False) -> dict[str, Tensor]:
         """name -> parameter, the experts gathered from their ranks (a collective: every rank must call it);
         trainable_only: those that require a gradient (a LoRA run's adapters)."""
-        return {name: self._gather(p) if self.is_expert(p) else p.detach() for name, p in model.named_parameters()
-                if p.requires_grad or not trainable_only}
+        return {name: self._gather(p) if self.is_expert(p) else _full(p.detach())
+                for name, p in model.named_parameters() if p.requires_grad or not trainable_only}
 
     def full_tensor(self, p: Tensor, t: Tensor) -> Tensor:
         """t, a state tensor of parameter p (an optimizer moment), with every rank's experts if p is a sharded
         expert parameter (a collective: every rank calls it, in the same order)."""
-        return self._gather(t) if self.is_expert(p) and t.shape == p.shape else t
+        return self._gather(t) if self.is_expert(p) and t.shape == p.shape else _full(t)
 
     def local_tensor(self, p: Tensor, t: Tensor, what: str) -> Tensor:
-        """The inverse of full_tensor: this rank's block of t if p is a sharded expert parameter."""
+        """The inverse of full_tensor: this rank's block of t if p is a sharded expert parameter, its shard if p
+        is FSDP2's (a DTensor: any world size takes a checkpoint, every rank cuts its own shard)."""
+        if isinstance(p, DTensor) and t.dim() == p.dim():
+            if t.shape != p.shape:
+                raise ParallelError(f"{what} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
         if self.is_expert(p) and t.dim() == p.dim() and t.shape != p.shape:  # moments, not the step count
             E = self.expert_params[id(p)]
             if t.shape != (E, *p.shape[1:]):
                 raise ParallelError(f"{what} has shape {tuple(t.shape)}, expected {(E, *p.shape[1:])}")
             t = t[self.ep_rank * p.shape[0]:(self.ep_rank + 1) * p.shape[0]].clone()
         return t
+
+
+def _full(t: Tensor) -> Tensor:
+    """A DTensor (FSDP2's shards) gathered whole on every rank (a collective); any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def check_expert_parallel(config: Any, ep: int, world: int) -> None:
@@ -295,15 +318,20 @@ def check_expert_parallel(config: Any, ep: int, world: int) -> None:
             f"that topk_group bounds the ranks a token visits (e.g. --set n_group={ep} --set topk_group=...)")
 
 
-def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu") -> Parallel:
+def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu", fsdp: bool = False,
+                  dp_replicate: int = 1) -> Parallel:
     """A Parallel from the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Initialises the default process group (gloo on CPU, NCCL on CUDA) unless it already is, and builds the
-    (dp, ep) device mesh. Without torchrun (no WORLD_SIZE) it returns the one-process Parallel().
+    (dp, ep) device mesh, and with fsdp FSDP2's (dp_replicate, dp_shard) mesh. Without torchrun (no WORLD_SIZE) it
+    returns the one-process Parallel().
     """
     device = torch.device(device)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
+        if fsdp:
+            raise ParallelError("--fsdp shards the model over processes, but this is one process: launch with "
+                                "torchrun --nproc_per_node=N -m dsv2 train --fsdp ...")
         if expert_parallel != 1:
             raise ParallelError(f"expert_parallel={expert_parallel} shards the experts over that many processes, "
                                 f"but this is one process: launch with torchrun --nproc_per_node="
@@ -321,7 +349,23 @@ def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu") 
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
-    return Parallel(world, dist.get_rank(), local_rank, expert_parallel, mesh, owns)
+    fsdp_mesh = _fsdp_mesh(device, world, expert_parallel, dp_replicate) if fsdp else None
+    return Parallel(world, dist.get_rank(), local_rank, expert_parallel, mesh, owns, fsdp_mesh)
+
+
+def _fsdp_mesh(device: torch.device, world: int, ep: int, dp_replicate: int):
+    """FSDP2's mesh: dp_shard = world / dp_replicate ranks shard each weight; 1-D without replication (FSDP),
+    2-D (dp_replicate, dp_shard) with it (HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if ep != 1:
+        raise ParallelError("--fsdp with --expert-parallel is not built yet: shard with one or the other")
+    if dp_replicate < 1 or world % dp_replicate:
+        raise ParallelError(f"--dp-replicate {dp_replicate} must divide the number of processes ({world})")
+    shard = world // dp_replicate
+    if dp_replicate == 1:
+        return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(device.type, (dp_replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
 __all__ = ["Parallel", "ParallelError", "RankError", "check_expert_parallel", "init_parallel"]

@@ -24,7 +24,8 @@ from .data import STDLIB_SOURCE
 
 PRESET_NAMES = frozenset(PRESETS)
 
-LAUNCH = frozenset({"device", "expert_parallel", "progress", "deterministic"})
+LAUNCH = frozenset({"device", "expert_parallel", "progress", "deterministic", "fsdp", "dp_replicate",
+                    "activation_checkpointing"})
 """Settings of the launch, not of the run: a resumed run takes them from its own flags (or the defaults), never
 from the stored settings (a run saved on 4 expert-parallel ranks resumes on 2, or in one process)."""
 RESUMABLE = LAUNCH | {"out", "max_steps", "save_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"}
@@ -95,6 +96,12 @@ class TrainConfig:
     device: str = "auto"
     expert_parallel: int = 1
     """Ranks the routed experts are sharded over (torchrun); see dsv2/distributed/."""
+    fsdp: bool = False
+    """Shard weights, gradients and optimizer state over the ranks (FSDP2, torchrun): dsv2/distributed/fsdp.py."""
+    dp_replicate: int = 1
+    """With fsdp: groups of world / dp_replicate ranks each shard the model, replicated across groups (HSDP)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's attention and experts in the backward instead of keeping their activations."""
     progress: bool = True
     deterministic: bool = False
     """torch's deterministic algorithms during the run (dsv2/reproducibility.py): what makes CUDA runs repeat
@@ -133,6 +140,8 @@ class TrainConfig:
             (self.keep_last >= 1, "keep_last must be >= 1"),
             (self.max_bad_steps >= 0, "max_bad_steps must be >= 0"),
             (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
+            (self.dp_replicate >= 1, "dp_replicate must be >= 1"),
+            (self.dp_replicate == 1 or self.fsdp, "dp_replicate applies with fsdp (HSDP)"),
             (not self.lora or self.init_from is not None, "--lora adapts a trained model: give it with --init-from"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha must be > 0"),

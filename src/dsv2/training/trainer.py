@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..distributed.fsdp import apply_activation_checkpointing
 from ..distributed.parallel import Parallel, init_parallel
 from ..model import DeepseekV2
 from ..model.moe import TokenDropPolicy
@@ -55,7 +56,7 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False) -> dic
     "stop_requested" names a signal that came during the last step, after which the run finished anyway."""
     tc = absolute_paths(tc)  # the run resumes from any working directory
     device = device_for(tc)
-    par = init_parallel(tc.expert_parallel, device)  # torchrun: process groups and the (dp, ep) mesh
+    par = init_parallel(tc.expert_parallel, device, tc.fsdp, tc.dp_replicate)  # torchrun: groups and meshes
     run = RunDir(tc.out)
     try:
         with par.together():
@@ -149,6 +150,9 @@ class Session:
         ds, tokenizer = par.in_turn(lambda: prepare_data(tc, run, model.config.vocab_size,
                                                          point.tokenizer if point is not None else None))
         dropper = DeviceTokenDrop(model.config, tc.capacity_factor) if tc.capacity_factor else None
+        if tc.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        par.param_dtype = autocast_dtype(tc, device)  # FSDP2 gathers weights in the dtype autocast computes in
         net = par.wrap(model)
         token_drop = par.token_drop(dropper, model.config)
         opt = build_optimizer(model, tc)

@@ -1,0 +1,54 @@
+"""Fully sharded data parallelism (FSDP2, torch.distributed.fsdp.fully_shard) and activation checkpointing, applied
+to a model from outside, as torchtitan applies them.
+
+FSDP2 shards every parameter of each decoder layer, and of the root (embeddings, final norm, LM head), over the
+data-parallel ranks of a DeviceMesh: a rank holds 1/N of each weight, its gradient and its AdamW moments, gathers a
+layer's weights just before the layer runs (forward and backward) and reduce-scatters its gradients after. With a
+2-D mesh (dp_replicate, dp_shard) it is HSDP: sharded within a group of dp_shard ranks, replicated across the
+groups (gradients all-reduced between them). Parameters become DTensors; their names do not change, so a
+checkpoint's names are the model's own (Parallel.full_parameters gathers them for one).
+
+Mixed precision: under bf16 autocast the layers' weights are gathered in bf16 (half the bytes) and gradients reduced
+in fp32 (MixedPrecisionPolicy), the master weights and moments stay fp32.
+
+Activation checkpointing keeps, of each layer, only the inputs of its attention block and of its FFN's experts (or
+dense MLP) and recomputes their insides in the backward: those are the parts whose activations grow with the
+tokens and the widths, and they have no side effects (the router and token dropping, which count what they do, run
+once).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..model.moe import MoE
+
+
+def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """fully_shard each decoder layer, then the root, over `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP), in
+    place. param_dtype: the dtype layers' weights are gathered and computed in (None: their own)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)  # the root runs last in the forward
+    return model
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each layer's attention block and experts (or dense MLP) in the backward, in place; the state
+    dict is unchanged (the modules' forwards are wrapped, not the modules)."""
+    for layer in model.model.layers:
+        ffn = layer.mlp.experts if isinstance(layer.mlp, MoE) else layer.mlp
+        for m in (layer.self_attn, ffn):
+            m.forward = functools.partial(_checkpointed, m.forward)
+    return model

@@ -1,0 +1,87 @@
+"""FSDP2 (`dsv2 train --fsdp`, torchrun on gloo) and activation checkpointing: the same losses as one process.
+
+Tolerances as tests/test_parallel_dist.py (rel 1e-5 on losses and metrics): sharding changes only the order in
+which gradients are summed (reduce-scatter over the ranks instead of DDP's all-reduce).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_parallel_dist import TRAIN_ARGS, _metrics, _same_losses, _train_in_process
+
+PYTHON = sys.executable
+
+
+def _torchrun(nproc: int, out: Path, *extra: str) -> list[dict]:
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv2",
+           "train", "--out", str(out), *TRAIN_ARGS, *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return _metrics(out)
+
+
+MICRO = ("--micro-batch-size", "2")
+"""Micro-batches of 2 sequences in every run: token dropping decides per micro-batch, so one process and 2 or 4
+ranks drop the same copies (as test_parallel_dist.py's data-parallel case)."""
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_single")
+    return out, _train_in_process(out, *MICRO)
+
+
+def test_fsdp_on_2_ranks_logs_single_process_losses(single, tmp_path):
+    one_dir, one = single
+    tok = str(one_dir / "tokenizer" / "tokenizer.json")
+    two = _torchrun(2, tmp_path / "fsdp2", "--fsdp", "--tokenizer", tok, *MICRO)
+    _same_losses(one, two)
+    # the checkpoint is whole: one process resumes it (any world size: every rank cuts its shard of it)
+    ckpt = tmp_path / "fsdp2" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_0000002", "step_0000004"]
+
+
+def test_hsdp_on_4_ranks_logs_single_process_losses(single, tmp_path):
+    tok = str(single[0] / "tokenizer" / "tokenizer.json")
+    four = _torchrun(4, tmp_path / "hsdp4", "--fsdp", "--dp-replicate", "2", "--tokenizer", tok, *MICRO)
+    _same_losses(single[1], four)
+
+
+def test_a_sharded_run_resumes_in_one_process_and_on_2_ranks(single, tmp_path):
+    """Stopped after step 2 (its checkpoint kept, step 4's removed): resumed with --fsdp on 2 ranks and without
+    it in one process, steps 3-4 log what the straight run logged."""
+    one_dir, one = single
+    tok = str(one_dir / "tokenizer" / "tokenizer.json")
+    _torchrun(2, tmp_path / "run", "--fsdp", "--tokenizer", tok, *MICRO)
+    for name, cmd in (("ranks", [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                                 "dsv2", "train", "--fsdp"]), ("one", [PYTHON, "-m", "dsv2", "train"])):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "run", run)
+        shutil.rmtree(run / "checkpoints" / "step_0000004")
+        res = subprocess.run([*cmd, "--out", str(run), "--resume", "--sample-tokens", "0"], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        _same_losses(one[2:], _metrics(run)[2:])
+
+
+def test_activation_checkpointing_changes_memory_not_losses(single, tmp_path):
+    one_dir, one = single
+    tok = str(one_dir / "tokenizer" / "tokenizer.json")
+    _same_losses(one, _train_in_process(tmp_path / "ac", "--activation-checkpointing", "--tokenizer", tok, *MICRO))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--fsdp"], "this is one process"),
+    (["--dp-replicate", "2"], "dp_replicate applies with fsdp"),
+])
+def test_bad_sharding_flags_are_one_line(tmp_path, argv, message):
+    from conftest import run_dsv2
+
+    r = run_dsv2(["train", "--out", str(tmp_path / "x"), *TRAIN_ARGS, *argv])
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
