@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_parallel_dist import TRAIN_ARGS, _metrics, _same_losses, _train_in_process
 
 PYTHON = sys.executable
@@ -42,9 +43,34 @@ def test_fsdp_on_2_ranks_logs_single_process_losses(single, tmp_path):
     tok = str(one_dir / "tokenizer" / "tokenizer.json")
     two = _torchrun(2, tmp_path / "fsdp2", "--fsdp", "--tokenizer", tok, *MICRO)
     _same_losses(one, two)
-    # the checkpoint is whole: one process resumes it (any world size: every rank cuts its shard of it)
-    ckpt = tmp_path / "fsdp2" / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step_0000002", "step_0000004"]
+    ckpt = tmp_path / "fsdp2" / "checkpoints" / "step_0000004"
+    assert {"dcp", "rng.safetensors", "config.json", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # each rank wrote its own shards
+    assert "model.safetensors" not in {p.name for p in ckpt.iterdir()}
+
+
+def test_export_of_a_sharded_checkpoint_is_the_model_tensor_for_tensor(single, tmp_path):
+    from safetensors.torch import load_file
+
+    import dsv2
+    from dsv2.model import DeepseekV2
+    from dsv2.training.sharded import restore_sharded
+
+    tok = str(single[0] / "tokenizer" / "tokenizer.json")
+    _torchrun(2, tmp_path / "run", "--fsdp", "--tokenizer", tok, *MICRO)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000004"
+    from conftest import run_dsv2
+
+    r = run_dsv2(["export", str(ckpt), str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stderr
+    model = DeepseekV2(dsv2.ModelConfig.from_json(ckpt / "config.json"))
+    restore_sharded(ckpt, model, None)  # the whole model in one process
+    dsv2.save_pretrained(model, tmp_path / "ref")
+    got, want = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(dsv2.from_pretrained(tmp_path / "hf").eval()(ids), dsv2.cpu.optimize(model).eval()(ids))
 
 
 def test_hsdp_on_4_ranks_logs_single_process_losses(single, tmp_path):
@@ -53,12 +79,12 @@ def test_hsdp_on_4_ranks_logs_single_process_losses(single, tmp_path):
     _same_losses(single[1], four)
 
 
-def test_a_sharded_run_resumes_in_one_process_and_on_2_ranks(single, tmp_path):
-    """Stopped after step 2 (its checkpoint kept, step 4's removed): resumed with --fsdp on 2 ranks and without
-    it in one process, steps 3-4 log what the straight run logged."""
+def test_a_run_sharded_on_4_ranks_resumes_on_2_and_in_one_process(single, tmp_path):
+    """Saved by 4 ranks and stopped after step 2 (its checkpoint kept, step 4's removed): resumed with --fsdp on 2
+    ranks and without it in one process (DCP reshards), steps 3-4 log what the one-process run logged."""
     one_dir, one = single
     tok = str(one_dir / "tokenizer" / "tokenizer.json")
-    _torchrun(2, tmp_path / "run", "--fsdp", "--tokenizer", tok, *MICRO)
+    _torchrun(4, tmp_path / "run", "--fsdp", "--tokenizer", tok, *MICRO)
     for name, cmd in (("ranks", [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                                  "dsv2", "train", "--fsdp"]), ("one", [PYTHON, "-m", "dsv2", "train"])):
         run = tmp_path / name

@@ -163,7 +163,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .transforms import cmd_eval, cmd_plot, cmd_quantize, cmd_routing_sim, cmd_upcycle
+    from .transforms import cmd_eval, cmd_export, cmd_plot, cmd_quantize, cmd_routing_sim, cmd_upcycle
 
     p = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2 in PyTorch: train, fine-tune, serve.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -291,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     lora_cli.add_train_flags(s)
     s.set_defaults(func=cmd_train)
     lora_cli.add_merge_parser(sub)
+
+    s = sub.add_parser("export", help="a sharded (--fsdp) training checkpoint as a Hugging Face checkpoint")
+    s.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N of a --fsdp run")
+    s.add_argument("out", help="the new checkpoint's directory")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("plot", help="PNG plots of a run's metrics")
     s.add_argument("run_dir")

@@ -1,4 +1,4 @@
-"""The `dsv2` commands that transform or inspect files: quantize, eval, upcycle, plot, routing-sim."""
+"""The `dsv2` commands that transform or inspect files: quantize, export, eval, upcycle, plot, routing-sim."""
 
 from __future__ import annotations
 
@@ -26,6 +26,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     stats = quantize_checkpoint(args.input, args.output, quant, progress=not args.quiet)
     print(f"dsv2 quantize: {args.output}: {stats['quantized']} weights quantized ({quant.describe()}), "
           f"{stats['bytes_in'] / 2**20:,.1f} MiB -> {stats['bytes_out'] / 2**20:,.1f} MiB", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import CheckpointError
+    from ..training.sharded import export, is_sharded
+
+    src, out = Path(args.checkpoint), Path(args.out)
+    if not is_sharded(src):
+        raise CheckpointError(f"{src} is not a sharded checkpoint (a --fsdp run's RUN_DIR/checkpoints/step_N): other "
+                              "checkpoints are in the Hugging Face layout already")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty: give a new folder")
+    total = export(src, out)
+    print(f"wrote {out}: {total / 2**20:.1f} MiB in the Hugging Face layout")
     return 0
 
 

@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
+from ..config import ModelConfig
+from ..cpu import optimize
 from ..distributed.parallel import Parallel
 from ..errors import AdapterError
 from ..files import atomic_write, fsync_path, write_safetensors
@@ -41,6 +43,7 @@ from .config import TrainConfig, TrainingError, known_settings
 from .finetune import is_lora_checkpoint, lora_model, save_lora
 from .run_dir import STATE_FILE, RunDir
 from .schedule import autocast_dtype
+from .sharded import DCP_DIR, RNG_FILE, restore_sharded, save_sharded
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -83,6 +86,9 @@ def save_checkpoint(run: RunDir, step: int, model: DeepseekV2, opt: torch.optim.
     """Under expert parallelism every rank calls this (the experts and their moments are gathered from the
     ranks holding them) and rank 0 writes the same files as one process would."""
     par = par or Parallel()
+    if par.fsdp_mesh is not None and not tc.lora:  # every rank writes its shards (sharded.py)
+        state = {"step": step, "train_config": tc.to_dict(), "data": data}
+        return save_sharded(run, step, model, opt, state, tokenizer_path, tc.keep_last, par)
     params = par.full_parameters(model, trainable_only=tc.lora)
     tensors, opt_meta = optimizer_tensors(opt, par)
     final = run.checkpoint_path(step)
@@ -135,16 +141,22 @@ class ResumePoint:
     """Optimizer state and RNG states (optimizer.safetensors)."""
     model: DeepseekV2
     tokenizer: Path | None
+    sharded: bool = False
+    """A distributed checkpoint (sharded.py): the model's weights too are restored by restore()."""
 
     def restore(self, opt: torch.optim.Optimizer, par: Parallel) -> None:
-        """RNG states and this rank's part of the optimizer state."""
+        """RNG states and this rank's part of the optimizer state (of a sharded checkpoint, of the model too: after
+        the model is wrapped, so that each rank reads only its shards)."""
         tensors = dict(self.tensors)
         torch.set_rng_state(tensors.pop("rng.cpu"))
         cuda = tensors.pop("rng.cuda", None)
         if cuda is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda)
         try:
-            load_optimizer(opt, tensors, self.state["optimizer"], par)
+            if self.sharded:
+                restore_sharded(self.path, self.model, opt)
+            else:
+                load_optimizer(opt, tensors, self.state["optimizer"], par)
         except (KeyError, ValueError, RuntimeError) as e:
             raise TrainingError(f"{self.path / OPTIMIZER_FILE} does not fit this run's optimizer ({e})") from None
 
@@ -166,13 +178,17 @@ def _read(ckpt: Path, device: torch.device) -> ResumePoint:
     """Every file of a checkpoint: Damaged naming the one that does not read back; a TrainingError (nothing set
     aside) for a checkpoint that reads back but this dsv2 cannot use, or a file it may not read (permissions)."""
     state = _read_json(ckpt / STATE_FILE)
-    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("optimizer"), dict)
-            and isinstance(state.get("train_config"), dict)):
+    sharded = isinstance(state, dict) and state.get("sharded") is True
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("train_config"),
+                                                                                         dict)
+            and (sharded or isinstance(state.get("optimizer"), dict))):
         raise Damaged(f"{STATE_FILE} lacks step, train_config or optimizer")
     try:
         settings = TrainConfig.from_dict(known_settings(state["train_config"]), str(ckpt / STATE_FILE))
     except ValueError as e:
         raise TrainingError(f"cannot resume from {ckpt}: {e}") from None
+    if sharded:
+        return _read_sharded(ckpt, state, settings, device)
     try:
         tensors = load_file(str(ckpt / OPTIMIZER_FILE))
     except FileNotFoundError:
@@ -199,6 +215,23 @@ def _read(ckpt: Path, device: torch.device) -> ResumePoint:
             raise TrainingError(f"cannot resume from {ckpt}: {e}") from None
         raise Damaged(str(e)) from None
     return ResumePoint(ckpt, state["step"], settings, state, tensors, model, tokenizer)
+
+
+def _read_sharded(ckpt: Path, state: dict[str, Any], settings: TrainConfig, device: torch.device) -> ResumePoint:
+    """A distributed checkpoint's model built from its config (its weights come in restore(), shard by shard)."""
+    if not (ckpt / DCP_DIR / ".metadata").is_file():
+        raise Damaged(f"{DCP_DIR}/.metadata is missing")
+    try:
+        tensors = load_file(str(ckpt / RNG_FILE))
+    except (FileNotFoundError, SafetensorError) as e:
+        raise Damaged(f"{RNG_FILE}: {e}") from None
+    try:
+        config = ModelConfig.from_json(ckpt / "config.json")
+    except (OSError, ValueError) as e:
+        raise Damaged(f"config.json: {e}") from None
+    model = optimize(DeepseekV2(config).to(device)).train()
+    tokenizer = ckpt / TOKENIZER_FILE if (ckpt / TOKENIZER_FILE).exists() else None
+    return ResumePoint(ckpt, state["step"], settings, state, tensors, model, tokenizer, sharded=True)
 
 
 def _lora_model(ckpt: Path, settings: TrainConfig, device: torch.device) -> DeepseekV2:

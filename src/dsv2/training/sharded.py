@@ -1,0 +1,120 @@
+"""Distributed checkpoints of FSDP runs: every rank writes its own shards (torch.distributed.checkpoint), nobody
+gathers the model.
+
+    RUN_DIR/checkpoints/step_N/   dcp/            the model's and AdamW's state, each rank's shards + .metadata
+                                  rng.safetensors rank 0's RNG state (every rank resumes with it, as state.py's)
+                                  config.json, tokenizer files, trainer_state.json (step, settings, data)
+
+The same discipline as state.py's checkpoints: written under a temporary name, renamed by rank 0 once every rank's
+shards and the metadata are on disk, so a rank killed midway leaves the earlier checkpoints whole. A checkpoint
+loads on another number of ranks, or in one process (DCP reshards the DTensors' saved pieces onto whatever the
+loading model holds). `dsv2 export` writes one as a Hugging Face checkpoint, a layer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from ..checkpoint import hf_names
+from ..checkpoint.io import DEFAULT_MAX_SHARD_BYTES, GENERATION_CONFIG_FILE
+from ..checkpoint.quantize import _Shards
+from ..config import ModelConfig
+from ..files import atomic_write, fsync_path, write_safetensors
+from ..tokenizer import copy_tokenizer
+from .run_dir import STATE_FILE, RunDir
+
+DCP_DIR = "dcp"
+RNG_FILE = "rng.safetensors"
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / DCP_DIR).is_dir()
+
+
+def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+                 tokenizer_path: Path | None, keep_last: int, par) -> Path:
+    """Every rank calls it: each writes its shards, rank 0 the rest and the rename."""
+    final = run.checkpoint_path(step)
+    tmp = run.checkpoints_dir / f".tmp-{final.name}"
+    with par.together():
+        if par.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / DCP_DIR).mkdir(parents=True)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR))  # collective: every rank's shards
+    with par.together():
+        if par.is_main:
+            try:
+                atomic_write(tmp / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+                if tokenizer_path is not None:
+                    c = model.config
+                    copy_tokenizer(tokenizer_path, tmp, c.max_position_embeddings, c.bos_token_id,
+                                   *c.eos_token_ids[:1])
+                write_safetensors(tmp / RNG_FILE, {"rng.cpu": torch.get_rng_state()})
+                atomic_write(tmp / STATE_FILE, json.dumps({**state, "sharded": True, "time": time.time()}, indent=1))
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.replace(final)
+                fsync_path(run.checkpoints_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            for old in run.checkpoints()[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> None:
+    """The checkpoint's model (and optimizer) state into this model, sharded or not, whatever the saving world."""
+    if opt is None:
+        msd = get_model_state_dict(model)
+        dcp.load({"model": msd}, checkpoint_id=str(path / DCP_DIR))
+        set_model_state_dict(model, msd)
+        return
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / DCP_DIR))
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+
+
+def export(path: Path, out: Path, max_shard_bytes: int | None = None) -> int:
+    """A sharded checkpoint as a Hugging Face checkpoint (official names, the experts split), read and written a
+    layer at a time: at most one layer's tensors in memory. Returns the bytes written."""
+    reader = dcp.FileSystemReader(str(path / DCP_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    keys = sorted(k for k in meta if k.startswith("model."))
+    groups: dict[str, list[str]] = {}
+    for k in keys:  # model.model.layers.{i}.* by layer, the rest (embeddings, norm, lm_head) together
+        parts = k.split(".")
+        groups.setdefault(".".join(parts[:4]) if parts[2:3] == ["layers"] else "rest", []).append(k)
+    cfg = ModelConfig.from_json(path / "config.json")
+    shards = _Shards(out, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    for group in sorted(groups, key=lambda g: (g == "rest", int(g.split(".")[-1]) if g != "rest" else 0)):
+        sd = {k[len("model."):]: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in groups[group]}
+        dcp.load({"model": sd}, checkpoint_id=str(path / DCP_DIR))
+        if cfg.tie_word_embeddings:  # one tensor, written once as the embedding (as save_pretrained does)
+            sd.pop("lm_head.weight", None)
+        for name, t in hf_names.official_tensors(sd):
+            shards.put(name, t.clone())
+    total = shards.finish()
+    d = cfg.to_dict()
+    d["torch_dtype"] = str(next(iter(meta[k].properties.dtype for k in keys))).removeprefix("torch.")
+    atomic_write(out / "config.json", json.dumps(d, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    atomic_write(out / GENERATION_CONFIG_FILE, json.dumps(gen, indent=2) + "\n")
+    tok = path / "tokenizer.json"
+    if tok.exists():
+        copy_tokenizer(path, out, cfg.max_position_embeddings, cfg.bos_token_id, *cfg.eos_token_ids[:1])
+    return total
