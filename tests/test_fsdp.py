@@ -6,6 +6,7 @@ which gradients are summed (reduce-scatter over the ranks instead of DDP's all-r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -111,3 +112,69 @@ def test_bad_sharding_flags_are_one_line(tmp_path, argv, message):
 
     r = run_dsv2(["train", "--out", str(tmp_path / "x"), *TRAIN_ARGS, *argv])
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def _without_model_flags(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--set":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def test_fsdp_from_a_checkpoint_logs_single_process_losses(single, tmp_path):
+    """--init-from read one parameter at a time, each rank keeping its shard (checkpoint/reader.py)."""
+    init = ["--init-from", str(single[0] / "checkpoints" / "step_0000004"), *MICRO]
+    args = _without_model_flags(TRAIN_ARGS)
+    from dsv2.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "one"), *args, *init]) == 0
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+           "--out", str(tmp_path / "two"), *args, *init, "--fsdp"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    _same_losses(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"))
+
+
+MEMORY_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from dsv2.distributed.fsdp import materialize
+from dsv2.distributed.parallel import init_parallel
+from dsv2.training.config import TrainConfig
+from dsv2.training.setup import build_model, initial_weights
+
+def hwm():
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+
+par = init_parallel(1, "cpu", fsdp=True)
+tc = TrainConfig(model=dict(hidden_size=512, num_hidden_layers=12, moe_intermediate_size=256, intermediate_size=1024,
+                            n_routed_experts=16, vocab_size=4096), fsdp=True, progress=False)
+before = hwm()
+model = build_model(tc, torch.device("cpu"), meta=True)
+par.wrap(model)
+materialize(model, torch.device("cpu"), initial_weights(tc, model.config))
+full = sum(4 * p.numel() for p in model.parameters())  # DTensors: the global size
+print(json.dumps({"rank": par.rank, "added_kib": hwm() - before, "full_kib": full // 1024}))
+par.close()
+"""
+
+
+def test_a_sharded_model_never_exists_whole_on_a_rank(tmp_path):
+    """Built on the meta device, sharded, then filled one whole parameter at a time: each of 2 ranks' peak memory
+    grows by half the model (its shards), the largest parameter (5% of it) and the process group's own memory
+    (measured: 0.68 of the model), where a whole copy alone would be 1.0."""
+    script = tmp_path / "memory.py"
+    script.write_text(MEMORY_SCRIPT)
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["full_kib"] > 300_000  # a model large enough that a whole copy would show
+        assert r["added_kib"] < 0.85 * r["full_kib"], r

@@ -20,6 +20,7 @@ once).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,6 +39,41 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)  # the root runs last in the forward
     return model
+
+
+def materialize(model: nn.Module, device: torch.device, full: Callable[[str, torch.Size], torch.Tensor] | None
+                ) -> nn.Module:
+    """A model built on the meta device and sharded: give every rank memory for its shards only, then, with
+    `full` (name, shape -> the whole parameter, e.g. read from a checkpoint or drawn from the run's seed), fill each
+    shard from one whole parameter at a time, released before the next: no rank ever holds the whole model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=device)
+    config = getattr(model, "config", None)
+    if config is not None and config.tie_word_embeddings:  # to_empty gives each module a new Parameter: re-tie
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if full is None:  # filled later (a distributed checkpoint loads straight into the shards)
+        return model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            whole = full(name, p.shape).to(device=device, dtype=p.dtype)
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            else:
+                p.copy_(whole)
+            del whole
+    return model
+
+
+def seeded_init(seed: int, std: float) -> Callable[[str, torch.Size], torch.Tensor]:
+    """A fresh model's whole parameters, asked for in parameter order: ones for norms, N(0, std) for matrices, drawn
+    from the seed in that order (DeepseekV2.init_weights' rule), so one process and any sharded run, which both
+    build the model on the meta device and materialize it with this, start from the same weights."""
+    torch.manual_seed(seed)
+
+    def full(_name: str, shape: torch.Size) -> torch.Tensor:
+        return torch.ones(shape) if len(shape) == 1 else torch.empty(shape).normal_(0.0, std)
+    return full
 
 
 def _checkpointed(forward, *args, **kwargs):

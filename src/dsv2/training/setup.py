@@ -13,8 +13,10 @@ import torch
 
 from ..chat_template import ChatTemplate
 from ..checkpoint import from_pretrained
+from ..checkpoint.reader import WeightReader
 from ..config import ModelConfig
 from ..cpu import optimize
+from ..distributed.fsdp import materialize, seeded_init
 from ..distributed.parallel import Parallel
 from ..files import atomic_write
 from ..model import DeepseekV2
@@ -121,21 +123,50 @@ def instruction_data(tc: TrainConfig, run: RunDir, vocab_size: int, given: Path 
     return ds, tok_path
 
 
-def build_model(tc: TrainConfig, device: torch.device) -> DeepseekV2:
+def build_model(tc: TrainConfig, device: torch.device, meta: bool = False) -> DeepseekV2:
     """The model to train (fp32 master weights; a LoRA run: init_from frozen, with adapters) with the CPU fast
     paths on (dsv2.cpu.optimize: on the CPU, SDPA's flash kernel for MLA, fp32 GEMMs where bf16 is emulated; they
     step aside under autograd where they must)."""
+    if tc.init_from and tc.model:
+        raise TrainingError("model overrides cannot change a checkpoint given with init_from")
+    if meta and not tc.lora:  # sharded before it is given memory: initial_weights fills each rank's shards
+        config = _meta_config(tc)
+        if config is not None:
+            with torch.device("meta"):
+                return optimize(DeepseekV2(config))
     if tc.init_from:
-        if tc.model:
-            raise TrainingError("model overrides cannot change a checkpoint given with init_from")
         if tc.lora:  # the base frozen (a quantized one too: its integer rows are never trained)
             return lora_model(tc, device, autocast_dtype(tc, device))
         if "quantization_config" in ModelConfig.from_json(Path(tc.init_from) / "config.json").extra:
             raise TrainingError(f"{tc.init_from} is quantized (its weights are integers, not parameters): train from "
                                 "its float original")
         return from_pretrained(tc.init_from, dtype=torch.float32, device=device).train()
-    torch.manual_seed(tc.seed)
-    return optimize(DeepseekV2(get_config(tc.preset, **tc.model)).to(device))
+    config = get_config(tc.preset, **tc.model)  # a fresh model: drawn as a sharded run draws it (initial_weights)
+    with torch.device("meta"):
+        model = DeepseekV2(config)
+    materialize(model, device, initial_weights(tc, config))
+    return optimize(model)
+
+
+def _meta_config(tc: TrainConfig) -> ModelConfig | None:
+    """The config a model built on the meta device gets, or None where the plain build must run: a checkpoint that
+    from_pretrained should judge (no config.json: its error), a quantized one, tied embeddings (to_empty would
+    untie them)."""
+    if tc.init_from:
+        if not (Path(tc.init_from) / "config.json").is_file():
+            return None
+        config = ModelConfig.from_json(Path(tc.init_from) / "config.json")
+    else:
+        config = get_config(tc.preset, **tc.model)
+    return None if config.tie_word_embeddings or "quantization_config" in config.extra else config
+
+
+def initial_weights(tc: TrainConfig, config: ModelConfig):
+    """For a model built on the meta device: each whole parameter, from init_from's files or drawn as a
+    one-process run with the run's seed draws it (fsdp.materialize keeps a rank's shard of each)."""
+    if tc.init_from:
+        return WeightReader(tc.init_from).full
+    return seeded_init(tc.seed, config.initializer_range)
 
 
 def batch_split(tc: TrainConfig, par: Parallel) -> tuple[int, int]:

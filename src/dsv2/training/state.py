@@ -229,7 +229,8 @@ def _read_sharded(ckpt: Path, state: dict[str, Any], settings: TrainConfig, devi
         config = ModelConfig.from_json(ckpt / "config.json")
     except (OSError, ValueError) as e:
         raise Damaged(f"config.json: {e}") from None
-    model = optimize(DeepseekV2(config).to(device)).train()
+    with torch.device("meta"):  # given memory once sharded; restore() reads each rank's shards into it
+        model = optimize(DeepseekV2(config)).train()
     tokenizer = ckpt / TOKENIZER_FILE if (ckpt / TOKENIZER_FILE).exists() else None
     return ResumePoint(ckpt, state["step"], settings, state, tensors, model, tokenizer, sharded=True)
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..distributed.fsdp import apply_activation_checkpointing
+from ..distributed.fsdp import apply_activation_checkpointing, materialize
 from ..distributed.parallel import Parallel, init_parallel
 from ..model import DeepseekV2
 from ..model.moe import TokenDropPolicy
@@ -42,7 +42,7 @@ from .balance import MoEStats, balance_losses
 from .config import TrainConfig, TrainingError, absolute_paths
 from .run_dir import RunDir
 from .schedule import autocast_dtype, build_optimizer, lr_at
-from .setup import batch_split, build_model, check_resume, data_fingerprint, device_for, prepare_data
+from .setup import batch_split, build_model, check_resume, data_fingerprint, device_for, initial_weights, prepare_data
 from .state import load_resume_point, save_checkpoint
 from .stop import GracefulStop
 from .token_drop import PROTECT_SEED_STRIDE, DeviceTokenDrop, choose_protected
@@ -135,7 +135,8 @@ class Session:
             if point.step >= tc.max_steps:
                 return {"finished_already": True, "steps": point.step, "checkpoint": str(point.path),
                         "rank": par.rank}
-        model = point.model if point is not None else build_model(tc, device)
+        model = point.model if point is not None else build_model(tc, device, meta=par.fsdp_mesh is not None)
+        meta = any(p.is_meta for p in model.parameters())  # sharded first, then given memory (fsdp.materialize)
         if tc.seq_len > model.config.max_position_embeddings:
             raise TrainingError(f"seq_len {tc.seq_len} is longer than the model's context (max_position_embeddings="
                                 f"{model.config.max_position_embeddings})")
@@ -154,6 +155,8 @@ class Session:
             apply_activation_checkpointing(model)
         par.param_dtype = autocast_dtype(tc, device)  # FSDP2 gathers weights in the dtype autocast computes in
         net = par.wrap(model)
+        if meta:
+            materialize(model, device, None if point is not None else initial_weights(tc, model.config))
         token_drop = par.token_drop(dropper, model.config)
         opt = build_optimizer(model, tc)
         start_step, last_ckpt = 0, None
