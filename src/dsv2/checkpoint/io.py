@@ -82,6 +82,48 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
     atomic_write(path / GENERATION_CONFIG_FILE, json.dumps(gen, indent=2) + "\n")
 
 
+class ShardWriter:
+    """A checkpoint's safetensors written a tensor at a time (dsv2 quantize, dsv2 export): shards of at most `limit`
+    bytes, each written atomically under a temporary name, named (and indexed) once their number is known."""
+
+    def __init__(self, dst: Path, limit: int):
+        self.dst, self.limit = dst, limit
+        dst.mkdir(parents=True, exist_ok=True)
+        for stale in dst.glob("model*.safetensors*"):  # never mix the shards of an older output with these
+            stale.unlink()
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.shard and self.size + nbytes > self.limit:
+            self._flush()
+        self.shard[name] = t.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        if self.shard:
+            tmp = self.dst / f".shard-{len(self.written):05d}.safetensors"
+            write_safetensors(tmp, self.shard, metadata={"format": "pt"})
+            self.written.append((tmp, list(self.shard)))
+            self.shard, self.size = {}, 0
+
+    def finish(self) -> int:
+        self._flush()
+        n = len(self.written)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (tmp, keys), name in zip(self.written, names, strict=True):
+            os.replace(tmp, self.dst / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write(self.dst / INDEX_FILE, json.dumps(index, indent=2))
+        return self.total
+
+
 PACKED_SUFFIXES = ("_packed", "_scale", "_shape")
 """compressed-tensors' pack-quantized parts of a weight `X.weight`: X.weight_packed, X.weight_scale, X.weight_shape."""
 

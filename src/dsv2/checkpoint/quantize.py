@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..files import atomic_write, write_safetensors
+from ..files import atomic_write
 from ..model import DeepseekV2
 from ..quant.convert import quantize_model, recipe_of, with_recipe
 from ..quant.formats import compressed_parts, quantize
 from ..quant.recipe import Recipe
 from ..tokenizer import TOKENIZER_FILE, copy_tokenizer
 from .hf_names import official_names, slot
-from .io import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, _keys, _open, _read, checkpoint_files
+from .io import DEFAULT_MAX_SHARD_BYTES, ShardWriter, _keys, _open, _read, checkpoint_files
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -35,7 +35,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
     """Write the quantized checkpoint; returns {"tensors", "quantized", "bytes_in", "bytes_out"}."""
     src, dst = Path(src), Path(dst)
     config, files = _source(src, dst, recipe)
-    out = _Shards(dst, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    out = ShardWriter(dst, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     stats = {"tensors": 0, "quantized": 0, "bytes_in": 0}
     dtype = None
     bar = tqdm(total=sum(len(_keys(f)) for f in files), unit="tensor", desc="quantizing",
@@ -98,48 +98,6 @@ def _source(src: Path, dst: Path, recipe: Recipe) -> tuple[ModelConfig, list[Pat
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     return config, checkpoint_files(src)
-
-
-class _Shards:
-    """Output shards of at most `limit` bytes, each written atomically under a temporary name, named (and indexed)
-    once their number is known."""
-
-    def __init__(self, dst: Path, limit: int):
-        self.dst, self.limit = dst, limit
-        dst.mkdir(parents=True, exist_ok=True)
-        for stale in dst.glob("model*.safetensors*"):  # never mix the shards of an older output with these
-            stale.unlink()
-        self.shard: dict[str, torch.Tensor] = {}
-        self.size = self.total = 0
-        self.written: list[tuple[Path, list[str]]] = []
-
-    def put(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.shard and self.size + nbytes > self.limit:
-            self._flush()
-        self.shard[name] = t.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        if self.shard:
-            tmp = self.dst / f".shard-{len(self.written):05d}.safetensors"
-            write_safetensors(tmp, self.shard, metadata={"format": "pt"})
-            self.written.append((tmp, list(self.shard)))
-            self.shard, self.size = {}, 0
-
-    def finish(self) -> int:
-        self._flush()
-        n = len(self.written)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        for (tmp, keys), name in zip(self.written, names, strict=True):
-            os.replace(tmp, self.dst / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            atomic_write(self.dst / INDEX_FILE, json.dumps(index, indent=2))
-        return self.total
 
 
 def _per_expert(key: str, t: torch.Tensor):

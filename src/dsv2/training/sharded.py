@@ -30,8 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..checkpoint import hf_names
-from ..checkpoint.io import DEFAULT_MAX_SHARD_BYTES, GENERATION_CONFIG_FILE
-from ..checkpoint.quantize import _Shards
+from ..checkpoint.io import DEFAULT_MAX_SHARD_BYTES, GENERATION_CONFIG_FILE, ShardWriter
 from ..config import ModelConfig
 from ..files import atomic_write, fsync_path, write_safetensors
 from ..tokenizer import copy_tokenizer
@@ -100,7 +99,7 @@ def export(path: Path, out: Path, max_shard_bytes: int | None = None) -> int:
         parts = k.split(".")
         groups.setdefault(".".join(parts[:4]) if parts[2:3] == ["layers"] else "rest", []).append(k)
     cfg = ModelConfig.from_json(path / "config.json")
-    shards = _Shards(out, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    shards = ShardWriter(out, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     for group in sorted(groups, key=lambda g: (g == "rest", int(g.split(".")[-1]) if g != "rest" else 0)):
         sd = {k[len("model."):]: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in groups[group]}
         dcp.load({"model": sd}, checkpoint_id=str(path / DCP_DIR))
