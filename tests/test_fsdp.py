@@ -178,3 +178,39 @@ def test_a_sharded_model_never_exists_whole_on_a_rank(tmp_path):
     for r in ranks:
         assert r["full_kib"] > 300_000  # a model large enough that a whole copy would show
         assert r["added_kib"] < 0.85 * r["full_kib"], r
+
+
+KILL_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+import dsv2.training.sharded as sharded
+
+save = sharded.dcp.save
+
+
+def dying_save(state, checkpoint_id):
+    if dist.get_rank() == 1 and "step_0000004" in checkpoint_id:
+        os._exit(9)  # rank 1 dies while the ranks write the step-4 checkpoint
+    return save(state, checkpoint_id=checkpoint_id)
+
+
+sharded.dcp.save = dying_save
+from dsv2.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_killed_mid_checkpoint_leaves_the_last_one_whole(single, tmp_path):
+    tok = str(single[0] / "tokenizer" / "tokenizer.json")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+           "--out", str(run), *TRAIN_ARGS, "--fsdp", "--tokenizer", tok, *MICRO]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    assert [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_0000002"]
+    res = subprocess.run([PYTHON, "-m", "dsv2", "train", "--out", str(run), "--resume", "--sample-tokens", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _same_losses(single[1][2:], _metrics(run)[2:])
