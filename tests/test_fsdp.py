@@ -214,3 +214,16 @@ def test_a_rank_killed_mid_checkpoint_leaves_the_last_one_whole(single, tmp_path
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     _same_losses(single[1][2:], _metrics(run)[2:])
+
+
+def test_fsdp_gathers_bf16_weights_under_bf16_autocast(single, tmp_path):
+    """--dtype bf16: weights gathered and computed in bf16, reduced in fp32: the losses stay near fp32's."""
+    tok = str(single[0] / "tokenizer" / "tokenizer.json")
+    args = [a if a != "fp32" else "bf16" for a in TRAIN_ARGS]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+           "--out", str(tmp_path / "bf16"), *args, "--fsdp", "--tokenizer", tok, *MICRO]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for a, b in zip(single[1], _metrics(tmp_path / "bf16"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 0.05, (a["loss"], b["loss"])
+

@@ -34,7 +34,8 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -
     place. param_dtype: the dtype layers' weights are gathered and computed in (None: their own)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # the layers' inputs stay as they are (cast_forward_inputs off): RoPE's cos/sin tables are fp32 by design
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)  # the root runs last in the forward
