@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         computed = memory_per_rank(config, args.ranks, fsdp="--fsdp" in flags)
         rows[name] = {"peak_rss_MB": usage.ru_maxrss / 1024,
                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
-                      "computed_state_MB": (computed["total"] - computed["gathered_layers"]) / 2**20}
+                      "computed_state_MB": (computed["total"] - computed["buffers"]) / 2**20}
         log(f"{name}: {rows[name]}")
     res = {"stamp": common.stamp(os.cpu_count() or 2), "cpu": ops.cpu_name(),
            "command": common.command_line("benchmarks.fsdp_memory", argv), "ranks": args.ranks, "rows": rows}

@@ -227,3 +227,21 @@ def test_fsdp_gathers_bf16_weights_under_bf16_autocast(single, tmp_path):
     for a, b in zip(single[1], _metrics(tmp_path / "bf16"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 0.05, (a["loss"], b["loss"])
 
+
+
+def test_a_damaged_shard_is_set_aside_and_a_run_ends_without_a_sample(single, tmp_path):
+    """A sharded run's final sample is skipped with how to export (exit 0); a truncated shard of the newest
+    checkpoint is named, set aside, and the run resumes from the one before."""
+    tok = str(single[0] / "tokenizer" / "tokenizer.json")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+           "--out", str(tmp_path / "run"), *TRAIN_ARGS, "--sample-tokens", "5", "--fsdp", "--tokenizer", tok, *MICRO]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0 and "no sample; `dsv2 export" in res.stdout, res.stderr[-2000:]
+    shard = sorted((tmp_path / "run" / "checkpoints" / "step_0000004" / "dcp").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    res = subprocess.run([PYTHON, "-m", "dsv2", "train", "--out", str(tmp_path / "run"), "--resume", "--max-steps",
+                          "4", "--sample-tokens", "0"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "is missing or truncated" in res.stderr
+    assert (tmp_path / "run" / "checkpoints" / "damaged-step_0000004").is_dir()
+    _same_losses(single[1][2:], _metrics(tmp_path / "run")[2:])

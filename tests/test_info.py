@@ -200,12 +200,14 @@ def test_parallel_memory_per_rank_counts_what_each_rank_owns():
     n = sum(p.numel() for p in DeepseekV2(cfg).parameters())
     experts = sum(p.numel() for name, p in DeepseekV2(cfg).named_parameters() if ".experts." in name)
     ddp = memory_per_rank(cfg, 4)
-    assert ddp["parameters_owned"] == n and ddp["total"] == STATE_BYTES * n
+    assert ddp["parameters_owned"] == n and ddp["total"] == STATE_BYTES * n + 4 * (n - experts)  # + DDP's buckets
     fsdp = memory_per_rank(cfg, 4, fsdp=True)
-    assert fsdp["parameters_owned"] == n / 4 and fsdp["gathered_layers"] > 0
+    assert fsdp["parameters_owned"] == n / 4 and fsdp["buffers"] > 0
     hsdp = memory_per_rank(cfg, 8, fsdp=True, dp_replicate=2)
     assert hsdp["parameters_owned"] == n / 4
     ep = memory_per_rank(cfg, 4, expert_parallel=4)
     assert ep["parameters_owned"] == n - experts + experts / 4
     with pytest.raises(ValueError, match="must divide n_routed_experts"):
         memory_per_rank(cfg, 6, expert_parallel=6)
+    with pytest.raises(ValueError, match="not built yet"):
+        memory_per_rank(cfg, 4, expert_parallel=2, fsdp=True)

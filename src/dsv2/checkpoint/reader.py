@@ -25,7 +25,14 @@ class WeightReader:
         if key not in self.where:
             raise CheckpointError(f"the checkpoint has no tensor {key!r}")
         with _open(self.where[key]) as f:
-            return _read(f, key, self.where[key])
+            t = _read(f, key, self.where[key])
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor {key!r} in {self.where[key].name} is {t.dtype}; a model weight must be "
+                                  "floating-point")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"tensor {key!r} in {self.where[key].name} holds NaN or infinite values (a diverged "
+                                  "run?)")
+        return t
 
     def full(self, name: str, shape: torch.Size) -> torch.Tensor:
         """dsv2 parameter `name` whole: its official tensor, or the stacked experts assembled from theirs."""

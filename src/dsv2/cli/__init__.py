@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from . import lora as lora_cli
 from .generate import _torch_dtype, cmd_generate
@@ -130,7 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("base_val_loss") is not None:
         print(f"before fine-tuning ({tc.init_from}): validation loss {summary['base_val_loss']:.3f} nats/token")
     print(f"checkpoint: {summary['checkpoint']}" + (" (the adapters, in PEFT's format)" if tc.lora else ""))
-    if args.sample_tokens and summary["checkpoint"]:
+    if args.sample_tokens and summary["checkpoint"] and (Path(summary["checkpoint"]) / "dcp").is_dir():
+        print(f"(a sharded checkpoint: no sample; `dsv2 export {summary['checkpoint']} OUT` writes it as a Hugging "
+              "Face checkpoint)")
+    elif args.sample_tokens and summary["checkpoint"]:
         print("\nsample from the checkpoint:")
         model, lora = (tc.init_from, summary["checkpoint"]) if tc.lora else (summary["checkpoint"], None)
         sample = argparse.Namespace(model=model, lora=lora, prompt=args.sample_prompt, ids=None, no_bos=False,

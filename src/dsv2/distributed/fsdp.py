@@ -38,7 +38,9 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)  # the root runs last in the forward
+    # the root (embeddings, final norm, LM head) in its own dtype: the residual stream starts fp32, as in one process
+    root = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=False)  # it runs last in the forward
     return model
 
 

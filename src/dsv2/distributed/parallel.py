@@ -179,14 +179,10 @@ class Parallel:
     def micro_batch(self, net: nn.Module, last: bool) -> Iterator[None]:
         """The forward and backward of one micro-batch through `net` (what wrap returned). Gradients are averaged
         over the ranks in the last micro-batch of a step only (last=True); the others accumulate them locally
-        (DDP's no_sync, and no averaging of the expert gradients over the replicas): one all-reduce a step."""
-        if self.world == 1 or last:
-            if self.fsdp_mesh is not None:
-                net.set_requires_gradient_sync(True)
-            yield
-            return
-        if self.fsdp_mesh is not None:  # gradients reduce-scattered in the last micro-batch only
-            net.set_requires_gradient_sync(False)
+        (DDP's no_sync, and no averaging of the expert gradients over the replicas): one all-reduce a step. Under
+        FSDP every micro-batch reduce-scatters: skipping it would keep each layer's whole gradient on every rank
+        until the last one."""
+        if self.world == 1 or last or self.fsdp_mesh is not None:
             yield
             return
         self.syncing = False

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -40,8 +41,33 @@ DCP_DIR = "dcp"
 RNG_FILE = "rng.safetensors"
 
 
+class ShardError(OSError):
+    """A distributed checkpoint that cannot be written or read (DCP's CheckpointException is a BaseException,
+    which no one-line error handler catches: it is turned into this)."""
+
+
 def is_sharded(path: Path) -> bool:
     return (path / DCP_DIR).is_dir()
+
+
+def check_shards(path: Path) -> str | None:
+    """What is wrong with a distributed checkpoint's files (None: every shard the metadata names is whole)."""
+    try:
+        meta = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing or unreadable .metadata: the checkpoint's damage
+        return f"{DCP_DIR}/.metadata does not read ({type(e).__name__}: {e})"
+    for info in (meta.storage_data or {}).values():
+        f = path / DCP_DIR / info.relative_path
+        if not f.is_file() or f.stat().st_size < info.offset + info.length:
+            return f"{DCP_DIR}/{info.relative_path} is missing or truncated"
+    return None
+
+
+def _dcp(fn, what: str, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointException as e:
+        raise ShardError(f"{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
@@ -54,7 +80,7 @@ def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Opti
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / DCP_DIR).mkdir(parents=True)
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR))  # collective: every rank's shards
+    _dcp(dcp.save, f"writing {final}", {"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR))  # collective
     with par.together():
         if par.is_main:
             try:
@@ -63,7 +89,10 @@ def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Opti
                     c = model.config
                     copy_tokenizer(tokenizer_path, tmp, c.max_position_embeddings, c.bos_token_id,
                                    *c.eos_token_ids[:1])
-                write_safetensors(tmp / RNG_FILE, {"rng.cpu": torch.get_rng_state()})
+                rng = {"rng.cpu": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng["rng.cuda"] = torch.cuda.get_rng_state()
+                write_safetensors(tmp / RNG_FILE, rng)
                 atomic_write(tmp / STATE_FILE, json.dumps({**state, "sharded": True, "time": time.time()}, indent=1))
                 shutil.rmtree(final, ignore_errors=True)
                 tmp.replace(final)
@@ -80,11 +109,11 @@ def restore_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
     """The checkpoint's model (and optimizer) state into this model, sharded or not, whatever the saving world."""
     if opt is None:
         msd = get_model_state_dict(model)
-        dcp.load({"model": msd}, checkpoint_id=str(path / DCP_DIR))
+        _dcp(dcp.load, f"reading {path}", {"model": msd}, checkpoint_id=str(path / DCP_DIR))
         set_model_state_dict(model, msd)
         return
     msd, osd = get_state_dict(model, opt)
-    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / DCP_DIR))
+    _dcp(dcp.load, f"reading {path}", {"model": msd, "optim": osd}, checkpoint_id=str(path / DCP_DIR))
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
 
 
@@ -102,7 +131,7 @@ def export(path: Path, out: Path, max_shard_bytes: int | None = None) -> int:
     shards = ShardWriter(out, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     for group in sorted(groups, key=lambda g: (g == "rest", int(g.split(".")[-1]) if g != "rest" else 0)):
         sd = {k[len("model."):]: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in groups[group]}
-        dcp.load({"model": sd}, checkpoint_id=str(path / DCP_DIR))
+        _dcp(dcp.load, f"reading {path}", {"model": sd}, checkpoint_id=str(path / DCP_DIR))
         if cfg.tie_word_embeddings:  # one tensor, written once as the embedding (as save_pretrained does)
             sd.pop("lm_head.weight", None)
         for name, t in hf_names.official_tensors(sd):

@@ -43,7 +43,7 @@ from .config import TrainConfig, TrainingError, known_settings
 from .finetune import is_lora_checkpoint, lora_model, save_lora
 from .run_dir import STATE_FILE, RunDir
 from .schedule import autocast_dtype
-from .sharded import DCP_DIR, RNG_FILE, restore_sharded, save_sharded
+from .sharded import RNG_FILE, ShardError, check_shards, restore_sharded, save_sharded
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -152,11 +152,14 @@ class ResumePoint:
         cuda = tensors.pop("rng.cuda", None)
         if cuda is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda)
-        try:
-            if self.sharded:
+        if self.sharded:
+            try:
                 restore_sharded(self.path, self.model, opt)
-            else:
-                load_optimizer(opt, tensors, self.state["optimizer"], par)
+            except (ShardError, KeyError, ValueError, RuntimeError) as e:
+                raise TrainingError(f"{self.path} does not fit this run's model and optimizer ({e})") from None
+            return
+        try:
+            load_optimizer(opt, tensors, self.state["optimizer"], par)
         except (KeyError, ValueError, RuntimeError) as e:
             raise TrainingError(f"{self.path / OPTIMIZER_FILE} does not fit this run's optimizer ({e})") from None
 
@@ -219,8 +222,9 @@ def _read(ckpt: Path, device: torch.device) -> ResumePoint:
 
 def _read_sharded(ckpt: Path, state: dict[str, Any], settings: TrainConfig, device: torch.device) -> ResumePoint:
     """A distributed checkpoint's model built from its config (its weights come in restore(), shard by shard)."""
-    if not (ckpt / DCP_DIR / ".metadata").is_file():
-        raise Damaged(f"{DCP_DIR}/.metadata is missing")
+    problem = check_shards(ckpt)
+    if problem is not None:
+        raise Damaged(problem)
     try:
         tensors = load_file(str(ckpt / RNG_FILE))
     except (FileNotFoundError, SafetensorError) as e:

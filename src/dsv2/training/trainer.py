@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..cpu import optimize
 from ..distributed.fsdp import apply_activation_checkpointing, materialize
 from ..distributed.parallel import Parallel, init_parallel
 from ..model import DeepseekV2
@@ -137,6 +138,9 @@ class Session:
                         "rank": par.rank}
         model = point.model if point is not None else build_model(tc, device, meta=par.fsdp_mesh is not None)
         meta = any(p.is_meta for p in model.parameters())  # sharded first, then given memory (fsdp.materialize)
+        if meta and par.fsdp_mesh is None and par.world > 1:
+            raise TrainingError(f"{point.path} is a sharded checkpoint: resume it with --fsdp (on any number of "
+                                "ranks), or in one process, or export it (dsv2 export) and --init-from that")
         if tc.seq_len > model.config.max_position_embeddings:
             raise TrainingError(f"seq_len {tc.seq_len} is longer than the model's context (max_position_embeddings="
                                 f"{model.config.max_position_embeddings})")
@@ -157,6 +161,7 @@ class Session:
         net = par.wrap(model)
         if meta:
             materialize(model, device, None if point is not None else initial_weights(tc, model.config))
+            optimize(model)  # the CPU kernels, now that the weights are on the CPU
         token_drop = par.token_drop(dropper, model.config)
         opt = build_optimizer(model, tc)
         start_step, last_ckpt = 0, None
