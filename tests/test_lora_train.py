@@ -196,3 +196,17 @@ def test_records_whose_answer_starts_past_seq_len_are_left_out(tmp_path):
     with pytest.raises(DataError, match="start their answer past it"):
         InstructionDataset.build([str(f)], Renderer(Tok(), None, 1, 2), 0.0, 0, pad_id=0, seq_len=2)
 
+
+
+def test_lora_under_fsdp_logs_single_process_losses(base, tmp_path):
+    """The frozen base and the adapters sharded by FSDP2 over 2 ranks; the adapters gathered into the PEFT folder."""
+    flags = ("--lora-targets", "all-linear", "--lora-dropout", "0", "--micro-batch-size", "2")
+    assert run_dsv2(lora_argv(base, tmp_path / "one", *flags, steps=3)).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2",
+           *lora_argv(base, tmp_path / "two", *flags, steps=3), "--fsdp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(read("one"), read("two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert (tmp_path / "two" / "checkpoints" / "step_0000003" / "adapter_model.safetensors").is_file()
