@@ -45,7 +45,7 @@ class Rows:
 
     def __init__(self):
         self.slot_T: torch.Tensor | None = None
-        self.copy_slot_N: torch.Tensor | None = None  # the routed experts' copies: set by SlotDispatcher
+        self.copy_slot_N: torch.Tensor | None = None  # the routed experts' copies: set by SlotDispatch
         self._call_B: torch.Tensor | None = None
         self._groups: Groups = [(0, None)]
 
@@ -84,6 +84,25 @@ def groups_of(slot_N: torch.Tensor) -> Groups:
     return [(s, (slot_N == s).nonzero()[:, 0]) for s in present]
 
 
+def _kaiming_uniform_(A: torch.Tensor, generator: torch.Generator | None) -> None:
+    """A as PEFT initialises it: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1 / math.sqrt(A.shape[-1])
+    A.uniform_(-bound, bound, generator=generator)
+
+
+class _Wrapper(nn.Module):
+    """Reads of attributes it lacks reach the wrapped module (`base_layer`): code that reads a linear's weight or the
+    experts' sizes reads the base's."""
+
+    is_adapter = True  # what code that reads weights directly (dsv2.cpu's fused decode step) checks for
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+
 class LoRA(nn.Module):
     """The A/B pairs of one adapted weight in L slots, and what each slot scales by."""
 
@@ -99,8 +118,7 @@ class LoRA(nn.Module):
     def reset(self, slot: int, alpha: float, generator: torch.Generator | None = None) -> None:
         """A fresh adapter in `slot`: A as PEFT initialises it (Kaiming-uniform, a = sqrt(5)), B = 0."""
         with torch.no_grad():
-            bound = 1 / math.sqrt(self.lora_A.shape[-1])  # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3) * sqrt(3/in)
-            self.lora_A[slot].uniform_(-bound, bound, generator=generator)
+            _kaiming_uniform_(self.lora_A[slot], generator)
             self.lora_B[slot].zero_()
             self.scaling[slot] = alpha / self.r
 
@@ -121,22 +139,14 @@ class LoRA(nn.Module):
         return y_NO.view(y.shape)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(_Wrapper):
     """A linear (nn.Linear, or dsv2.quant's QuantLinear) with LoRA slots; reads of the base's attributes (weight,
-    weight_q, in_features, ...) reach the base, so code that reads a linear's weight reads the base's."""
-
-    is_adapter = True  # what code that reads weights directly (dsv2.cpu's fused decode step) checks for
+    weight_q, in_features, ...) reach the base."""
 
     def __init__(self, base: nn.Module, slots: int, r: int, dropout: float, rows: Rows):
         super().__init__()
         self.base_layer = base
         self.lora = LoRA(slots, r, base.in_features, base.out_features, dropout, rows)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base_layer"], name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora.add_to(self.base_layer(x), x, x.shape[0] if x.dim() == 3 else 1)
@@ -161,13 +171,13 @@ class LoRALinear(nn.Module):
         H, M, _ = x_HMK.shape
         lora = self.lora
         B_LHWr = lora.lora_B.view(lora.lora_B.shape[0], H, -1, lora.r)
+        groups = lora.rows.groups(M, batch)
+        if groups == [(0, None)]:  # every row one slot (training, load_adapter): no scatter
+            return part(B_LHWr[0], lora.lora_A[0], x_HMK.to(lora.lora_A.dtype)) * lora.scaling[0]
         out = x_HMK.new_zeros(H, M, width, dtype=lora.lora_A.dtype)
-        for slot, idx in lora.rows.groups(M, batch):
-            x = (x_HMK if idx is None else x_HMK[:, idx]).to(lora.lora_A.dtype)
-            y = part(B_LHWr[slot], lora.lora_A[slot], x) * lora.scaling[slot]
-            if idx is None:
-                return y
-            out[:, idx] = y
+        for slot, idx in groups:
+            x = x_HMK[:, idx].to(lora.lora_A.dtype)
+            out[:, idx] = part(B_LHWr[slot], lora.lora_A[slot], x) * lora.scaling[slot]
         return out
 
 
@@ -185,12 +195,10 @@ class SlotDispatch:
         return x_ND, counts_E, d
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(_Wrapper):
     """Routed experts (any of model/cpu/quant's) with an adapter per expert and projection: gate_proj and up_proj's
     A stacked as lora_A_gate_up [L*E, 2r, D], their B as lora_B_gate / lora_B_up [L*E, F, r], down_proj's as
     lora_A_down [L*E, r, F] and lora_B_down [L*E, D, r]."""
-
-    is_adapter = True
 
     def __init__(self, base: nn.Module, slots: int, r: int, dropout: float, rows: Rows):
         super().__init__()
@@ -203,12 +211,6 @@ class LoRAExperts(nn.Module):
         self.lora_B_down = nn.Parameter(torch.zeros(slots * E, D, r))
         self.register_buffer("scaling", torch.zeros(slots), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base_layer"], name)
 
     def shard(self, lo: int, hi: int) -> list[nn.Parameter]:
         """The base's experts lo .. hi-1 and their adapters (one slot: training)."""
@@ -223,8 +225,7 @@ class LoRAExperts(nn.Module):
         E = self.base_layer.n_experts
         with torch.no_grad():
             for A in (self.lora_A_gate_up, self.lora_A_down):
-                bound = 1 / math.sqrt(A.shape[-1])
-                A[slot * E:(slot + 1) * E].uniform_(-bound, bound, generator=generator)
+                _kaiming_uniform_(A[slot * E:(slot + 1) * E], generator)
             for B in (self.lora_B_gate, self.lora_B_up, self.lora_B_down):
                 B[slot * E:(slot + 1) * E].zero_()
             self.scaling[slot] = alpha / self.r
@@ -248,7 +249,8 @@ class LoRAExperts(nn.Module):
     def _delta(self, x_NK, groups, A_GRK, Bs) -> list[torch.Tensor]:
         """s B A x for each B of Bs (A's rows split evenly among them), per copy's slot and expert."""
         E = self.base_layer.n_experts
-        outs = [x_NK.new_zeros(x_NK.shape[0], B.shape[1]) for B in Bs]
+        every = len(groups) == 1 and groups[0][1] is None  # one group of all copies (training): its deltas are the
+        outs = [None if every else x_NK.new_zeros(x_NK.shape[0], B.shape[1]) for B in Bs]  # outputs: no zeros first
         for slot, idx, counts_E in groups:
             ends = counts_E.cumsum(0).to(torch.int32)
             e = slice(slot * E, (slot + 1) * E)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterError
-from ...lora import Adapter, check_modules, put_adapter, rows_of, wrap
+from ...lora import Adapter, Rows, check_modules, put_adapter, rows_of, wrap
 
 _loads = itertools.count(1)
 
@@ -45,6 +45,7 @@ class Adapters:
                                "model and its adapters with add_adapter, or merge the adapter in (dsv2.merge_lora)")
         self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
         self.loaded: dict[str, Loaded] = {}
+        self.rows: Rows | None = None  # the model's Rows, once a first adapter wrapped its modules
 
     def add(self, name: str, adapter: Adapter, path: str | Path) -> Loaded:
         """Put an adapter (read from its folder, `path`) into a free slot under `name` (AdapterError: a name in
@@ -57,7 +58,7 @@ class Adapters:
         if adapter.rank > self.max_rank:
             raise AdapterError(f"{path}: rank {adapter.rank} is above --max-lora-rank {self.max_rank}")
         check_modules(self.model, adapter, str(path))
-        wrap(self.model, adapter.modules(), self.max_loras, self.max_rank)
+        self.rows = wrap(self.model, adapter.modules(), self.max_loras, self.max_rank)
         put_adapter(self.model, adapter, free[0], str(path))
         root = hashlib.blake2b(f"lora:{name}:{next(_loads)}".encode(), digest_size=16).digest()
         self.loaded[name] = Loaded(name, str(path), free[0], adapter.rank, root)
@@ -69,16 +70,9 @@ class Adapters:
             raise AdapterError(f"no adapter named {name!r} is loaded")
         put_adapter(self.model, Adapter({}, {}), a.slot)  # zeroed: a later adapter in this slot starts clean
 
-    def slots(self, names: list[str | None]) -> list[int]:
-        return [-1 if n is None else self.loaded[n].slot for n in names]
-
     def set_rows(self, slot_T: list[int], device: torch.device) -> bool:
-        """The slot of each token of the next forward; False (and no rows set) when none uses an adapter."""
-        rows = rows_of(self.model)
-        if rows is None:
+        """The slot of each token of the next forward: whether any uses an adapter."""
+        if self.rows is None:
             return False
-        if all(s < 0 for s in slot_T):
-            rows.set(torch.full((len(slot_T),), -1, dtype=torch.long, device=device))
-            return False
-        rows.set(torch.tensor(slot_T, dtype=torch.long, device=device))
-        return True
+        self.rows.set(torch.tensor(slot_T, dtype=torch.long, device=device))
+        return any(s >= 0 for s in slot_T)

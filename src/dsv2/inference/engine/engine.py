@@ -127,8 +127,7 @@ class Engine:
         the cache leave; a max_tokens past the context is cut to it (truncate, as generate does) or refused. The
         RequestError names the field at fault. It reads no state a step changes, so any thread may call it."""
         params = params or SamplingParams()
-        if adapter is not None and (self.adapters is None or adapter not in self.adapters.loaded):
-            raise RequestError(f"no LoRA adapter named {adapter!r} is loaded", "model", "model_not_found")
+        self._check_adapter(adapter)
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings are matched on the text: the engine needs a tokenizer (or use "
                                "stop_token_ids)", "stop")
@@ -176,8 +175,7 @@ class Engine:
         with self._lock:
             if request_id in self._requests:
                 raise RequestError(f"request {request_id!r} is already running")
-            if adm.adapter is not None and adm.adapter not in self.adapters.loaded:  # unloaded since admission
-                raise RequestError(f"no LoRA adapter named {adm.adapter!r} is loaded", "model", "model_not_found")
+            self._check_adapter(adm.adapter)  # it may have been unloaded since admission
             req = Request(request_id, adm.prompt_ids, adm.params, next(self._arrivals), stops=adm.stops,
                           adapter=adm.adapter)
             if adm.params.prompt_logprobs is not None:
@@ -216,6 +214,10 @@ class Engine:
             if busy:
                 raise AdapterError(f"the adapter {name!r} is in use by {busy} running request(s)")
             self.adapters.remove(name)
+
+    def _check_adapter(self, name: str | None) -> None:
+        if name is not None and (self.adapters is None or name not in self.adapters.loaded):
+            raise RequestError(f"no LoRA adapter named {name!r} is loaded", "model", "model_not_found")
 
     def _slot(self, seq: Sequence) -> int:
         name = seq.request.adapter
