@@ -33,6 +33,7 @@ from ..model import DeepseekV2
 from ..quant import formats as qf
 from ..quant.convert import quantize_model, recipe_of
 from ..quant.recipe import Recipe
+from ..tokenizer import copy_tokenizer
 from .hf_names import official_names, official_tensors, slot
 
 SINGLE_FILE = "model.safetensors"
@@ -74,12 +75,28 @@ def save_pretrained(model: DeepseekV2, path: str | os.PathLike, max_shard_bytes:
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write(path / INDEX_FILE, json.dumps(index, indent=2))
-    cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_config(path, model.config, next(model.parameters()).dtype)
+
+
+def write_config(path: Path, config: ModelConfig, dtype: torch.dtype) -> None:
+    """config.json, with the weights' torch_dtype, and generation_config.json: what generation stops at, as
+    transformers' GenerationConfig and vLLM read it."""
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     atomic_write(path / "config.json", json.dumps(cfg, indent=2) + "\n")
-    # what generation stops at, as transformers' GenerationConfig and vLLM read it
-    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     atomic_write(path / GENERATION_CONFIG_FILE, json.dumps(gen, indent=2) + "\n")
+
+
+def copy_tokenizer_of(src: str | os.PathLike, dst: str | os.PathLike, config: ModelConfig) -> None:
+    """tokenizer.copy_tokenizer with the model's context and special tokens (what a written checkpoint carries)."""
+    copy_tokenizer(src, dst, config.max_position_embeddings, config.bos_token_id, *config.eos_token_ids[:1])
+
+
+def check_finite(t: torch.Tensor, key: str, fname: str, hint: str = "") -> None:
+    """CheckpointError for a stored tensor holding NaN or infinity (a diverged run's weights)."""
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"tensor {key!r} in {fname} holds NaN or infinite values (a diverged run?){hint}")
 
 
 class ShardWriter:
@@ -294,9 +311,8 @@ def load_weights(model: DeepseekV2, files: list[Path], allow_non_finite: bool = 
                     raise CheckpointError(f"tensor {key!r} in {file.name} is {info.get_dtype()}; a model weight "
                                           f"must be floating-point ({', '.join(_FLOAT_DTYPES)})")
                 src = _read(f, key, file)
-                if not allow_non_finite and not bool(torch.isfinite(src).all()):
-                    raise CheckpointError(f"tensor {key!r} in {file.name} holds NaN or infinite values (a diverged "
-                                          "run?); pass allow_non_finite=True to load it anyway")
+                if not allow_non_finite:
+                    check_finite(src, key, file.name, "; pass allow_non_finite=True to load it anyway")
                 if K is None:
                     dst.copy_(src)
                 else:  # quantized as it is read: the float tensor is released before the next one

@@ -25,9 +25,9 @@ from ..model import DeepseekV2
 from ..quant.convert import quantize_model, recipe_of, with_recipe
 from ..quant.formats import compressed_parts, quantize
 from ..quant.recipe import Recipe
-from ..tokenizer import TOKENIZER_FILE, copy_tokenizer
+from ..tokenizer import TOKENIZER_FILE
 from .hf_names import official_names, slot
-from .io import DEFAULT_MAX_SHARD_BYTES, ShardWriter, _keys, _open, _read, checkpoint_files
+from .io import DEFAULT_MAX_SHARD_BYTES, ShardWriter, _keys, _open, _read, checkpoint_files, copy_tokenizer_of
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe,
@@ -70,7 +70,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, recipe: 
                 and not (extra.name.startswith("model-") and ".safetensors" in extra.name):
             shutil.copy2(extra, dst / extra.name)
     if (src / TOKENIZER_FILE).is_file():  # its tokenizer_config.json, or one made for it
-        copy_tokenizer(src, dst, config.max_position_embeddings, config.bos_token_id, *config.eos_token_ids[:1])
+        copy_tokenizer_of(src, dst, config)
     cfg = with_recipe(config, recipe).to_dict()
     cfg["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
     atomic_write(dst / "config.json", json.dumps(cfg, indent=2) + "\n")

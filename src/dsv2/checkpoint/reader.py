@@ -10,7 +10,7 @@ import torch
 
 from ..errors import CheckpointError
 from .hf_names import official_names, slot
-from .io import _open, _read, checkpoint_files
+from .io import _open, _read, check_finite, checkpoint_files
 
 
 class WeightReader:
@@ -29,9 +29,7 @@ class WeightReader:
         if not t.is_floating_point():
             raise CheckpointError(f"tensor {key!r} in {self.where[key].name} is {t.dtype}; a model weight must be "
                                   "floating-point")
-        if not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"tensor {key!r} in {self.where[key].name} holds NaN or infinite values (a diverged "
-                                  "run?)")
+        check_finite(t, key, self.where[key].name)
         return t
 
     def full(self, name: str, shape: torch.Size) -> torch.Tensor:

@@ -47,9 +47,10 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..checkpoint import from_pretrained, save_pretrained
+    from ..checkpoint.io import copy_tokenizer_of
     from ..errors import CheckpointError
     from ..lora import merged
-    from ..tokenizer import TOKENIZER_FILE, copy_tokenizer
+    from ..tokenizer import TOKENIZER_FILE
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -58,8 +59,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     save_pretrained(model, out)
     tok = Path(args.base) / TOKENIZER_FILE
     if tok.exists():
-        c = model.config
-        copy_tokenizer(tok, out, c.max_position_embeddings, c.bos_token_id, *c.eos_token_ids[:1])
+        copy_tokenizer_of(tok, out, model.config)
     print(f"wrote {out}: {args.base} with {args.adapter} merged into its weights")
     return 0
 

@@ -71,7 +71,6 @@ class Parallel:
         self.dispatchers: list[AllToAllDispatcher] = []
         self.syncing = True  # False inside micro_batch(last=False): gradients accumulate locally
         self.fsdp_mesh = fsdp_mesh  # FSDP2's mesh (fsdp.py) instead of DDP, or None
-        self.param_dtype: torch.dtype | None = None  # FSDP2's compute dtype of the gathered weights
 
     @property
     def is_main(self) -> bool:
@@ -120,17 +119,18 @@ class Parallel:
             dist.destroy_process_group()
 
     # -- model --------------------------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Shard experts, install the all-to-all dispatcher, wrap in DDP.
+    def wrap(self, model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+        """Shard experts, install the all-to-all dispatcher, wrap in DDP; or, with an FSDP mesh, fully_shard it
+        (fsdp.py: layers gathered in param_dtype, None: their own).
 
-        Call after loading weights, before building the optimizer.
+        Call after loading weights (or on the meta device, then fsdp.materialize), before building the optimizer.
         Returns the module to call for training forwards (DDP, or the model itself with one process);
         everything else (evaluation, saving, the optimizer) keeps using `model`.
         """
         if self.world == 1:
             return model
         if self.fsdp_mesh is not None:  # the trainer calls the model itself: FSDP2's hooks are on its modules
-            return apply_fsdp(model, self.fsdp_mesh, self.param_dtype)
+            return apply_fsdp(model, self.fsdp_mesh, param_dtype)
         moes = [m for m in model.modules() if isinstance(m, MoE)]
         if self.ep > 1:
             check_expert_parallel(model.config, self.ep, self.world)

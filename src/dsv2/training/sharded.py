@@ -31,10 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..checkpoint import hf_names
-from ..checkpoint.io import DEFAULT_MAX_SHARD_BYTES, GENERATION_CONFIG_FILE, ShardWriter
+from ..checkpoint.io import DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_tokenizer_of, write_config
 from ..config import ModelConfig
 from ..files import atomic_write, fsync_path, write_safetensors
-from ..tokenizer import copy_tokenizer
+from ..tokenizer import TOKENIZER_FILE
 from .run_dir import STATE_FILE, RunDir
 
 DCP_DIR = "dcp"
@@ -84,11 +84,9 @@ def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Opti
     with par.together():
         if par.is_main:
             try:
-                atomic_write(tmp / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+                write_config(tmp, model.config, torch.float32)  # the master weights' dtype
                 if tokenizer_path is not None:
-                    c = model.config
-                    copy_tokenizer(tokenizer_path, tmp, c.max_position_embeddings, c.bos_token_id,
-                                   *c.eos_token_ids[:1])
+                    copy_tokenizer_of(tokenizer_path, tmp, model.config)
                 rng = {"rng.cpu": torch.get_rng_state()}
                 if torch.cuda.is_available():
                     rng["rng.cuda"] = torch.cuda.get_rng_state()
@@ -137,12 +135,7 @@ def export(path: Path, out: Path, max_shard_bytes: int | None = None) -> int:
         for name, t in hf_names.official_tensors(sd):
             shards.put(name, t.clone())
     total = shards.finish()
-    d = cfg.to_dict()
-    d["torch_dtype"] = str(next(iter(meta[k].properties.dtype for k in keys))).removeprefix("torch.")
-    atomic_write(out / "config.json", json.dumps(d, indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    atomic_write(out / GENERATION_CONFIG_FILE, json.dumps(gen, indent=2) + "\n")
-    tok = path / "tokenizer.json"
-    if tok.exists():
-        copy_tokenizer(path, out, cfg.max_position_embeddings, cfg.bos_token_id, *cfg.eos_token_ids[:1])
+    write_config(out, cfg, meta[keys[0]].properties.dtype)
+    if (path / TOKENIZER_FILE).exists():
+        copy_tokenizer_of(path, out, cfg)
     return total

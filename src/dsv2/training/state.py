@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
+from ..checkpoint.io import copy_tokenizer_of
 from ..config import ModelConfig
 from ..cpu import optimize
 from ..distributed.parallel import Parallel
@@ -38,7 +39,7 @@ from ..files import atomic_write, fsync_path, write_safetensors
 from ..lora import put_adapter, read_adapter
 from ..lora.peft import CONFIG_FILE
 from ..model import DeepseekV2
-from ..tokenizer import TOKENIZER_FILE, TokenizerError, copy_tokenizer, load_tokenizer
+from ..tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
 from .config import TrainConfig, TrainingError, known_settings
 from .finetune import is_lora_checkpoint, lora_model, save_lora
 from .run_dir import STATE_FILE, RunDir
@@ -86,16 +87,15 @@ def save_checkpoint(run: RunDir, step: int, model: DeepseekV2, opt: torch.optim.
     """Under expert parallelism every rank calls this (the experts and their moments are gathered from the
     ranks holding them) and rank 0 writes the same files as one process would."""
     par = par or Parallel()
+    state = {"step": step, "train_config": tc.to_dict(), "data": data}
     if par.fsdp_mesh is not None and not tc.lora:  # every rank writes its shards (sharded.py)
-        state = {"step": step, "train_config": tc.to_dict(), "data": data}
         return save_sharded(run, step, model, opt, state, tokenizer_path, tc.keep_last, par)
     params = par.full_parameters(model, trainable_only=tc.lora)
     tensors, opt_meta = optimizer_tensors(opt, par)
     final = run.checkpoint_path(step)
     with par.together():  # a full disk on rank 0 stops every rank
         if par.is_main:
-            state = {"step": step, "train_config": tc.to_dict(), "optimizer": opt_meta, "data": data,
-                     "time": time.time()}
+            state = {**state, "optimizer": opt_meta, "time": time.time()}
             save = ((lambda d: save_lora(model, d, tc, params)) if tc.lora else
                     (lambda d: save_pretrained(model, d, params=params)))
             _write(run, final, model, save, tensors, state, tokenizer_path, tc.keep_last)
@@ -112,8 +112,7 @@ def _write(run: RunDir, final: Path, model: DeepseekV2, save: Callable[[Path], N
     try:
         save(tmp)
         if tokenizer_path is not None:
-            c = model.config
-            copy_tokenizer(tokenizer_path, tmp, c.max_position_embeddings, c.bos_token_id, *c.eos_token_ids[:1])
+            copy_tokenizer_of(tokenizer_path, tmp, model.config)
         tensors = {**tensors, "rng.cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -207,11 +206,11 @@ def _read(ckpt: Path, device: torch.device) -> ResumePoint:
         except TokenizerError as e:
             raise Damaged(str(e)) from None
     lora = is_lora_checkpoint(ckpt)
-    _read_json(ckpt / (CONFIG_FILE if lora else "config.json"))  # unreadable JSON is damage; a config this dsv2
-    if lora:  # the base is init_from's: if that cannot be read, the checkpoint is not what is damaged
-        return ResumePoint(ckpt, state["step"], settings, state, tensors, _lora_model(ckpt, settings, device),
-                           tokenizer)
-    try:                                                          # refuses is not (below)
+    _read_json(ckpt / (CONFIG_FILE if lora else "config.json"))  # unreadable JSON is damage (a config this dsv2
+    if lora:  # refuses is not, below); a LoRA run's base is init_from's: if that cannot be read, the checkpoint
+        return ResumePoint(ckpt, state["step"], settings, state, tensors,  # is not what is damaged
+                           _lora_model(ckpt, settings, device), tokenizer)
+    try:
         model = from_pretrained(ckpt, dtype=torch.float32, device=device).train()
     except CheckpointError as e:
         if str(e).startswith("invalid config"):

@@ -157,8 +157,7 @@ class Session:
         dropper = DeviceTokenDrop(model.config, tc.capacity_factor) if tc.capacity_factor else None
         if tc.activation_checkpointing:
             apply_activation_checkpointing(model)
-        par.param_dtype = autocast_dtype(tc, device)  # FSDP2 gathers weights in the dtype autocast computes in
-        net = par.wrap(model)
+        net = par.wrap(model, autocast_dtype(tc, device))  # FSDP2 gathers weights in the dtype autocast computes in
         if meta:
             materialize(model, device, None if point is not None else initial_weights(tc, model.config))
             optimize(model)  # the CPU kernels, now that the weights are on the CPU

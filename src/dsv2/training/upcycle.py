@@ -61,12 +61,12 @@ import torch
 from torch import nn
 
 from ..checkpoint import from_pretrained, save_pretrained
+from ..checkpoint.io import copy_tokenizer_of
 from ..config import ModelConfig
 from ..cpu import is_optimized, optimize
 from ..model import DeepseekV2
 from ..model.moe import MLP, MoE
 from ..presets import get_config
-from ..tokenizer import copy_tokenizer
 from .data import TOKENIZER_FILE
 
 DEFAULT_GATE_SCALE = 0.1
@@ -247,6 +247,5 @@ def upcycle_checkpoint(dense_dir: str | os.PathLike, moe_config: ModelConfig | s
     del dense
     save_pretrained(model, out_dir)
     if (dense_dir / TOKENIZER_FILE).is_file():
-        c = model.config
-        copy_tokenizer(dense_dir, out_dir, c.max_position_embeddings, c.bos_token_id, *c.eos_token_ids[:1])
+        copy_tokenizer_of(dense_dir, out_dir, model.config)
     return model
