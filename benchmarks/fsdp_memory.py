@@ -3,7 +3,8 @@
 The peers benchmark's V2-Lite-shaped 4-layer model (220M parameters), fine-tuned (`--init-from`) on 2 gloo ranks
 under torchrun: DDP, FSDP, FSDP + activation checkpointing, each a fresh `torchrun -m dsv2 train` of the same steps;
 the largest per-rank peak RSS (wait4's ru_maxrss over torchrun's reaped workers) and the median tokens/s after two
-steps; beside them what `dsv2 info --parallel` computes for weights, gradients and AdamW state.
+steps; beside them what `dsv2 info --parallel` computes for weights, gradients and AdamW state. (The benchmark
+model is V2-Lite's shape, one device group: expert parallelism does not apply to it.)
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from pathlib import Path
 
 from dsv2.config import ModelConfig
 from dsv2.cpu import ops
-from dsv2.tools.parallel_memory import memory_per_rank
+from dsv2.tools.parallel_memory import STATE_BYTES, memory_per_rank
 
 from . import common
 from .lora import _corpus
 from .peers import ROOT, prepare
 
-LEVERS = {"DDP": [], "FSDP": ["--fsdp"], "FSDP + activation checkpointing": ["--fsdp", "--activation-checkpointing"]}
+LEVERS = {"DDP": [], "FSDP": ["--fsdp"], "FSDP + activation checkpointing": ["--fsdp", "--activation-checkpointing"],
+          "FSDP + CPU offload": ["--fsdp", "--cpu-offload"]}
+"""(CPU offload on a CPU run: the same memory, host and device being one; it shows the path's cost alone.)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         computed = memory_per_rank(config, args.ranks, fsdp="--fsdp" in flags)
         rows[name] = {"peak_rss_MB": usage.ru_maxrss / 1024,
                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
-                      "computed_state_MB": (computed["total"] - computed["buffers"]) / 2**20}
+                      "computed_state_MB": STATE_BYTES * computed["parameters_owned"] / 2**20}
         log(f"{name}: {rows[name]}")
     res = {"stamp": common.stamp(os.cpu_count() or 2), "cpu": ops.cpu_name(),
            "command": common.command_line("benchmarks.fsdp_memory", argv), "ranks": args.ranks, "rows": rows}

@@ -50,15 +50,51 @@ def test_fsdp_on_2_ranks_logs_single_process_losses(single, tmp_path):
     assert "model.safetensors" not in {p.name for p in ckpt.iterdir()}
 
 
-def test_export_of_a_sharded_checkpoint_is_the_model_tensor_for_tensor(single, tmp_path):
+UNDROPPED = ("--capacity-factor", "64")
+"""No token dropping: each layout's dropping decides over its own share of the batch (with expert parallelism,
+over the ranks of an ep group), so runs that change the layout compare with one process only without it."""
+
+
+@pytest.fixture(scope="module")
+def single_undropped(single, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_single_undropped")
+    return out, _train_in_process(out, *UNDROPPED, "--tokenizer", str(single[0] / "tokenizer" / "tokenizer.json"))
+
+
+def test_hsdp_with_expert_parallelism_on_4_ranks_logs_single_process_losses(single_undropped, tmp_path):
+    """Mesh (dp 2, ep 2): the dense weights HSDP-sharded (2 replicas of 2 shards), each block of experts over the
+    ep ranks and FSDP-sharded over the 2 ranks holding it; the all-to-all's traffic reported."""
+    tok = str(single_undropped[0] / "tokenizer" / "tokenizer.json")
+    four = _torchrun(4, tmp_path / "hsdp4", "--fsdp", "--dp-replicate", "2", "--expert-parallel", "2",
+                     "--tokenizer", tok, *UNDROPPED)
+    _same_losses(single_undropped[1], four)
+    assert all(r["comm_token_copies"] > 0 for r in four)
+
+
+def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(single_undropped, tmp_path):
+    """Saved by 4 ranks (FSDP + 4-way expert parallelism), stopped after step 2 (step 4's checkpoint removed):
+    resumed with --fsdp alone on 2 ranks and in one process (DCP reshards the experts' DTensors), steps 3-4 log
+    what one process logged; `dsv2 export` of it is the model restored in one process, tensor for tensor."""
     from safetensors.torch import load_file
 
     import dsv2
     from dsv2.model import DeepseekV2
     from dsv2.training.sharded import restore_sharded
 
-    tok = str(single[0] / "tokenizer" / "tokenizer.json")
-    _torchrun(2, tmp_path / "run", "--fsdp", "--tokenizer", tok, *MICRO)
+    one_dir, one = single_undropped
+    tok = str(one_dir / "tokenizer" / "tokenizer.json")
+    _same_losses(one, _torchrun(4, tmp_path / "run", "--fsdp", "--expert-parallel", "4", "--tokenizer", tok,
+                                *UNDROPPED))
+    for name, cmd in (("ranks", [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                                 "dsv2", "train", "--fsdp"]), ("one", [PYTHON, "-m", "dsv2", "train"])):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "run", run)
+        shutil.rmtree(run / "checkpoints" / "step_0000004")
+        res = subprocess.run([*cmd, "--out", str(run), "--resume", "--sample-tokens", "0"], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        _same_losses(one[2:], _metrics(run)[2:])
+
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000004"
     from conftest import run_dsv2
 
@@ -69,32 +105,17 @@ def test_export_of_a_sharded_checkpoint_is_the_model_tensor_for_tensor(single, t
     dsv2.save_pretrained(model, tmp_path / "ref")
     got, want = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert "model.layers.1.mlp.experts.15.down_proj.weight" in got  # every expert under its official name
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.no_grad():
         assert torch.equal(dsv2.from_pretrained(tmp_path / "hf").eval()(ids), dsv2.cpu.optimize(model).eval()(ids))
 
 
-def test_hsdp_on_4_ranks_logs_single_process_losses(single, tmp_path):
+def test_cpu_offload_logs_single_process_losses(single, tmp_path):
+    """--cpu-offload: FSDP2's CPUOffloadPolicy, the optimizer step on the shards in host memory (on a CPU run the
+    same code path, without the copies a GPU run makes)."""
     tok = str(single[0] / "tokenizer" / "tokenizer.json")
-    four = _torchrun(4, tmp_path / "hsdp4", "--fsdp", "--dp-replicate", "2", "--tokenizer", tok, *MICRO)
-    _same_losses(single[1], four)
-
-
-def test_a_run_sharded_on_4_ranks_resumes_on_2_and_in_one_process(single, tmp_path):
-    """Saved by 4 ranks and stopped after step 2 (its checkpoint kept, step 4's removed): resumed with --fsdp on 2
-    ranks and without it in one process (DCP reshards), steps 3-4 log what the one-process run logged."""
-    one_dir, one = single
-    tok = str(one_dir / "tokenizer" / "tokenizer.json")
-    _torchrun(4, tmp_path / "run", "--fsdp", "--tokenizer", tok, *MICRO)
-    for name, cmd in (("ranks", [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                                 "dsv2", "train", "--fsdp"]), ("one", [PYTHON, "-m", "dsv2", "train"])):
-        run = tmp_path / name
-        shutil.copytree(tmp_path / "run", run)
-        shutil.rmtree(run / "checkpoints" / "step_0000004")
-        res = subprocess.run([*cmd, "--out", str(run), "--resume", "--sample-tokens", "0"], capture_output=True,
-                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert res.returncode == 0, res.stderr[-3000:]
-        _same_losses(one[2:], _metrics(run)[2:])
+    _same_losses(single[1], _torchrun(2, tmp_path / "offload", "--fsdp", "--cpu-offload", "--tokenizer", tok, *MICRO))
 
 
 def test_activation_checkpointing_changes_memory_not_losses(single, tmp_path):
@@ -106,12 +127,23 @@ def test_activation_checkpointing_changes_memory_not_losses(single, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--fsdp"], "this is one process"),
     (["--dp-replicate", "2"], "dp_replicate applies with fsdp"),
+    (["--cpu-offload"], "cpu_offload applies with fsdp"),
+    (["--dp-shard", "2"], "dp_shard applies with fsdp"),
 ])
 def test_bad_sharding_flags_are_one_line(tmp_path, argv, message):
     from conftest import run_dsv2
 
     r = run_dsv2(["train", "--out", str(tmp_path / "x"), *TRAIN_ARGS, *argv])
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_mesh_that_does_not_fit_the_processes_is_one_line(tmp_path):
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+           "--out", str(tmp_path / "x"), *TRAIN_ARGS, "--fsdp", "--dp-shard", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "--dp-shard 4 x --dp-replicate 1 must be the number of processes (2)" in out
+    assert "src/dsv2/" not in out  # no traceback through dsv2's code
 
 
 def _without_model_flags(args: list[str]) -> list[str]:

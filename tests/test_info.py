@@ -209,5 +209,9 @@ def test_parallel_memory_per_rank_counts_what_each_rank_owns():
     assert ep["parameters_owned"] == n - experts + experts / 4
     with pytest.raises(ValueError, match="must divide n_routed_experts"):
         memory_per_rank(cfg, 6, expert_parallel=6)
-    with pytest.raises(ValueError, match="not built yet"):
-        memory_per_rank(cfg, 4, expert_parallel=2, fsdp=True)
+    both = memory_per_rank(cfg, 4, expert_parallel=2, fsdp=True)  # each block of experts over the 2 ranks holding it
+    assert both["parameters_owned"] == (n - experts) / 4 + experts / 4
+    hsdp_ep = memory_per_rank(cfg, 8, expert_parallel=2, fsdp=True, dp_replicate=2)
+    assert hsdp_ep["parameters_owned"] == (n - experts) / 4 + experts / 8
+    offload = memory_per_rank(cfg, 4, expert_parallel=2, fsdp=True, cpu_offload=True)
+    assert offload["host"] == STATE_BYTES * both["parameters_owned"] and offload["total"] == both["buffers"]

@@ -198,12 +198,18 @@ def test_records_whose_answer_starts_past_seq_len_are_left_out(tmp_path):
 
 
 
-def test_lora_under_fsdp_logs_single_process_losses(base, tmp_path):
+@pytest.mark.parametrize("flags,sharding", [
+    (("--lora-targets", "all-linear", "--micro-batch-size", "2"), ("--fsdp",)),
+    # the experts' adapters sharded with their experts over the ep ranks (token dropping then decides over the
+    # batch of both ranks, as one process without micro-batches does)
+    (("--lora-targets", "attention,experts"), ("--fsdp", "--expert-parallel", "2")),
+])
+def test_lora_under_fsdp_logs_single_process_losses(base, tmp_path, flags, sharding):
     """The frozen base and the adapters sharded by FSDP2 over 2 ranks; the adapters gathered into the PEFT folder."""
-    flags = ("--lora-targets", "all-linear", "--lora-dropout", "0", "--micro-batch-size", "2")
+    flags = ("--lora-dropout", "0", *flags)
     assert run_dsv2(lora_argv(base, tmp_path / "one", *flags, steps=3)).returncode == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2",
-           *lora_argv(base, tmp_path / "two", *flags, steps=3), "--fsdp"]
+           *lora_argv(base, tmp_path / "two", *flags, steps=3), *sharding]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731

@@ -44,7 +44,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         from ..tools.parallel_memory import format_memory, memory_per_rank
 
         d["parallel"] = memory_per_rank(config, args.parallel, expert_parallel=args.expert_parallel or 1,
-                                        fsdp=args.fsdp, dp_replicate=args.dp_replicate or 1)
+                                        fsdp=args.fsdp, dp_replicate=args.dp_replicate or 1,
+                                        cpu_offload=args.cpu_offload)
     print(json.dumps(d, indent=2) if args.json else format_info(d) + (
         "\n" + format_memory(d["parallel"]) if args.parallel is not None else ""))
     if args.context > config.max_position_embeddings:
@@ -105,7 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes, schedule=args.schedule, capacity_factor=args.capacity_factor,
         expert_parallel=args.expert_parallel, device=args.device, model=_parse_set(args.set),
         deterministic=args.deterministic or None, **lora_cli.train_settings(args), fsdp=args.fsdp or None,
-        dp_replicate=args.dp_replicate, activation_checkpointing=args.activation_checkpointing or None,
+        dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cpu_offload=args.cpu_offload or None,
+        activation_checkpointing=args.activation_checkpointing or None,
     )
     if args.resume:  # the run's own settings, with only those that may change on resume taken from the flags
         out = given.get("out", TrainConfig.out)
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--expert-parallel", type=int, help="with --parallel: ranks the routed experts are sharded over")
     s.add_argument("--fsdp", action="store_true", help="with --parallel: FSDP2 shards over the ranks")
     s.add_argument("--dp-replicate", type=int, help="with --parallel --fsdp: replica groups (HSDP)")
+    s.add_argument("--cpu-offload", action="store_true", help="with --parallel --fsdp: state in host memory")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="stream tokens from a checkpoint directory")
@@ -286,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks "
                    "(FSDP2; torchrun)")
     s.add_argument("--dp-replicate", type=int, help="with --fsdp: replicate over this many groups of ranks (HSDP)")
+    s.add_argument("--dp-shard", type=int, help="with --fsdp: ranks per group that shard each weight (default: all "
+                   "of them, or world / --dp-replicate); checked against the number of processes")
+    s.add_argument("--cpu-offload", action="store_true", help="with --fsdp: shards, gradients and optimizer state "
+                   "in host memory, the optimizer step on the CPU (for GPUs short of memory)")
     s.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer's attention and "
                    "experts in the backward (less memory, more compute)")
     s.add_argument("--deterministic", action="store_true", help="torch's deterministic algorithms: CUDA runs "

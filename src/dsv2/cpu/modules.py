@@ -196,13 +196,14 @@ class CpuMLA(_FlashAttention, MLA):
 
 class CpuRoutedExperts(RoutedExperts):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if few_rows(x_ND, self.gate_up_proj) and x_ND.shape[0] <= self._per_expert_rows() * int((counts_E > 0).sum()):
+        w_up, w_down = self.stacked("gate_up_proj"), self.stacked("down_proj")
+        if few_rows(x_ND, w_up) and x_ND.shape[0] <= self._per_expert_rows() * int((counts_E > 0).sum()):
             ends_E = counts_E.cumsum(0)  # decode: each chosen expert's weights read once, in place
-            gate_NF, up_NF = ops.rows_dot(x_ND, self.gate_up_proj, ends_E).chunk(2, dim=-1)
-            return ops.rows_dot(self.act(gate_NF) * up_NF, self.down_proj, ends_E)
+            gate_NF, up_NF = ops.rows_dot(x_ND, w_up, ends_E).chunk(2, dim=-1)
+            return ops.rows_dot(self.act(gate_NF) * up_NF, w_down, ends_E)
         ends_E = counts_E.cumsum(0)
         dtype = gemm_dtype(x_ND, x_ND.shape[0] // self.n_experts)  # each widened expert serves enough copies
-        w_up_EDX, w_down_EFD = (w.to(dtype).transpose(-2, -1) for w in (self.gate_up_proj, self.down_proj))
+        w_up_EDX, w_down_EFD = (w.to(dtype).transpose(-2, -1) for w in (w_up, w_down))
         N = x_ND.shape[0]
         block = self._block_rows(x_ND, dtype)
         if block >= N:
@@ -215,7 +216,7 @@ class CpuRoutedExperts(RoutedExperts):
         return y_ND
 
     def grouped(self, x_NK: torch.Tensor, name: str, counts_E: torch.Tensor) -> torch.Tensor:
-        w = getattr(self, name)
+        w = self.stacked(name)
         if few_rows(x_NK, w) and x_NK.shape[0] <= self._per_expert_rows() * int((counts_E > 0).sum()):
             return ops.rows_dot(x_NK, w, counts_E.cumsum(0))
         dtype = gemm_dtype(x_NK, x_NK.shape[0] // self.n_experts)

@@ -8,6 +8,10 @@ layer's weights just before the layer runs (forward and backward) and reduce-sca
 groups (gradients all-reduced between them). Parameters become DTensors; their names do not change, so a
 checkpoint's names are the model's own (Parallel.full_parameters gathers them for one).
 
+With expert parallelism (parallel.py) each MoE layer's routed experts are DTensors sharded over the ep ranks of a
+(dp, ep) mesh; their own fully_shard over the dp dim shards each block among the ranks that hold it (torchtitan's
+MoE layout), so a checkpoint holds every expert once, at its place in the whole stack.
+
 Mixed precision: under bf16 autocast the layers' weights are gathered in bf16 (half the bytes) and gradients reduced
 in fp32 (MixedPrecisionPolicy), the master weights and moments stay fp32.
 
@@ -29,19 +33,50 @@ from torch.utils.checkpoint import checkpoint
 from ..model.moe import MoE
 
 
-def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, expert_mesh=None, world: int = 1,
+               cpu_offload: bool = False) -> nn.Module:
     """fully_shard each decoder layer, then the root, over `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP), in
-    place. param_dtype: the dtype layers' weights are gathered and computed in (None: their own)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    place. param_dtype: the dtype layers' weights are gathered and computed in (None: their own).
+
+    expert_mesh: with expert parallelism (the routed experts already DTensors over the ep ranks, parallel.py), the
+    ranks that hold the same block of experts; each MoE layer's experts are sharded over those first, so that the
+    layer's own shard group leaves them out. Their gradients are divided by the `world` size, not by the ranks of
+    expert_mesh: a block's local gradient already sums the losses of its ep ranks (the all-to-all brought their
+    tokens), so divided by all ranks it is the mean loss's, as the rest of the model's.
+
+    cpu_offload: every shard, its gradient and (built after this) its optimizer state in host memory (FSDP2's
+    CPUOffloadPolicy; pinned for fast copies when the layers compute on a GPU)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     # the layers' inputs stay as they are (cast_forward_inputs off): RoPE's cos/sin tables are fp32 by design
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    on_gpu = mesh.device_type != "cpu"
+    shard = functools.partial(fully_shard, offload_policy=CPUOffloadPolicy(pin_memory=on_gpu) if cpu_offload
+                              else OffloadPolicy())
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        if expert_mesh is not None and isinstance(layer.mlp, MoE):
+            experts = shard(layer.mlp.experts, mesh=expert_mesh, mp_policy=mp)
+            experts.set_gradient_divide_factor(float(world))
+            if expert_mesh.size() > 1:
+                # A divide factor other than the group's size is NCCL's PREMUL_SUM, which gloo lacks: sum, then
+                # divide (on every backend, so CUDA runs the same path). Not on a group of one rank (world = ep):
+                # torch 2.13 then divides twice, once in its copy for one rank and once after it.
+                experts.set_force_sum_reduction_for_comms(True)
+        shard(layer, mesh=mesh, mp_policy=mp)
     # the root (embeddings, final norm, LM head) in its own dtype: the residual stream starts fp32, as in one process
     root = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
-    fully_shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=False)  # it runs last in the forward
+    shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=False)  # it runs last in the forward
     return model
+
+
+def by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """params split by the DeviceMesh they are DTensors over (plain tensors: one group), in first-seen order. With
+    expert parallelism under FSDP2 the experts and the rest live on different meshes, and DTensor's foreach kernels
+    (AdamW's, the gradient clipping's) refuse a list that mixes meshes: each group is one such list."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(getattr(p, "device_mesh", None), []).append(p)
+    return list(groups.values())
 
 
 def materialize(model: nn.Module, device: torch.device, full: Callable[[str, torch.Size], torch.Tensor] | None

@@ -9,6 +9,9 @@ Launch with torchrun; the ranks form a 2-D device mesh of shape (dp, ep), rank =
     dp  rows are replicas. Every rank reads its own slice of the global batch; non-expert gradients are
         averaged over all ranks (DDP), expert gradients over the dp ranks holding the same expert block.
 
+With FSDP2 (fsdp.py) the same mesh carries the experts (DTensors over ep, FSDP-sharded over dp) and the rest of
+the model is FSDP-sharded over its own mesh (all ranks, or (dp_replicate, dp_shard) for HSDP), instead of DDP.
+
 The model never mentions ranks: `wrap` swaps each MoE layer's dispatcher for an `AllToAllDispatcher` (same
 dispatch()/combine() interface as moe.LocalDispatcher), shards the stacked expert weights and wraps the model in
 DDP; `token_drop` moves the trainer's token dropping to the ranks where the tokens arrive (`ArrivalTokenDrop`);
@@ -33,13 +36,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..config import ModelConfig
 from ..model.moe import MoE, TokenDropPolicy
 from .comm import CommStats
 from .expert_parallel import AllToAllDispatcher, ArrivalTokenDrop
-from .fsdp import apply_fsdp
+from .fsdp import apply_fsdp, by_mesh
 
 T_ = TypeVar("T_")
 
@@ -58,7 +61,7 @@ class Parallel:
     """The ranks of a run and what the trainer asks of them. `Parallel()` is the one-process identity."""
 
     def __init__(self, world: int = 1, rank: int = 0, local_rank: int = 0, expert_parallel: int = 1,
-                 mesh: Any = None, owns_process_group: bool = False, fsdp_mesh: Any = None):
+                 mesh: Any = None, owns_process_group: bool = False, fsdp_mesh: Any = None, cpu_offload: bool = False):
         self.world, self.rank, self.local_rank = world, rank, local_rank
         self.ep, self.dp = expert_parallel, world // expert_parallel
         self.ep_rank, self.dp_rank = rank % expert_parallel, rank // expert_parallel
@@ -71,6 +74,7 @@ class Parallel:
         self.dispatchers: list[AllToAllDispatcher] = []
         self.syncing = True  # False inside micro_batch(last=False): gradients accumulate locally
         self.fsdp_mesh = fsdp_mesh  # FSDP2's mesh (fsdp.py) instead of DDP, or None
+        self.cpu_offload = cpu_offload  # FSDP2 keeps the shards and their optimizer state in host memory
 
     @property
     def is_main(self) -> bool:
@@ -129,23 +133,37 @@ class Parallel:
         """
         if self.world == 1:
             return model
-        if self.fsdp_mesh is not None:  # the trainer calls the model itself: FSDP2's hooks are on its modules
-            return apply_fsdp(model, self.fsdp_mesh, param_dtype)
-        moes = [m for m in model.modules() if isinstance(m, MoE)]
+        moes = [m for m in model.modules() if isinstance(m, MoE)] if self.ep > 1 else []
         if self.ep > 1:
             check_expert_parallel(model.config, self.ep, self.world)
+        if self.fsdp_mesh is not None:  # the trainer calls the model itself: FSDP2's hooks are on its modules
             for moe in moes:
-                self._shard(moe)
+                self._place_experts(moe)
+            return apply_fsdp(model, self.fsdp_mesh, param_dtype, self.mesh["dp"] if moes else None, self.world,
+                              self.cpu_offload)
+        for moe in moes:
+            self._hook_experts(moe)
         ignore = [name for name, p in model.named_parameters() if id(p) in self.expert_params]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         on_cuda = next(model.parameters()).device.type == "cuda"
         return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if on_cuda else None,
                                                    forward_sync_buffers=False)  # nothing to sync: no buffers
 
-    def _shard(self, moe: MoE) -> None:
+    def shard_device(self, device: torch.device) -> torch.device:
+        """Where a sharded model's shards live (fsdp.materialize): the host under CPU offload, else `device`."""
+        return torch.device("cpu") if self.cpu_offload else device
+
+    def _shard(self, moe: MoE) -> list[nn.Parameter]:
+        """Keep this rank's block of E / ep experts, install the all-to-all dispatcher; the block's parameters."""
         experts, E = moe.experts, moe.experts.n_experts
-        lo, hi = self.ep_rank * E // self.ep, (self.ep_rank + 1) * E // self.ep
-        for p in experts.shard(lo, hi):
+        moe.dispatcher = AllToAllDispatcher(E, self.ep_group, self.comm)
+        self.dispatchers.append(moe.dispatcher)
+        return experts.shard(self.ep_rank * E // self.ep, (self.ep_rank + 1) * E // self.ep)
+
+    def _hook_experts(self, moe: MoE) -> None:
+        """Expert parallelism under DDP: the block's gradients are made the mean loss's by hooks (DDP ignores them)."""
+        E = moe.experts.n_experts
+        for p in self._shard(moe):
             self.expert_params[id(p)] = E
             if not p.requires_grad:  # frozen (a LoRA run's base experts): sharded, never updated
                 continue
@@ -155,8 +173,17 @@ class Parallel:
             p.register_hook(lambda g: g / self.ep)
             if self.dp > 1:
                 p.register_post_accumulate_grad_hook(self._average_over_replicas)
-        moe.dispatcher = AllToAllDispatcher(E, self.ep_group, self.comm)
-        self.dispatchers.append(moe.dispatcher)
+
+    def _place_experts(self, moe: MoE) -> None:
+        """Expert parallelism under FSDP2 (torchtitan's layout): the block as DTensors sharded over the ep ranks, so
+        a checkpoint names every expert at its place in the whole stack (any layout loads it); apply_fsdp then
+        shards each block over the ranks holding the same experts and scales its gradients as DDP's hooks do."""
+        block = {id(p) for p in self._shard(moe)}
+        for module in moe.experts.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if id(p) in block:
+                    placed = DTensor.from_local(p.detach(), self.mesh["ep"], [Shard(0)], run_check=False)
+                    setattr(module, name, nn.Parameter(placed, requires_grad=p.requires_grad))
 
     def token_drop(self, policy: Any, config: ModelConfig) -> TokenDropPolicy | None:
         """The token-dropping policy for the training forward: with expert parallelism, the trainer's `policy`
@@ -199,9 +226,13 @@ class Parallel:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
         """torch.nn.utils.clip_grad_norm_ over the whole (sharded) model: the norm of every expert, all ranks."""
         params = [p for p in model.parameters() if p.grad is not None]
-        if self.ep == 1:
-            total = torch.nn.utils.clip_grad_norm_(params, max_norm)  # sharded (DTensor) gradients: over all ranks
-            return total.full_tensor() if isinstance(total, DTensor) else total
+        if self.ep == 1 or self.fsdp_mesh is not None:  # every sharded gradient a DTensor: its norm over all ranks
+            groups = by_mesh(params)
+            norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in ps])) for ps in groups]
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            for ps in groups:
+                torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
+            return total
         grads = [p.grad for p in params]
         norms = [torch.linalg.vector_norm(g) for g in grads]
         expert = [i for i, p in enumerate(params) if self.is_expert(p)]
@@ -315,12 +346,13 @@ def check_expert_parallel(config: Any, ep: int, world: int) -> None:
 
 
 def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu", fsdp: bool = False,
-                  dp_replicate: int = 1) -> Parallel:
+                  dp_replicate: int = 1, dp_shard: int | None = None, cpu_offload: bool = False) -> Parallel:
     """A Parallel from the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
 
-    Initialises the default process group (gloo on CPU, NCCL on CUDA) unless it already is, and builds the
-    (dp, ep) device mesh, and with fsdp FSDP2's (dp_replicate, dp_shard) mesh. Without torchrun (no WORLD_SIZE) it
-    returns the one-process Parallel().
+    Initialises the default process group (gloo on CPU, NCCL on CUDA; under CPU offload NCCL for CUDA tensors and
+    gloo for the host's, which the sharded gradients' norm and the optimizer step then are) unless it already is,
+    and builds the (dp, ep) device mesh, and with fsdp FSDP2's (dp_replicate, dp_shard) mesh. Without torchrun (no
+    WORLD_SIZE) it returns the one-process Parallel().
     """
     device = torch.device(device)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -340,25 +372,27 @@ def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu", 
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if device.type == "cuda" else "gloo")
         owns = True
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
-    fsdp_mesh = _fsdp_mesh(device, world, expert_parallel, dp_replicate) if fsdp else None
-    return Parallel(world, dist.get_rank(), local_rank, expert_parallel, mesh, owns, fsdp_mesh)
+    fsdp_mesh = _fsdp_mesh(device, world, dp_replicate, dp_shard) if fsdp else None
+    return Parallel(world, dist.get_rank(), local_rank, expert_parallel, mesh, owns, fsdp_mesh, cpu_offload)
 
 
-def _fsdp_mesh(device: torch.device, world: int, ep: int, dp_replicate: int):
-    """FSDP2's mesh: dp_shard = world / dp_replicate ranks shard each weight; 1-D without replication (FSDP),
-    2-D (dp_replicate, dp_shard) with it (HSDP)."""
+def _fsdp_mesh(device: torch.device, world: int, dp_replicate: int, dp_shard: int | None):
+    """FSDP2's mesh for all but the routed experts (with expert parallelism theirs is the (dp, ep) mesh, fsdp.py):
+    dp_shard = world / dp_replicate ranks shard each weight; 1-D without replication (FSDP), 2-D (dp_replicate,
+    dp_shard) with it (HSDP)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if ep != 1:
-        raise ParallelError("--fsdp with --expert-parallel is not built yet: shard with one or the other")
     if dp_replicate < 1 or world % dp_replicate:
         raise ParallelError(f"--dp-replicate {dp_replicate} must divide the number of processes ({world})")
     shard = world // dp_replicate
+    if dp_shard is not None and dp_shard != shard:
+        raise ParallelError(f"--dp-shard {dp_shard} x --dp-replicate {dp_replicate} must be the number of "
+                            f"processes ({world}): --dp-shard {shard}")
     if dp_replicate == 1:
         return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
     return init_device_mesh(device.type, (dp_replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.experts import grouped_mm
+from ..model.experts import grouped_mm, local_block
 
 Groups = list[tuple[int, torch.Tensor | None]]
 """(slot, the row indices that use it) per slot present; None: every row."""
@@ -249,6 +249,7 @@ class LoRAExperts(_Wrapper):
     def _delta(self, x_NK, groups, A_GRK, Bs) -> list[torch.Tensor]:
         """s B A x for each B of Bs (A's rows split evenly among them), per copy's slot and expert."""
         E = self.base_layer.n_experts
+        A_GRK, Bs = local_block(A_GRK), [local_block(B) for B in Bs]  # this rank's experts' adapters (under EP)
         every = len(groups) == 1 and groups[0][1] is None  # one group of all copies (training): its deltas are the
         outs = [None if every else x_NK.new_zeros(x_NK.shape[0], B.shape[1]) for B in Bs]  # outputs: no zeros first
         for slot, idx, counts_E in groups:

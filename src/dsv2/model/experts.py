@@ -31,6 +31,14 @@ def grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, ends_E: torch.Tensor) ->
     return torch.cat([x_NK[bounds[e]:bounds[e + 1]] @ w_EKM[e] for e in range(w_EKM.shape[0])])
 
 
+def local_block(w: torch.Tensor) -> torch.Tensor:
+    """This process's experts of a stacked weight: the weight itself, or, when expert parallelism has made it a
+    DTensor sharded over the ranks (dsv2/distributed/: under FSDP2 the experts are such DTensors), its local block,
+    the experts the dispatcher sends this rank's rows to. Duck-typed, so the model imports nothing distributed."""
+    to_local = getattr(w, "to_local", None)
+    return w if to_local is None else to_local()
+
+
 class RoutedExperts(nn.Module):
     def __init__(self, n_experts: int, hidden: int, inter: int, act: str = "silu"):
         super().__init__()
@@ -50,16 +58,20 @@ class RoutedExperts(nn.Module):
         self.n_experts = hi - lo
         return out
 
+    def stacked(self, name: str) -> torch.Tensor:
+        """gate_up_proj or down_proj as the forward uses it: this rank's block under expert parallelism."""
+        return local_block(getattr(self, name))
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: token copies sorted by expert, counts_E[e] of them for expert e. Returns [N, D]."""
-        w_up_EDX, w_down_EFD = (w.to(x_ND.dtype).transpose(-2, -1) for w in (self.gate_up_proj, self.down_proj))
+        w_up_EDX, w_down_EFD = (self.stacked(n).to(x_ND.dtype).transpose(-2, -1) for n in ("gate_up_proj", "down_proj"))
         return self.swiglu(x_ND, w_up_EDX, w_down_EFD, counts_E.cumsum(0).to(torch.int32))
 
     def grouped(self, x_NK: torch.Tensor, name: str, counts_E: torch.Tensor) -> torch.Tensor:
         """One of the two products alone: each expert's rows of x times its `name` weight (gate_up_proj: [N, 2F],
         down_proj: [N, D]), for code that works between them (LoRA adapters, dsv2.lora); the subclasses of
         dsv2.cpu and dsv2.quant compute it as their forward does."""
-        w = getattr(self, name).to(x_NK.dtype).transpose(-2, -1)
+        w = self.stacked(name).to(x_NK.dtype).transpose(-2, -1)
         return grouped_mm(x_NK, w, counts_E.cumsum(0).to(torch.int32))
 
     def swiglu(self, x_ND, w_up_EDX, w_down_EFD, ends_E) -> torch.Tensor:

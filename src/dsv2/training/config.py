@@ -24,8 +24,8 @@ from .data import STDLIB_SOURCE
 
 PRESET_NAMES = frozenset(PRESETS)
 
-LAUNCH = frozenset({"device", "expert_parallel", "progress", "deterministic", "fsdp", "dp_replicate",
-                    "activation_checkpointing"})
+LAUNCH = frozenset({"device", "expert_parallel", "progress", "deterministic", "fsdp", "dp_replicate", "dp_shard",
+                    "cpu_offload", "activation_checkpointing"})
 """Settings of the launch, not of the run: a resumed run takes them from its own flags (or the defaults), never
 from the stored settings (a run saved on 4 expert-parallel ranks resumes on 2, or in one process)."""
 RESUMABLE = LAUNCH | {"out", "max_steps", "save_every", "eval_every", "eval_batches", "keep_last", "max_bad_steps"}
@@ -100,6 +100,11 @@ class TrainConfig:
     """Shard weights, gradients and optimizer state over the ranks (FSDP2, torchrun): dsv2/distributed/fsdp.py."""
     dp_replicate: int = 1
     """With fsdp: groups of world / dp_replicate ranks each shard the model, replicated across groups (HSDP)."""
+    dp_shard: int | None = None
+    """With fsdp: the ranks of such a group (None: world / dp_replicate); dp_shard x dp_replicate must be the world."""
+    cpu_offload: bool = False
+    """With fsdp: each rank's shards, their gradients and AdamW's state in host memory, the optimizer step on the
+    CPU; a layer's weights go to the accelerator for its forward and backward (FSDP2's CPUOffloadPolicy)."""
     activation_checkpointing: bool = False
     """Recompute each layer's attention and experts in the backward instead of keeping their activations."""
     progress: bool = True
@@ -142,6 +147,9 @@ class TrainConfig:
             (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
             (self.dp_replicate >= 1, "dp_replicate must be >= 1"),
             (self.dp_replicate == 1 or self.fsdp, "dp_replicate applies with fsdp (HSDP)"),
+            (self.dp_shard is None or self.dp_shard >= 1, "dp_shard must be >= 1"),
+            (self.dp_shard is None or self.fsdp, "dp_shard applies with fsdp"),
+            (not self.cpu_offload or self.fsdp, "cpu_offload applies with fsdp: it moves FSDP's shards to the host"),
             (not self.lora or self.init_from is not None, "--lora adapts a trained model: give it with --init-from"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha must be > 0"),

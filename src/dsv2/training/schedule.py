@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..cpu.ops import native_bf16
+from ..distributed.fsdp import by_mesh
 from .config import TrainConfig
 
 
@@ -25,11 +26,16 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (and stacked expert matrices) only, never on norms."""
+    """AdamW; weight decay on matrices (and stacked expert matrices) only, never on norms.
+
+    With parameters on several DeviceMeshes (FSDP2 with expert parallelism: the experts on another mesh than the
+    rest), one parameter at a time: DTensor's foreach kernels, AdamW's default on CUDA, refuse lists that mix
+    meshes, and a group per mesh would make the optimizer's checkpoint depend on the layout that wrote it."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=1e-8)
+    foreach = False if len(by_mesh(decay + no_decay)) > 1 else None
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=1e-8, foreach=foreach)
 
 
 def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -57,7 +57,8 @@ def train(tc: TrainConfig, resume: bool = False, overwrite: bool = False) -> dic
     "stop_requested" names a signal that came during the last step, after which the run finished anyway."""
     tc = absolute_paths(tc)  # the run resumes from any working directory
     device = device_for(tc)
-    par = init_parallel(tc.expert_parallel, device, tc.fsdp, tc.dp_replicate)  # torchrun: groups and meshes
+    par = init_parallel(tc.expert_parallel, device, tc.fsdp, tc.dp_replicate, tc.dp_shard,  # torchrun: groups
+                        tc.cpu_offload)  # and meshes
     run = RunDir(tc.out)
     try:
         with par.together():
@@ -159,7 +160,8 @@ class Session:
             apply_activation_checkpointing(model)
         net = par.wrap(model, autocast_dtype(tc, device))  # FSDP2 gathers weights in the dtype autocast computes in
         if meta:
-            materialize(model, device, None if point is not None else initial_weights(tc, model.config))
+            fresh = initial_weights(tc, model.config) if point is None else None  # a checkpoint: DCP fills it
+            materialize(model, par.shard_device(device), fresh)
             optimize(model)  # the CPU kernels, now that the weights are on the CPU
         token_drop = par.token_drop(dropper, model.config)
         opt = build_optimizer(model, tc)
