@@ -385,3 +385,22 @@ def test_loading_never_unpickles(tmp_path, saved, monkeypatch):
     (path / SINGLE_FILE).unlink()
     with pytest.raises(CheckpointError, match="holds neither"):
         from_pretrained(path)
+
+
+def test_a_sharded_runs_reader_returns_the_rows_it_asks_for_alone(saved, tmp_path):
+    """checkpoint/reader.py, what a rank of an --fsdp --init-from run reads: rows lo .. hi-1 of a plain weight (its
+    bytes alone) and of stacked experts (those experts' tensors alone) equal the whole parameter's rows."""
+    from dsv2.checkpoint.reader import WeightReader
+
+    path, model = saved
+    reader = WeightReader(path)
+    params = dict(model.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.experts.gate_up_proj",
+                 "model.layers.1.mlp.experts.down_proj", "model.norm.weight"):
+        p = params[name].detach()
+        n = p.shape[0]
+        for rows in ((0, n), (1, n // 2 + 1), (n - 1, n), (3, 3)):
+            assert torch.equal(reader.full(name, p.shape, rows), p[rows[0]:rows[1]]), (name, rows)
+        assert torch.equal(reader.full(name, p.shape), p)
+    with pytest.raises(CheckpointError, match="the config expects"):
+        reader.full("model.embed_tokens.weight", torch.Size([7, 3]), (0, 2))

@@ -73,8 +73,9 @@ def test_hsdp_with_expert_parallelism_on_4_ranks_logs_single_process_losses(sing
 
 def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(single_undropped, tmp_path):
     """Saved by 4 ranks (FSDP + 4-way expert parallelism), stopped after step 2 (step 4's checkpoint removed):
-    resumed with --fsdp alone on 2 ranks and in one process (DCP reshards the experts' DTensors), steps 3-4 log
-    what one process logged; `dsv2 export` of it is the model restored in one process, tensor for tensor."""
+    resumed on 2 ranks with 2-way expert parallelism (and activation checkpointing, the group size stated), with
+    --fsdp alone, and in one process (DCP reshards the experts' DTensors): steps 3-4 log what one process logged;
+    `dsv2 export` of it is the model restored in one process, tensor for tensor."""
     from safetensors.torch import load_file
 
     import dsv2
@@ -85,8 +86,9 @@ def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(s
     tok = str(one_dir / "tokenizer" / "tokenizer.json")
     _same_losses(one, _torchrun(4, tmp_path / "run", "--fsdp", "--expert-parallel", "4", "--tokenizer", tok,
                                 *UNDROPPED))
-    for name, cmd in (("ranks", [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                                 "dsv2", "train", "--fsdp"]), ("one", [PYTHON, "-m", "dsv2", "train"])):
+    two = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train", "--fsdp"]
+    for name, cmd in (("ep2", [*two, "--expert-parallel", "2", "--activation-checkpointing", "--dp-shard", "2"]),
+                      ("fsdp2", two), ("one", [PYTHON, "-m", "dsv2", "train"])):
         run = tmp_path / name
         shutil.copytree(tmp_path / "run", run)
         shutil.rmtree(run / "checkpoints" / "step_0000004")

@@ -343,14 +343,21 @@ _STORED_DTYPES = {**_FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16"
                   "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _read(f, key: str, file: Path) -> torch.Tensor:
+def _read(f, key: str, file: Path, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One stored tensor, read with plain reads into fresh memory rather than through the file's memory map (safe_open
     `f` names it): pages read through the map count in the process's RSS until the file closes, so a 4 GB shard
-    would sit on top of a model loaded tensor by tensor."""
+    would sit on top of a model loaded tensor by tensor. rows (lo, hi): its rows lo .. hi-1 along dim 0 alone, the
+    only bytes read (a sharded run's rank, checkpoint/reader.py)."""
     try:
         header, base = _header(str(file), file.stat().st_mtime_ns)
         info = header[key]
         begin, end = info["data_offsets"]
+        shape = list(info["shape"])
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            if not 0 <= rows[0] <= rows[1] <= shape[0]:
+                raise ValueError(f"rows {rows} of {shape[0]}")
+            begin, end, shape[0] = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes, rows[1] - rows[0]
         buf = bytearray(end - begin)
         with open(file, "rb") as fh:
             fh.seek(base + begin)
@@ -358,11 +365,11 @@ def _read(f, key: str, file: Path) -> torch.Tensor:
                 raise OSError("the file ends inside the tensor")
         dtype = _STORED_DTYPES[info["dtype"]]
         if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
     except (KeyError, ValueError, OSError, RuntimeError) as e:
         try:  # an unusual dtype or layout: safetensors' own reader
-            return f.get_tensor(key)
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
         except (SafetensorError, OSError, RuntimeError):
             raise CheckpointError(f"cannot read tensor {key!r} from {file} (truncated or corrupt?): {e}") from None
 

@@ -1,6 +1,6 @@
-"""One parameter at a time from a checkpoint in the official layout: what a rank of a sharded run reads, so that it
-never holds more of the model than one whole parameter (a stacked expert tensor: one layer's experts) before
-keeping its shard of it (dsv2/distributed/fsdp.py materialize)."""
+"""One parameter at a time from a checkpoint in the official layout, or only the rows of it along dim 0 that a rank of
+a sharded run keeps (dsv2/distributed/fsdp.py materialize): its bytes alone are read (of stacked experts, its
+experts' tensors alone), so no rank ever holds more of the model than its shards and one piece in flight."""
 
 from __future__ import annotations
 
@@ -21,25 +21,36 @@ class WeightReader:
             with _open(file) as f:
                 self.where.update(dict.fromkeys(f.keys(), file))
 
-    def _tensor(self, key: str) -> torch.Tensor:
+    def _tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if key not in self.where:
             raise CheckpointError(f"the checkpoint has no tensor {key!r}")
         with _open(self.where[key]) as f:
-            t = _read(f, key, self.where[key])
+            t = _read(f, key, self.where[key], rows)
         if not t.is_floating_point():
             raise CheckpointError(f"tensor {key!r} in {self.where[key].name} is {t.dtype}; a model weight must be "
                                   "floating-point")
         check_finite(t, key, self.where[key].name)
         return t
 
-    def full(self, name: str, shape: torch.Size) -> torch.Tensor:
-        """dsv2 parameter `name` whole: its official tensor, or the stacked experts assembled from theirs."""
+    def _shape(self, key: str) -> tuple[int, ...]:
+        with _open(self.where[key]) as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def full(self, name: str, shape: torch.Size, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """dsv2 parameter `name` whole, or its rows lo .. hi-1 along dim 0 (rows=(lo, hi)): its official tensor, or
+        the stacked experts assembled from theirs (of rows, the experts lo .. hi-1)."""
+        lo, hi = rows if rows is not None else (0, shape[0])
         if name in self.where:  # a plain weight, or the experts stored stacked
-            out = self._tensor(name)
-        else:
-            out = torch.empty(shape)
-            for official, (_, part, j) in official_names({name: out}).items():
-                slot(out, part, j).copy_(self._tensor(official))
-        if tuple(out.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(out.shape)}, the config expects {tuple(shape)}")
+            if self._shape(name) != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} has shape {self._shape(name)}, the config expects "
+                                      f"{tuple(shape)}")
+            return self._tensor(name, rows)
+        out = torch.empty((hi - lo, *shape[1:]))
+        for official, (_, part, j) in official_names({name: torch.empty(shape, device="meta")}).items():
+            if lo <= j < hi:
+                dst, t = slot(out, part, j - lo), self._tensor(official)
+                if t.shape != dst.shape:
+                    raise CheckpointError(f"tensor {official!r} has shape {tuple(t.shape)}, the config expects "
+                                          f"{tuple(dst.shape)}")
+                dst.copy_(t)
         return out

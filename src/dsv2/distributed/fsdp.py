@@ -79,12 +79,18 @@ def by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def materialize(model: nn.Module, device: torch.device, full: Callable[[str, torch.Size], torch.Tensor] | None
-                ) -> nn.Module:
+Full = Callable[[str, torch.Size, "tuple[int, int] | None"], torch.Tensor]
+"""(name, whole shape, rows (lo, hi) or None) -> the parameter's rows lo .. hi-1 along dim 0, or all of it."""
+
+
+def materialize(model: nn.Module, device: torch.device, full: Full | None) -> nn.Module:
     """A model built on the meta device and sharded: give every rank memory for its shards only, then, with
-    `full` (name, shape -> the whole parameter, e.g. read from a checkpoint or drawn from the run's seed), fill each
-    shard from one whole parameter at a time, released before the next: no rank ever holds the whole model."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    `full` (e.g. read from a checkpoint, which reads the rows asked for alone, or drawn from the run's seed, which
+    draws each whole parameter), fill each shard from the rows it covers, one parameter at a time: no rank ever
+    holds the whole model. The pieces are cut on the host: no collective, and under CPU offload no trip through the
+    accelerator."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     model.to_empty(device=device)
     config = getattr(model, "config", None)
@@ -94,23 +100,28 @@ def materialize(model: nn.Module, device: torch.device, full: Callable[[str, tor
         return model
     with torch.no_grad():
         for name, p in model.named_parameters():
-            whole = full(name, p.shape).to(device=device, dtype=p.dtype)
-            if isinstance(p, DTensor):
-                p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
-            else:
-                p.copy_(whole)
-            del whole
+            if not isinstance(p, DTensor):
+                p.copy_(full(name, p.shape, None))
+                continue
+            # this rank's region of p, by the rule DCP saves shards with (FSDP2 and EP split dim 0 only)
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            piece = full(name, p.shape, (offset[0], offset[0] + shape[0]))
+            for dim in range(1, p.dim()):
+                piece = piece.narrow(dim, offset[dim], shape[dim])
+            p.to_local().copy_(piece)
+            del piece
     return model
 
 
-def seeded_init(seed: int, std: float) -> Callable[[str, torch.Size], torch.Tensor]:
+def seeded_init(seed: int, std: float) -> Full:
     """A fresh model's whole parameters, asked for in parameter order: ones for norms, N(0, std) for matrices, drawn
     from the seed in that order (DeepseekV2.init_weights' rule), so one process and any sharded run, which both
     build the model on the meta device and materialize it with this, start from the same weights."""
     torch.manual_seed(seed)
 
-    def full(_name: str, shape: torch.Size) -> torch.Tensor:
-        return torch.ones(shape) if len(shape) == 1 else torch.empty(shape).normal_(0.0, std)
+    def full(_name: str, shape: torch.Size, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        whole = torch.ones(shape) if len(shape) == 1 else torch.empty(shape).normal_(0.0, std)  # the draws: all
+        return whole if rows is None else whole[rows[0]:rows[1]]
     return full
 
 

@@ -226,6 +226,8 @@ class Parallel:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
         """torch.nn.utils.clip_grad_norm_ over the whole (sharded) model: the norm of every expert, all ranks."""
         params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros(())
         if self.ep == 1 or self.fsdp_mesh is not None:  # every sharded gradient a DTensor: its norm over all ranks
             groups = by_mesh(params)
             norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in ps])) for ps in groups]
@@ -350,7 +352,7 @@ def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu", 
     """A Parallel from the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Initialises the default process group (gloo on CPU, NCCL on CUDA; under CPU offload NCCL for CUDA tensors and
-    gloo for the host's, which the sharded gradients' norm and the optimizer step then are) unless it already is,
+    gloo for the host's: the offloaded gradients' norm is a collective over them) unless it already is,
     and builds the (dp, ep) device mesh, and with fsdp FSDP2's (dp_replicate, dp_shard) mesh. Without torchrun (no
     WORLD_SIZE) it returns the one-process Parallel().
     """

@@ -29,8 +29,8 @@ STATE_BYTES = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
 def memory_per_rank(config: ModelConfig, world: int, *, expert_parallel: int = 1, fsdp: bool = False,
                     dp_replicate: int = 1, compute_bytes: int = 2, cpu_offload: bool = False) -> dict[str, Any]:
     """Bytes one rank needs for weights, gradients, optimizer state and the parallelism's buffers (ValueError for a
-    layout that cannot be); "total" is the accelerator's (or the CPU's, training on it), "host" what CPU offload
-    moves to host memory. compute_bytes: 2 under bf16 autocast, 4 in fp32."""
+    layout that cannot be); "total" is what the device the layers compute on holds, "host" what CPU offload moves
+    off it (on a CPU run both are host memory). compute_bytes: 2 under bf16 autocast, 4 in fp32."""
     ep = expert_parallel
     if cpu_offload and not fsdp:
         raise ValueError("--cpu-offload applies with --fsdp: it moves FSDP's shards to the host")
@@ -57,9 +57,11 @@ def memory_per_rank(config: ModelConfig, world: int, *, expert_parallel: int = 1
 
 def format_memory(m: dict[str, Any]) -> str:
     gib = 2 ** 30
+    ep = m["expert_parallel"]
+    experts = (f", experts over {ep}" + (f", each block FSDP over {m['world'] // ep}" if m["fsdp"] else "")
+               if ep > 1 else "")
     layout = (f"{m['world']} ranks: " + (f"FSDP over {m['dp_shard']}" + (f" x {m['dp_replicate']} replicas (HSDP)"
-              if m["dp_replicate"] > 1 else "") if m["fsdp"] else "DDP") +
-              (f", experts over {m['expert_parallel']}" if m["expert_parallel"] > 1 else ""))
+              if m["dp_replicate"] > 1 else "") if m["fsdp"] else "DDP") + experts)
     rows = [("parameters owned", f"{m['parameters_owned'] / 1e9:.2f}B"), ("fp32 weights", m["weights"]),
             ("fp32 gradients", m["gradients"]), ("AdamW moments", m["optimizer"]),
             ("FSDP gathers" if m["fsdp"] else "DDP gradient buckets", m["buffers"])]

@@ -162,7 +162,8 @@ class Session:
         if meta:
             fresh = initial_weights(tc, model.config) if point is None else None  # a checkpoint: DCP fills it
             materialize(model, par.shard_device(device), fresh)
-            optimize(model)  # the CPU kernels, now that the weights are on the CPU
+            if device.type == "cpu":
+                optimize(model)  # the CPU kernels, now that the weights are on the CPU
         token_drop = par.token_drop(dropper, model.config)
         opt = build_optimizer(model, tc)
         start_step, last_ckpt = 0, None
