@@ -4,7 +4,7 @@ The peers benchmark's V2-Lite-shaped 4-layer model (220M parameters), fine-tuned
 under torchrun: DDP, FSDP, FSDP + activation checkpointing, each a fresh `torchrun -m dsv2 train` of the same steps;
 the largest per-rank peak RSS (wait4's ru_maxrss over torchrun's reaped workers) and the median tokens/s after two
 steps; beside them what `dsv2 info --parallel` computes for weights, gradients and AdamW state. (The benchmark
-model is V2-Lite's shape, one device group: expert parallelism does not apply to it.)
+model has V2-Lite's shape: no device groups, so under expert parallelism the ranks are token dropping's devices.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .lora import _corpus
 from .peers import ROOT, prepare
 
 LEVERS = {"DDP": [], "FSDP": ["--fsdp"], "FSDP + activation checkpointing": ["--fsdp", "--activation-checkpointing"],
-          "FSDP + CPU offload": ["--fsdp", "--cpu-offload"]}
+          "FSDP + CPU offload": ["--fsdp", "--cpu-offload"], "FSDP + 2-way EP": ["--fsdp", "--expert-parallel", "2"],
+          "DDP + 2-way EP": ["--expert-parallel", "2"]}
 """(CPU offload on a CPU run: the same memory, host and device being one; it shows the path's cost alone.)"""
 
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             raise RuntimeError(f"{name}: {proc.stderr.read()[-2000:]}")
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        computed = memory_per_rank(config, args.ranks, fsdp="--fsdp" in flags)
+        ep = int(flags[flags.index("--expert-parallel") + 1]) if "--expert-parallel" in flags else 1
+        computed = memory_per_rank(config, args.ranks, fsdp="--fsdp" in flags, expert_parallel=ep)
         rows[name] = {"peak_rss_MB": usage.ru_maxrss / 1024,
                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
                       "computed_state_MB": STATE_BYTES * computed["parameters_owned"] / 2**20}

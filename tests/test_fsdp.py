@@ -63,12 +63,25 @@ def single_undropped(single, tmp_path_factory):
 
 def test_hsdp_with_expert_parallelism_on_4_ranks_logs_single_process_losses(single_undropped, tmp_path):
     """Mesh (dp 2, ep 2): the dense weights HSDP-sharded (2 replicas of 2 shards), each block of experts over the
-    ep ranks and FSDP-sharded over the 2 ranks holding it; the all-to-all's traffic reported."""
+    ep ranks and FSDP-sharded over the 2 ranks holding it; the expert load and the all-to-all's traffic reported."""
     tok = str(single_undropped[0] / "tokenizer" / "tokenizer.json")
     four = _torchrun(4, tmp_path / "hsdp4", "--fsdp", "--dp-replicate", "2", "--expert-parallel", "2",
                      "--tokenizer", tok, *UNDROPPED)
     _same_losses(single_undropped[1], four)
     assert all(r["comm_token_copies"] > 0 for r in four)
+    for a, b in zip(single_undropped[1], four, strict=True):  # each expert's share of the step's assignments
+        torch.testing.assert_close(torch.tensor(b["expert_load"]), torch.tensor(a["expert_load"]), rtol=0, atol=1e-5)
+
+
+def test_a_model_without_device_groups_trains_with_fsdp_and_expert_parallelism(single_undropped, tmp_path):
+    """n_group = 1 (V2-Lite's greedy routing): experts over 2 ranks, which are token dropping's devices; undropped,
+    the one-process losses; with dropping (capacity 1), each rank drops over capacity on what reaches it."""
+    tok = str(single_undropped[0] / "tokenizer" / "tokenizer.json")
+    flat = ["--set", "n_group=1", "--set", "topk_group=1", "--tokenizer", tok]
+    one = _train_in_process(tmp_path / "one", *UNDROPPED, *flat)
+    _same_losses(one, _torchrun(2, tmp_path / "ep2", "--fsdp", "--expert-parallel", "2", *UNDROPPED, *flat))
+    dropping = _torchrun(2, tmp_path / "drop", "--fsdp", "--expert-parallel", "2", "--capacity-factor", "1", *flat)
+    assert all(r["dropped_fraction"] > 0 for r in dropping) and all(r["dropped_fraction"] == 0 for r in one)
 
 
 def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(single_undropped, tmp_path):
@@ -279,3 +292,32 @@ def test_a_damaged_shard_is_set_aside_and_a_run_ends_without_a_sample(single, tm
     assert "is missing or truncated" in res.stderr
     assert (tmp_path / "run" / "checkpoints" / "damaged-step_0000004").is_dir()
     _same_losses(single[1][2:], _metrics(tmp_path / "run")[2:])
+
+
+def test_a_checkpoint_before_any_optimizer_step_holds_no_made_up_state(tmp_path):
+    """Every step so far skipped (non-finite): AdamW has no state, which DCP's get_state_dict would make up (a step
+    with zero gradients, step count 1). Saved without it, a restore leaves a fresh AdamW as built; after a real step,
+    the step count and moments come back as they were."""
+    from conftest import tiny_config
+
+    from dsv2.distributed.parallel import Parallel
+    from dsv2.model import DeepseekV2
+    from dsv2.training.run_dir import RunDir
+    from dsv2.training.sharded import restore_sharded, save_sharded
+
+    torch.manual_seed(0)
+    model, fresh = DeepseekV2(tiny_config()), DeepseekV2(tiny_config())
+    opt, opt2 = torch.optim.AdamW(model.parameters()), torch.optim.AdamW(fresh.parameters())
+    run = RunDir(tmp_path / "run")
+    run.checkpoints_dir.mkdir(parents=True)
+    ckpt = save_sharded(run, 1, model, opt, {"step": 1}, None, 2, Parallel())
+    assert not opt.state  # saving took no step
+    restore_sharded(ckpt, fresh, opt2)
+    assert not opt2.state and all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(ids, targets=ids).backward()
+    opt.step()
+    restore_sharded(save_sharded(run, 2, model, opt, {"step": 2}, None, 2, Parallel()), fresh, opt2)
+    assert [s["step"] for s in opt2.state.values()] == [s["step"] for s in opt.state.values()]
+    assert all(torch.equal(opt2.state[b]["exp_avg"], opt.state[a]["exp_avg"])
+               for a, b in zip(model.parameters(), fresh.parameters(), strict=True))

@@ -25,7 +25,7 @@ def _no_torchrun_env(monkeypatch):
 
 @pytest.mark.parametrize("overrides, ep, world, match", [
     (dict(n_routed_experts=16, n_group=4), 3, 6, r"must divide n_routed_experts=16"),
-    (dict(n_routed_experts=16, n_group=2, topk_group=1), 4, 4, r"n_group=2 must be a multiple of expert_parallel=4"),
+    (dict(n_routed_experts=16, n_group=2, topk_group=1), 4, 4, r"n_group=2 must be 1 or a multiple"),
     (dict(n_routed_experts=16, n_group=4), 4, 6, r"must divide the number of processes \(6\)"),
     (dict(n_routed_experts=None), 2, 2, r"needs a model with routed experts"),
 ])
@@ -37,6 +37,7 @@ def test_bad_expert_parallel_settings(overrides, ep, world, match):
 def test_good_settings_pass():
     check_expert_parallel(tiny_config(n_group=8, topk_group=3), 4, 8)  # two groups per rank, dp = 2
     check_expert_parallel(tiny_config(), 1, 3)
+    check_expert_parallel(tiny_config(n_group=1, topk_group=1), 4, 4)  # no device groups (V2-Lite): any ep
 
 
 def test_expert_parallel_needs_torchrun(tmp_path, capsys):

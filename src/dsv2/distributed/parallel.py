@@ -5,7 +5,9 @@ Launch with torchrun; the ranks form a 2-D device mesh of shape (dp, ep), rank =
     ep  ranks of one row hold ONE copy of the model between them: each holds every non-expert weight and a
         contiguous block of E / ep routed experts per MoE layer (rank r: experts r*E/ep ... (r+1)*E/ep - 1).
         Device groups map onto ranks (n_group = ep or a multiple of it), so V2's device-limited routing
-        (topk_group = M) bounds the ranks a token visits by M. Token copies move with all_to_all_single.
+        (topk_group = M) bounds the ranks a token visits by M. A model without device groups (n_group = 1,
+        V2-Lite's greedy routing) takes any ep: its tokens may visit every rank, and token dropping's devices are
+        then the ep ranks. Token copies move with all_to_all_single.
     dp  rows are replicas. Every rank reads its own slice of the global batch; non-expert gradients are
         averaged over all ranks (DDP), expert gradients over the dp ranks holding the same expert block.
 
@@ -191,7 +193,8 @@ class Parallel:
         to its counters); otherwise `policy` itself. None: no dropping."""
         if self.ep == 1 or policy is None:
             return policy
-        return ArrivalTokenDrop(policy, config.num_routed, config.n_group, self.ep_group, self.comm)
+        devices = self.ep if config.n_group == 1 else config.n_group  # no device groups: the ranks are the devices
+        return ArrivalTokenDrop(policy, config.num_routed, devices, self.ep_group, self.comm)
 
     def _average_over_replicas(self, p: Tensor) -> None:
         # Under micro_batch only the last backward of a step averages, the sum of every micro-batch's gradient.
@@ -341,10 +344,10 @@ def check_expert_parallel(config: Any, ep: int, world: int) -> None:
     if E % ep:
         raise ParallelError(f"expert_parallel={ep} must divide n_routed_experts={E}: each rank holds a contiguous "
                             "block of E / expert_parallel experts")
-    if config.n_group % ep:
+    if config.n_group % ep and config.n_group != 1:
         raise ParallelError(
-            f"n_group={config.n_group} must be a multiple of expert_parallel={ep}: device groups map onto ranks so "
-            f"that topk_group bounds the ranks a token visits (e.g. --set n_group={ep} --set topk_group=...)")
+            f"n_group={config.n_group} must be 1 or a multiple of expert_parallel={ep}: device groups map onto ranks "
+            f"so that topk_group bounds the ranks a token visits (e.g. --set n_group={ep} --set topk_group=...)")
 
 
 def init_parallel(expert_parallel: int = 1, device: torch.device | str = "cpu", fsdp: bool = False,

@@ -79,8 +79,12 @@ def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Opti
         if par.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / DCP_DIR).mkdir(parents=True)
-    msd, osd = get_state_dict(model, opt)
-    _dcp(dcp.save, f"writing {final}", {"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR))  # collective
+    if opt.state:
+        msd, osd = get_state_dict(model, opt)
+        payload = {"model": msd, "optim": osd}
+    else:  # no step taken yet (every one so far skipped): DCP would make up a state with a zero step in it
+        payload = {"model": get_model_state_dict(model)}
+    _dcp(dcp.save, f"writing {final}", payload, checkpoint_id=str(tmp / DCP_DIR))  # collective
     with par.together():
         if par.is_main:
             try:
@@ -104,8 +108,9 @@ def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Opti
 
 
 def restore_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> None:
-    """The checkpoint's model (and optimizer) state into this model, sharded or not, whatever the saving world."""
-    if opt is None:
+    """The checkpoint's model (and optimizer) state into this model, sharded or not, whatever the saving world. A
+    checkpoint saved before any optimizer step has none: `opt` stays as built."""
+    if opt is None or not _has_optimizer(path):
         msd = get_model_state_dict(model)
         _dcp(dcp.load, f"reading {path}", {"model": msd}, checkpoint_id=str(path / DCP_DIR))
         set_model_state_dict(model, msd)
@@ -113,6 +118,14 @@ def restore_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
     msd, osd = get_state_dict(model, opt)
     _dcp(dcp.load, f"reading {path}", {"model": msd, "optim": osd}, checkpoint_id=str(path / DCP_DIR))
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+
+
+def _has_optimizer(path: Path) -> bool:
+    try:
+        meta = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - check_shards named the damage before a restore; here: one line
+        raise ShardError(f"{path / DCP_DIR}/.metadata does not read ({type(e).__name__}: {e})") from None
+    return any(k.startswith("optim.") for k in meta)
 
 
 def export(path: Path, out: Path, max_shard_bytes: int | None = None) -> int:
