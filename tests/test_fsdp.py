@@ -313,7 +313,8 @@ def test_a_checkpoint_before_any_optimizer_step_holds_no_made_up_state(tmp_path)
     ckpt = save_sharded(run, 1, model, opt, {"step": 1}, None, 2, Parallel())
     assert not opt.state  # saving took no step
     restore_sharded(ckpt, fresh, opt2)
-    assert not opt2.state and all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+    assert not opt2.state
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     model(ids, targets=ids).backward()
     opt.step()
