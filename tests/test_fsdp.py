@@ -62,14 +62,17 @@ def single_undropped(single, tmp_path_factory):
 
 
 def test_hsdp_with_expert_parallelism_on_4_ranks_logs_single_process_losses(single_undropped, tmp_path):
-    """Mesh (dp 2, ep 2): the dense weights HSDP-sharded (2 replicas of 2 shards), each block of experts over the
-    ep ranks and FSDP-sharded over the 2 ranks holding it; the expert load and the all-to-all's traffic reported."""
-    tok = str(single_undropped[0] / "tokenizer" / "tokenizer.json")
-    four = _torchrun(4, tmp_path / "hsdp4", "--fsdp", "--dp-replicate", "2", "--expert-parallel", "2",
-                     "--tokenizer", tok, *UNDROPPED)
-    _same_losses(single_undropped[1], four)
+    """Mesh (dp 2, ep 2), 10 steps: the dense weights HSDP-sharded (2 replicas of 2 shards), each block of experts
+    over the ep ranks and FSDP-sharded over the 2 ranks holding it; the expert load and the all-to-all's traffic
+    reported."""
+    ten = ("--max-steps", "10", "--eval-every", "10", "--save-every", "10", "--tokenizer",
+           str(single_undropped[0] / "tokenizer" / "tokenizer.json"), *UNDROPPED)
+    one = _train_in_process(tmp_path / "one", *ten)
+    four = _torchrun(4, tmp_path / "hsdp4", "--fsdp", "--dp-replicate", "2", "--expert-parallel", "2", *ten)
+    assert len(four) == 10
+    _same_losses(one, four)
     assert all(r["comm_token_copies"] > 0 for r in four)
-    for a, b in zip(single_undropped[1], four, strict=True):  # each expert's share of the step's assignments
+    for a, b in zip(one, four, strict=True):  # each expert's share of the step's assignments
         torch.testing.assert_close(torch.tensor(b["expert_load"]), torch.tensor(a["expert_load"]), rtol=0, atol=1e-5)
 
 
@@ -86,7 +89,7 @@ def test_a_model_without_device_groups_trains_with_fsdp_and_expert_parallelism(s
 
 def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(single_undropped, tmp_path):
     """Saved by 4 ranks (FSDP + 4-way expert parallelism), stopped after step 2 (step 4's checkpoint removed):
-    resumed on 2 ranks with 2-way expert parallelism (and activation checkpointing, the group size stated), with
+    resumed on the same mesh (bit-exact), on 2 ranks with 2-way expert parallelism (and activation checkpointing, the group size stated), with
     --fsdp alone, and in one process (DCP reshards the experts' DTensors): steps 3-4 log what one process logged;
     `dsv2 export` of it is the model restored in one process, tensor for tensor."""
     from safetensors.torch import load_file
@@ -97,11 +100,15 @@ def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(s
 
     one_dir, one = single_undropped
     tok = str(one_dir / "tokenizer" / "tokenizer.json")
-    _same_losses(one, _torchrun(4, tmp_path / "run", "--fsdp", "--expert-parallel", "4", "--tokenizer", tok,
-                                *UNDROPPED))
-    two = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train", "--fsdp"]
-    for name, cmd in (("ep2", [*two, "--expert-parallel", "2", "--activation-checkpointing", "--dp-shard", "2"]),
-                      ("fsdp2", two), ("one", [PYTHON, "-m", "dsv2", "train"])):
+    straight = _torchrun(4, tmp_path / "run", "--fsdp", "--expert-parallel", "4", "--tokenizer", tok, *UNDROPPED)
+    _same_losses(one, straight)
+    def ranks(n: int) -> list[str]:
+        return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dsv2", "train",
+                "--fsdp"]
+
+    for name, cmd in (("same", [*ranks(4), "--expert-parallel", "4"]),
+                      ("ep2", [*ranks(2), "--expert-parallel", "2", "--activation-checkpointing", "--dp-shard", "2"]),
+                      ("fsdp2", ranks(2)), ("one", [PYTHON, "-m", "dsv2", "train"])):
         run = tmp_path / name
         shutil.copytree(tmp_path / "run", run)
         shutil.rmtree(run / "checkpoints" / "step_0000004")
@@ -109,6 +116,8 @@ def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(s
                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
         _same_losses(one[2:], _metrics(run)[2:])
+        if name == "same":  # the same mesh: bit-exact (the shards, moments, step and RNG come back as they were)
+            assert [r["loss"] for r in _metrics(run)[2:]] == [r["loss"] for r in straight[2:]]
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000004"
     from conftest import run_dsv2
