@@ -89,9 +89,9 @@ def test_a_model_without_device_groups_trains_with_fsdp_and_expert_parallelism(s
 
 def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(single_undropped, tmp_path):
     """Saved by 4 ranks (FSDP + 4-way expert parallelism), stopped after step 2 (step 4's checkpoint removed):
-    resumed on the same mesh (bit-exact), on 2 ranks with 2-way expert parallelism (and activation checkpointing, the group size stated), with
-    --fsdp alone, and in one process (DCP reshards the experts' DTensors): steps 3-4 log what one process logged;
-    `dsv2 export` of it is the model restored in one process, tensor for tensor."""
+    resumed on the same mesh (bit-exact), on 2 ranks with 2-way expert parallelism (and activation checkpointing,
+    the group size stated), with --fsdp alone, and in one process (DCP reshards the experts' DTensors): steps 3-4
+    log what one process logged; `dsv2 export` of it is the model restored in one process, tensor for tensor."""
     from safetensors.torch import load_file
 
     import dsv2
