@@ -25,9 +25,14 @@ from . import common
 from .lora import _corpus
 from .peers import ROOT, prepare
 
-LEVERS = {"DDP": [], "FSDP": ["--fsdp"], "FSDP + activation checkpointing": ["--fsdp", "--activation-checkpointing"],
-          "FSDP + CPU offload": ["--fsdp", "--cpu-offload"], "FSDP + 2-way EP": ["--fsdp", "--expert-parallel", "2"],
-          "DDP + 2-way EP": ["--expert-parallel", "2"]}
+UNDROPPED = ["--capacity-factor", "64"]
+"""The model has no device groups: without EP its one device never drops a token (capacity = all assignments);
+under EP the ranks are the devices and would drop at the default capacity. Undropped, every row does the same work."""
+LEVERS = {"DDP": [], "FSDP": ["--fsdp"],
+          "FSDP + activation checkpointing": ["--fsdp", "--activation-checkpointing"],
+          "FSDP + CPU offload": ["--fsdp", "--cpu-offload"],
+          "FSDP + 2-way EP": ["--fsdp", "--expert-parallel", "2", *UNDROPPED],
+          "DDP + 2-way EP": ["--expert-parallel", "2", *UNDROPPED]}
 """(CPU offload on a CPU run: the same memory, host and device being one; it shows the path's cost alone.)"""
 
 
@@ -60,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         computed = memory_per_rank(config, args.ranks, fsdp="--fsdp" in flags, expert_parallel=ep)
         rows[name] = {"peak_rss_MB": usage.ru_maxrss / 1024,
                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
-                      "computed_state_MB": STATE_BYTES * computed["parameters_owned"] / 2**20}
+                      "computed_state_MB": STATE_BYTES * computed["parameters_owned"] / 2**20,
+                      "dropped_fraction": max(r["dropped_fraction"] for r in records)}
         log(f"{name}: {rows[name]}")
     res = {"stamp": common.stamp(os.cpu_count() or 2), "cpu": ops.cpu_name(),
            "command": common.command_line("benchmarks.fsdp_memory", argv), "ranks": args.ranks, "rows": rows}
     lines = [f"| {args.ranks} ranks, batch 4 x 256 | peak RSS per rank | weights + grads + AdamW (dsv2 info) | "
-             "tokens/s |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['peak_rss_MB']:.0f} MB | {v['computed_state_MB']:.0f} MB | {v['tokens_per_s']:.0f} |"
-              for k, v in rows.items()]
+             "tokens/s | dropped |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['peak_rss_MB']:.0f} MB | {v['computed_state_MB']:.0f} MB | {v['tokens_per_s']:.0f} | "
+              f"{v['dropped_fraction']:.1%} |" for k, v in rows.items()]
     common.write_results(args.out, "fsdp_memory", res, "\n".join(lines))
     return 0
 

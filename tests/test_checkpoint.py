@@ -404,3 +404,8 @@ def test_a_sharded_runs_reader_returns_the_rows_it_asks_for_alone(saved, tmp_pat
         assert torch.equal(reader.full(name, p.shape), p)
     with pytest.raises(CheckpointError, match="the config expects"):
         reader.full("model.embed_tokens.weight", torch.Size([7, 3]), (0, 2))
+    emb = params["model.embed_tokens.weight"]
+    with pytest.raises(CheckpointError, match="outside its"):
+        reader.full("model.embed_tokens.weight", emb.shape, (3, emb.shape[0] + 1))
+    with pytest.raises(CheckpointError, match="has no tensor"):
+        reader.full("model.layers.0.no_such.weight", torch.Size([4]), (0, 2))

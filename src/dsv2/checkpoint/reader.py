@@ -39,12 +39,16 @@ class WeightReader:
     def full(self, name: str, shape: torch.Size, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """dsv2 parameter `name` whole, or its rows lo .. hi-1 along dim 0 (rows=(lo, hi)): its official tensor, or
         the stacked experts assembled from theirs (of rows, the experts lo .. hi-1)."""
-        lo, hi = rows if rows is not None else (0, shape[0])
         if name in self.where:  # a plain weight, or the experts stored stacked
             if self._shape(name) != tuple(shape):
                 raise CheckpointError(f"tensor {name!r} has shape {self._shape(name)}, the config expects "
                                       f"{tuple(shape)}")
+            if rows is not None and not 0 <= rows[0] <= rows[1] <= shape[0]:
+                raise CheckpointError(f"rows {rows[0]}:{rows[1]} of tensor {name!r} are outside its {shape[0]}")
             return self._tensor(name, rows)
+        if not name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            raise CheckpointError(f"the checkpoint has no tensor {name!r}")
+        lo, hi = rows if rows is not None else (0, shape[0])
         out = torch.empty((hi - lo, *shape[1:]))
         for official, (_, part, j) in official_names({name: torch.empty(shape, device="meta")}).items():
             if lo <= j < hi:
