@@ -20,9 +20,13 @@ from test_parallel_dist import TRAIN_ARGS, _metrics, _same_losses, _train_in_pro
 PYTHON = sys.executable
 
 
+def _launch(nproc: int) -> list[str]:
+    """torchrun on this machine with nproc processes; what it runs follows."""
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def _torchrun(nproc: int, out: Path, *extra: str) -> list[dict]:
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv2",
-           "train", "--out", str(out), *TRAIN_ARGS, *extra]
+    cmd = [*_launch(nproc), "-m", "dsv2", "train", "--out", str(out), *TRAIN_ARGS, *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return _metrics(out)
@@ -103,8 +107,7 @@ def test_a_run_sharded_with_experts_on_4_ranks_resumes_on_2_and_in_one_process(s
     straight = _torchrun(4, tmp_path / "run", "--fsdp", "--expert-parallel", "4", "--tokenizer", tok, *UNDROPPED)
     _same_losses(one, straight)
     def ranks(n: int) -> list[str]:
-        return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dsv2", "train",
-                "--fsdp"]
+        return [*_launch(n), "-m", "dsv2", "train", "--fsdp"]
 
     for name, cmd in (("same", [*ranks(4), "--expert-parallel", "4"]),
                       ("ep2", [*ranks(2), "--expert-parallel", "2", "--activation-checkpointing", "--dp-shard", "2"]),
@@ -162,7 +165,7 @@ def test_bad_sharding_flags_are_one_line(tmp_path, argv, message):
 
 
 def test_a_mesh_that_does_not_fit_the_processes_is_one_line(tmp_path):
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+    cmd = [*_launch(2), "-m", "dsv2", "train",
            "--out", str(tmp_path / "x"), *TRAIN_ARGS, "--fsdp", "--dp-shard", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = res.stdout + res.stderr
@@ -189,7 +192,7 @@ def test_fsdp_from_a_checkpoint_logs_single_process_losses(single, tmp_path):
     from dsv2.cli import main
 
     assert main(["train", "--out", str(tmp_path / "one"), *args, *init]) == 0
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+    cmd = [*_launch(2), "-m", "dsv2", "train",
            "--out", str(tmp_path / "two"), *args, *init, "--fsdp"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -226,7 +229,7 @@ def test_a_sharded_model_never_exists_whole_on_a_rank(tmp_path):
     (measured: 0.68 of the model), where a whole copy alone would be 1.0."""
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cmd = [*_launch(2), str(script)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
@@ -261,7 +264,7 @@ def test_a_rank_killed_mid_checkpoint_leaves_the_last_one_whole(single, tmp_path
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     run = tmp_path / "run"
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+    cmd = [*_launch(2), str(script), "train",
            "--out", str(run), *TRAIN_ARGS, "--fsdp", "--tokenizer", tok, *MICRO]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0
@@ -276,7 +279,7 @@ def test_fsdp_gathers_bf16_weights_under_bf16_autocast(single, tmp_path):
     """--dtype bf16: weights gathered and computed in bf16, reduced in fp32: the losses stay near fp32's."""
     tok = str(single[0] / "tokenizer" / "tokenizer.json")
     args = [a if a != "fp32" else "bf16" for a in TRAIN_ARGS]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+    cmd = [*_launch(2), "-m", "dsv2", "train",
            "--out", str(tmp_path / "bf16"), *args, "--fsdp", "--tokenizer", tok, *MICRO]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -289,7 +292,7 @@ def test_a_damaged_shard_is_set_aside_and_a_run_ends_without_a_sample(single, tm
     """A sharded run's final sample is skipped with how to export (exit 0); a truncated shard of the newest
     checkpoint is named, set aside, and the run resumes from the one before."""
     tok = str(single[0] / "tokenizer" / "tokenizer.json")
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsv2", "train",
+    cmd = [*_launch(2), "-m", "dsv2", "train",
            "--out", str(tmp_path / "run"), *TRAIN_ARGS, "--sample-tokens", "5", "--fsdp", "--tokenizer", tok, *MICRO]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0 and "no sample; `dsv2 export" in res.stdout, res.stderr[-2000:]

@@ -40,9 +40,9 @@ class WeightReader:
         """dsv2 parameter `name` whole, or its rows lo .. hi-1 along dim 0 (rows=(lo, hi)): its official tensor, or
         the stacked experts assembled from theirs (of rows, the experts lo .. hi-1)."""
         if name in self.where:  # a plain weight, or the experts stored stacked
-            if self._shape(name) != tuple(shape):
-                raise CheckpointError(f"tensor {name!r} has shape {self._shape(name)}, the config expects "
-                                      f"{tuple(shape)}")
+            stored = self._shape(name)
+            if stored != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} has shape {stored}, the config expects {tuple(shape)}")
             if rows is not None and not 0 <= rows[0] <= rows[1] <= shape[0]:
                 raise CheckpointError(f"rows {rows[0]}:{rows[1]} of tensor {name!r} are outside its {shape[0]}")
             return self._tensor(name, rows)

@@ -50,12 +50,20 @@ def is_sharded(path: Path) -> bool:
     return (path / DCP_DIR).is_dir()
 
 
+def _metadata(path: Path):
+    """The checkpoint's DCP metadata (which tensors, in which files); ShardError if it does not read."""
+    try:
+        return dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing or unreadable .metadata: the checkpoint's damage
+        raise ShardError(f"{DCP_DIR}/.metadata does not read ({type(e).__name__}: {e})") from None
+
+
 def check_shards(path: Path) -> str | None:
     """What is wrong with a distributed checkpoint's files (None: every shard the metadata names is whole)."""
     try:
-        meta = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - a missing or unreadable .metadata: the checkpoint's damage
-        return f"{DCP_DIR}/.metadata does not read ({type(e).__name__}: {e})"
+        meta = _metadata(path)
+    except ShardError as e:
+        return str(e)
     for info in (meta.storage_data or {}).values():
         f = path / DCP_DIR / info.relative_path
         if not f.is_file() or f.stat().st_size < info.offset + info.length:
@@ -121,11 +129,7 @@ def restore_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
 
 
 def _has_optimizer(path: Path) -> bool:
-    try:
-        meta = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001 - check_shards named the damage before a restore; here: one line
-        raise ShardError(f"{path / DCP_DIR}/.metadata does not read ({type(e).__name__}: {e})") from None
-    return any(k.startswith("optim.") for k in meta)
+    return any(k.startswith("optim.") for k in _metadata(path).state_dict_metadata)
 
 
 def export(path: Path, out: Path, max_shard_bytes: int | None = None) -> int:
